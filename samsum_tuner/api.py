@@ -1,0 +1,180 @@
+"""The public API: load a recipe, prepare the data, build the trainer, train.
+
+    import samsum_tuner as st
+    recipe = st.load_recipe("recipes/demo_cpu.yaml", ["train.max_steps=5"])
+    trainer = st.build_trainer(recipe)
+    metrics = st.train(recipe, trainer=trainer)
+
+Everything that can be refused (config, environment, data, memory) is refused before the model loads.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import Recipe, build_recipe, describe_precision
+from .data import PreparedSplit, read_splits, tokenize_splits
+from .errors import ConfigError, WontFitError
+from .launch import Launch, check_environment, detect_launch
+
+
+def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Defaults (the original's training configuration) <- YAML <- `key.sub=value` overrides, validated."""
+    return build_recipe(path, overrides)
+
+
+@dataclass
+class Prepared:
+    """Everything that exists before the model: launch, tokenizer, tokenized splits, memory plan."""
+
+    recipe: Recipe
+    launch: Launch
+    tokenizer: Any
+    splits: dict[str, PreparedSplit]
+    plan: Any = None
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        r = self.recipe
+        lines = [
+            f"model: {r.model.name}  ({'LoRA r=%d on %s' % (r.lora.r, ','.join(r.lora.target_modules)) if r.lora.enabled else 'full fine-tune'}"
+            f"{', %d-bit %s' % (r.quantization.bits, r.quantization.quant_type if r.quantization.bits == 4 else 'int8') if r.quantization.bits else ''})",
+            f"precision: {describe_precision(r)}",
+            f"launch: {self.launch.launcher}, {self.launch.world_size} process(es), "
+            f"{'FSDP ' + r.fsdp.sharding_strategy + (' + CPU offload' if self.launch.cpu_offload else '') if self.launch.fsdp else 'no FSDP'}",
+            f"optimizer: {r.train.optim}, lr {r.train.learning_rate:g}, schedule {r.train.lr_scheduler_type}"
+            f"{' gamma %g per epoch' % r.train.gamma if r.train.lr_scheduler_type == 'steplr' else ''}, "
+            f"batch {r.train.per_device_train_batch_size} x accumulation {r.train.gradient_accumulation_steps} "
+            f"x {self.launch.world_size} process(es), {r.train.num_train_epochs:g} epoch(s)"
+            f"{', max %d steps' % r.train.max_steps if r.train.max_steps > 0 else ''}",
+        ]
+        for name, split in self.splits.items():
+            st = split.stats()
+            lines.append(f"data {name}: {split.origin}: {split.report.line()}")
+            lines.append(f"  tokens {name}: rows {st['rows']}, total {st['tokens']:,}, min {st['min']}, mean {st['mean']}, "
+                         f"p50 {st['p50']}, p99 {st['p99']}, max {st['max']}")
+        if self.plan is not None:
+            lines.append(self.plan.verdict)
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _check_output_dir(recipe: Recipe) -> None:
+    out = Path(recipe.train.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"train.output_dir: {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not recipe.train.overwrite_output_dir:
+        raise ConfigError(f"train.output_dir: {out} already holds a run; choose another folder or set "
+                          "train.overwrite_output_dir=true")
+
+
+def prepare(recipe: Recipe, *, dry_run: bool = False, force: bool = False) -> Prepared:
+    """All checks and the data, no model. `dry_run` reports hardware refusals as notes instead."""
+    from .model import check_model_source, load_tokenizer
+
+    launch = detect_launch(recipe)
+    notes: list[str] = []
+    try:
+        check_environment(recipe, launch)
+    except ConfigError as e:
+        if not dry_run:
+            raise
+        notes.append(f"a real run here would be {e}")
+    if not dry_run:
+        _check_output_dir(recipe)
+    raw = read_splits(recipe.data)  # data errors (file:line) before anything model-shaped loads
+    check_model_source(recipe)
+    tokenizer = load_tokenizer(recipe)
+    splits = tokenize_splits(recipe.data, tokenizer, raw)
+    prepared = Prepared(recipe, launch, tokenizer, splits, notes=notes)
+    prepared.plan = _preflight(prepared, enforce=not (dry_run or force))
+    return prepared
+
+
+def _preflight(prepared: Prepared, enforce: bool):
+    """The memory planner's verdict; a run that will not fit is refused (exit 3) unless forced."""
+    r = prepared.recipe
+    if not r.memory.preflight:
+        return None
+    from .planner import plan
+
+    gpu_gib, host_gib = r.memory.gpu_memory_gib, r.memory.host_memory_gib
+    if gpu_gib is None:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu_gib = torch.cuda.get_device_properties(prepared.launch.local_rank).total_memory / 2**30
+    if r.memory.gpu_limit_gib is not None:
+        gpu_gib = min(gpu_gib or r.memory.gpu_limit_gib, r.memory.gpu_limit_gib)
+    if host_gib is None:
+        import psutil
+
+        host_gib = psutil.virtual_memory().total / 2**30
+    result = plan(r, gpus=prepared.launch.world_size, gpu_memory_gib=gpu_gib, host_memory_gib=host_gib,
+                  token_lengths=prepared.splits["train"].lengths)
+    if enforce and result.fits is False:
+        raise WontFitError(f"{result.verdict} (memory.preflight=false or --force runs it anyway)")
+    return result
+
+
+def build_trainer(recipe: Recipe, *, prepared: Prepared | None = None, callbacks: list | None = None):
+    """A `SamsumTrainer` (a transformers.Trainer) with model, data, collator and memory callback."""
+    from .memory import MemoryCallback, apply_gpu_limit
+    from .model import load_model
+    from .trainer import SamsumTrainer, build_collator, training_arguments
+
+    prepared = prepared or prepare(recipe)
+    launch = prepared.launch
+    apply_gpu_limit(recipe.memory.gpu_limit_gib)
+    args_layer_cls = ["LlamaDecoderLayer"]
+    model = load_model(recipe, fsdp=launch.fsdp)
+    no_split = getattr(getattr(model, "base_model", model), "_no_split_modules", None) or args_layer_cls
+    args = training_arguments(recipe, launch, list(no_split), has_eval="eval" in prepared.splits)
+    memory_cb = MemoryCallback(recipe.train.output_dir, log_every_steps=recipe.memory.log_every_steps,
+                               sample_interval_s=recipe.memory.sample_interval_s)
+    trainer = SamsumTrainer(
+        model=model,
+        args=args,
+        train_dataset=prepared.splits["train"].dataset,
+        eval_dataset=prepared.splits["eval"].dataset if "eval" in prepared.splits else None,
+        data_collator=build_collator(recipe, prepared.tokenizer),
+        processing_class=prepared.tokenizer,
+        callbacks=[memory_cb, *(callbacks or [])],
+        recipe=recipe,
+    )
+    trainer.prepared = prepared
+    return trainer
+
+
+def train(recipe: Recipe, *, trainer=None) -> dict[str, Any]:
+    """Train, save (safetensors adapter or full model, tokenizer, resolved recipe) and return the metrics."""
+    from .model import parameter_counts
+
+    trainer = trainer or build_trainer(recipe)
+    trainable, total = parameter_counts(trainer.model)
+    if trainer.args.process_index == 0:
+        print(f"samsum_tuner: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)",
+              flush=True)
+    result = trainer.train()
+    metrics = dict(result.metrics)
+    if trainer.eval_dataset is not None:
+        metrics.update(trainer.evaluate())
+    if recipe.train.save_model:
+        save(trainer, recipe)
+    if trainer.is_world_process_zero():
+        out = Path(recipe.train.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def save(trainer, recipe: Recipe) -> None:
+    out = Path(recipe.train.output_dir)
+    if trainer.is_fsdp_enabled:
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(out))  # safetensors: adapter for LoRA, full weights otherwise
+    if trainer.is_world_process_zero():
+        (out / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")

@@ -1,0 +1,114 @@
+"""`samsum-tuner train|plan ...`: errors for people are one line and an exit code (0 ok, 2 bad input, 3 won't fit)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from .errors import SamsumTunerError
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_WONT_FIT = 0, 2, 3
+
+
+def _split_recipe(rest: list[str]) -> tuple[str | None, list[str]]:
+    if rest and rest[0].endswith((".yaml", ".yml")) and "=" not in rest[0]:
+        return rest[0], rest[1:]
+    return None, rest
+
+
+def _guard(fn: Callable[[], int]) -> int:
+    try:
+        return fn()
+    except SamsumTunerError as e:
+        print(f"samsum-tuner: error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+
+
+def _train_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        allow_abbrev=False,  # never let --lr or --use_fp16 be taken for a prefix of our own flags
+        description="Fine-tune on SAMSum. RECIPE is a YAML file (omit it for the original's defaults); "
+        "overrides are key.sub=value or the original llama-recipes flags (--use_peft, --lr 1e-4, ...).",
+    )
+    p.add_argument("--dry-run", action="store_true", help="resolve, check and prepare the data; load no model")
+    p.add_argument("--force", action="store_true", help="train even if the memory planner says it will not fit")
+    return p
+
+
+def main_train(argv: list[str], prog: str = "samsum-tuner train") -> int:
+    parser = _train_parser(prog)
+    opts, rest = parser.parse_known_args(argv)
+
+    def run() -> int:
+        from . import api
+
+        path, overrides = _split_recipe(rest)
+        recipe = api.load_recipe(path, overrides)
+        prepared = api.prepare(recipe, dry_run=opts.dry_run, force=opts.force)
+        if prepared.launch.is_main:
+            print(prepared.summary(), flush=True)
+        if opts.dry_run:
+            if prepared.launch.is_main:
+                print("--- resolved recipe ---\n" + recipe.to_yaml(), end="", flush=True)
+            return EXIT_OK
+        metrics = api.train(recipe, trainer=api.build_trainer(recipe, prepared=prepared))
+        if prepared.launch.is_main:
+            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
+            print(f"samsum_tuner: done: {shown}; saved in {recipe.train.output_dir}", flush=True)
+        return EXIT_OK
+
+    return _guard(run)
+
+
+def main_plan(argv: list[str], prog: str = "samsum-tuner plan") -> int:
+    p = argparse.ArgumentParser(prog=prog, allow_abbrev=False, description="Predict peak GPU and host memory; exit 0 fits, 3 will not fit.")
+    p.add_argument("--gpus", type=int, default=1)
+    p.add_argument("--gpu-memory", default=None, help="per GPU, e.g. 32GiB or 80")
+    p.add_argument("--host-memory", default=None, help="whole node, e.g. 63GiB")
+    opts, rest = p.parse_known_args(argv)
+
+    def run() -> int:
+        from . import api
+        from .errors import ConfigError
+        from .planner import plan
+
+        def gib(text: str | None, flag: str) -> float | None:
+            if text is None:
+                return None
+            t = text.strip().lower().removesuffix("ib").removesuffix("g").removesuffix("b")
+            try:
+                value = float(t)
+            except ValueError:
+                raise ConfigError(f"{flag}: expected a size like 32GiB, got {text!r}") from None
+            if value <= 0:
+                raise ConfigError(f"{flag}: must be positive, got {text!r}")
+            return value
+
+        if opts.gpus <= 0:
+            raise ConfigError(f"--gpus must be positive, got {opts.gpus}")
+        path, overrides = _split_recipe(rest)
+        recipe = api.load_recipe(path, overrides)
+        result = plan(recipe, gpus=opts.gpus, gpu_memory_gib=gib(opts.gpu_memory, "--gpu-memory"),
+                      host_memory_gib=gib(opts.host_memory, "--host-memory"))
+        print(result.table())
+        print(result.verdict)
+        return EXIT_WONT_FIT if result.fits is False else EXIT_OK
+
+    return _guard(run)
+
+
+COMMANDS = {"train": main_train, "plan": main_plan}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        names = "|".join(COMMANDS)
+        print(f"usage: samsum-tuner {{{names}}} [RECIPE.yaml] [overrides ...]", file=sys.stderr)
+        return EXIT_OK if argv and argv[0] in ("-h", "--help") else EXIT_BAD_INPUT
+    return COMMANDS[argv[0]](argv[1:], prog=f"samsum-tuner {argv[0]}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

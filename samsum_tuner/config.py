@@ -1,0 +1,502 @@
+"""Recipes: YAML + command-line overrides -> validated dataclasses.
+
+A knob lives in exactly one field here and is read by exactly one builder.
+Names follow `transformers.TrainingArguments` where one exists; the original
+llama-recipes flags are accepted as aliases (see `ALIASES`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+ORIGINAL_PROMPT = "Summarize this dialog:\n{dialog}\n---\nSummary:\n"
+
+
+@dataclass
+class ModelConfig:
+    # Hub id, local HF folder, "smollm2-135m" (embedded) or "random:llama2-7b|13b|70b".
+    name: str = "meta-llama/Llama-2-7b-hf"
+    # Storage dtype of the weights. None = fp32, as the original loaded them;
+    # "bfloat16"/"float16" are pure half-precision weights (an explicit choice).
+    dtype: str | None = None
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+
+@dataclass
+class QuantizationConfig:
+    bits: int | None = None  # None, 4 (NF4 through bitsandbytes) or 8
+    quant_type: str = "nf4"
+    double_quant: bool = True
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    method: str = "lora"
+    r: int = 8
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    bias: str = "none"
+
+
+@dataclass
+class DataConfig:
+    # Hub dataset id or a local folder with train/validation/test .jsonl[.gz]/.json.
+    # The SAMSUM_DATA_DIR environment variable overrides it.
+    source: str = "knkarthick/samsum"
+    train_split: str = "train"
+    eval_split: str | None = "validation"
+    split_slice: str | None = None  # "1%", "10", "[:100]": train and eval alike
+    prompt_template: str = ORIGINAL_PROMPT
+    chat_template: bool = False  # wrap the prompt in the tokenizer's chat template
+    completion_only_loss: bool = True  # False: train on prompt tokens too
+    max_length: int = 2048  # longer rows lose dialogue tokens, never summary tokens
+    packing: bool = False  # padding-free batches (DataCollatorWithFlattening)
+    num_proc: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/samsum"
+    overwrite_output_dir: bool = False
+    per_device_train_batch_size: int = 1
+    per_device_eval_batch_size: int = 1
+    gradient_accumulation_steps: int = 4
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    num_train_epochs: float = 3.0
+    max_steps: int = -1
+    # "steplr" is the original's per-epoch StepLR(gamma); any HF scheduler name works too.
+    lr_scheduler_type: str = "steplr"
+    gamma: float = 0.85
+    warmup_steps: int = 0
+    optim: str = "adamw_torch"  # HF optimizer names, plus "sgd" (a real torch.optim.SGD)
+    momentum: float = 0.9  # SGD only
+    max_grad_norm: float = 0.0  # the original did not clip
+    fp16: bool = False
+    bf16: bool = False
+    seed: int = 42
+    logging_steps: int = 10
+    eval_strategy: str = "epoch"
+    eval_steps: int | None = None
+    save_strategy: str = "epoch"
+    save_steps: int | None = None
+    save_total_limit: int | None = 2
+    save_model: bool = True
+    dataloader_num_workers: int = 0
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    disable_tqdm: bool = False
+
+
+@dataclass
+class FsdpConfig:
+    enabled: bool = False
+    cpu_offload: bool = False
+    sharding_strategy: str = "FULL_SHARD"
+    version: int = 2
+
+
+@dataclass
+class MemoryConfig:
+    log_every_steps: int = 0  # 0: per epoch only
+    sample_interval_s: float = 0.05  # host RSS sampling period of the background thread
+    gpu_limit_gib: float | None = None  # cap the GPU (set_per_process_memory_fraction)
+    preflight: bool = True  # run the memory planner before loading the model
+    gpu_memory_gib: float | None = None  # planner inputs; None = read from the machine
+    host_memory_gib: float | None = None
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    fsdp: FsdpConfig = field(default_factory=FsdpConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    description: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    @property
+    def is_full_finetune(self) -> bool:
+        return not self.lora.enabled
+
+
+SECTIONS = [f.name for f in dataclasses.fields(Recipe) if dataclasses.is_dataclass(f.default_factory)]  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- aliases
+def _to_bool(v: Any, key: str) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in ("true", "yes", "1", "on"):
+        return True
+    if isinstance(v, str) and v.lower() in ("false", "no", "0", "off"):
+        return False
+    if isinstance(v, int) and v in (0, 1):
+        return bool(v)
+    raise ConfigError(f"{key}: expected true or false, got {v!r}")
+
+
+def _quantization_bits(v: Any, key: str) -> int | None:
+    # The seed's fork: `--quantization True` meant 4-bit NF4.
+    if isinstance(v, str) and v.lower() in ("4bit", "4", "nf4"):
+        return 4
+    if isinstance(v, str) and v.lower() in ("8bit", "8", "int8"):
+        return 8
+    if isinstance(v, int) and not isinstance(v, bool) and v in (4, 8):
+        return v
+    return 4 if _to_bool(v, key) else None
+
+
+def _optimizer_name(v: Any, key: str) -> str:
+    names = {"sgd": "sgd", "adamw": "adamw_torch", "anyprecision": "adamw_torch"}
+    got = str(v).lower()
+    if got not in names:
+        raise ConfigError(f"{key}: unknown optimizer {v!r}; use SGD or AdamW")
+    return names[got]
+
+
+def _peft_method(v: Any, key: str) -> str:
+    if str(v).lower() != "lora":
+        raise ConfigError(f"{key}: only 'lora' is supported, got {v!r}")
+    return "lora"
+
+
+def _dataset_name(v: Any, key: str) -> None:
+    if str(v) not in ("samsum_dataset", "samsum"):
+        raise ConfigError(f"{key}: samsum_tuner trains on SAMSum only, got {v!r}")
+
+
+def _pure_bf16(v: Any, key: str) -> str | None:
+    return "bfloat16" if _to_bool(v, key) else None
+
+
+# alias -> (recipe path, converter). `None` path: accepted and checked, nothing to set.
+ALIASES: dict[str, tuple[str | None, Any]] = {
+    "use_peft": ("lora.enabled", _to_bool),
+    "peft_method": ("lora.method", _peft_method),
+    "quantization": ("quantization.bits", _quantization_bits),
+    "use_fp16": ("train.fp16", _to_bool),
+    "enable_fsdp": ("fsdp.enabled", _to_bool),
+    "fsdp_config.fsdp_cpu_offload": ("fsdp.cpu_offload", _to_bool),
+    "fsdp_config.optimizer": ("train.optim", _optimizer_name),
+    "fsdp_config.pure_bf16": ("model.dtype", _pure_bf16),
+    "split_slice": ("data.split_slice", None),
+    "batch_size_training": ("_batch_size_training", None),
+    "micro_batch_size": ("train.per_device_train_batch_size", None),
+    "val_batch_size": ("train.per_device_eval_batch_size", None),
+    "num_epochs": ("train.num_train_epochs", None),
+    "lr": ("train.learning_rate", None),
+    "gamma": ("train.gamma", None),
+    "weight_decay": ("train.weight_decay", None),
+    "seed": ("train.seed", None),
+    "model_name": ("model.name", None),
+    "output_dir": ("train.output_dir", None),
+    "save_model": ("train.save_model", _to_bool),
+    "num_workers_dataloader": ("train.dataloader_num_workers", None),
+    "dataset": (None, _dataset_name),
+}
+
+
+# ---------------------------------------------------------------- building
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _all_keys() -> list[str]:
+    keys = []
+    for section in SECTIONS:
+        cls = type(getattr(Recipe(), section))
+        keys += [f"{section}.{f.name}" for f in dataclasses.fields(cls)]
+    return keys + ["description"]
+
+
+def _unknown_key(key: str, where: str) -> ConfigError:
+    candidates = _all_keys() + list(ALIASES)
+    close = difflib.get_close_matches(key, candidates, n=3, cutoff=0.6)
+    if not close:  # a misspelt leaf under the right section, or the right leaf alone
+        leaf = key.rsplit(".", 1)[-1]
+        close = [k for k in candidates if difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1]], cutoff=0.75)][:3]
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return ConfigError(f"{where}unknown key '{key}'{hint}")
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], key) for v in value]
+    if typ is bool:
+        return _to_bool(value, key)
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        try:
+            return int(str(value))
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if typ is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if typ is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _set(recipe: Recipe, path: str, raw: Any, where: str = "") -> None:
+    if path == "description":
+        recipe.description = str(raw)
+        return
+    section, _, leaf = path.partition(".")
+    if section not in SECTIONS or not leaf:
+        raise _unknown_key(path, where)
+    obj = getattr(recipe, section)
+    types = _field_types(type(obj))
+    if leaf not in types:
+        raise _unknown_key(path, where)
+    setattr(obj, leaf, _coerce(raw, types[leaf], f"{where}{path}"))
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and (prefix == "" and k in SECTIONS):
+            out += _flatten(v, key + ".")
+        else:
+            out.append((key, v))
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}{line}: invalid YAML: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of sections (model:, train:, ...)")
+    return data
+
+
+def split_overrides(tokens: list[str]) -> list[tuple[str, str]]:
+    """`a.b=c`, `--a.b c`, `--a.b=c` and bare `--flag` (true) -> [(key, text)]."""
+    pairs: list[tuple[str, str]] = []
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if tok.startswith("--"):
+            key = tok[2:]
+            if "=" in key:
+                key, _, val = key.partition("=")
+            elif i + 1 < len(tokens) and not tokens[i + 1].startswith("--") and "=" not in tokens[i + 1]:
+                i += 1
+                val = tokens[i]
+            else:
+                val = "true"
+            pairs.append((key, val))
+        elif "=" in tok:
+            key, _, val = tok.partition("=")
+            pairs.append((key, val))
+        else:
+            raise ConfigError(f"argument '{tok}': expected key=value or --key value")
+        i += 1
+    return pairs
+
+
+def build_recipe(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Defaults (the original's training configuration) <- YAML file <- overrides, then validated."""
+    recipe = Recipe()
+    pending: dict[str, Any] = {}
+    entries: list[tuple[str, Any, str]] = []
+    if path is not None:
+        p = Path(path)
+        entries += [(k, v, f"{p}: ") for k, v in _flatten(_read_yaml(p))]
+    entries += [(k, _parse_scalar(v), "override ") for k, v in split_overrides(list(overrides or []))]
+    for key, value, where in entries:
+        apply_key(recipe, key, value, where, pending)
+    if "_batch_size_training" in pending:
+        bst = _coerce(pending["_batch_size_training"], int, "batch_size_training")
+        micro = recipe.train.per_device_train_batch_size
+        if micro <= 0 or bst <= 0 or bst % micro:
+            raise ConfigError(
+                f"batch_size_training={bst} must be a positive multiple of micro_batch_size={micro}"
+            )
+        recipe.train.gradient_accumulation_steps = bst // micro
+    validate(recipe)
+    return recipe
+
+
+def apply_key(recipe: Recipe, key: str, value: Any, where: str, pending: dict[str, Any]) -> None:
+    if key in ALIASES:
+        target, convert = ALIASES[key]
+        if convert is not None:
+            value = convert(value, f"{where}{key}")
+        if target is None:
+            return
+        if target.startswith("_"):
+            pending[target] = value
+            return
+        key = target
+    _set(recipe, key, value, where)
+
+
+# ---------------------------------------------------------------- validation
+def validate(recipe: Recipe) -> None:
+    """Impossible or self-defeating combinations, refused before anything is loaded."""
+    m, q, lo, d, t, f = recipe.model, recipe.quantization, recipe.lora, recipe.data, recipe.train, recipe.fsdp
+    positive = {
+        "train.per_device_train_batch_size": t.per_device_train_batch_size,
+        "train.per_device_eval_batch_size": t.per_device_eval_batch_size,
+        "train.gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "train.learning_rate": t.learning_rate,
+        "train.num_train_epochs": t.num_train_epochs,
+        "train.logging_steps": t.logging_steps,
+        "data.max_length": d.max_length,
+        "lora.r": lo.r,
+        "lora.alpha": lo.alpha,
+        "memory.sample_interval_s": recipe.memory.sample_interval_s,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    for key, value in {
+        "memory.gpu_limit_gib": recipe.memory.gpu_limit_gib,
+        "memory.gpu_memory_gib": recipe.memory.gpu_memory_gib,
+        "memory.host_memory_gib": recipe.memory.host_memory_gib,
+        "train.eval_steps": t.eval_steps,
+        "train.save_steps": t.save_steps,
+        "train.save_total_limit": t.save_total_limit,
+    }.items():
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    if not 0 <= lo.dropout < 1:
+        raise ConfigError(f"lora.dropout must be in [0, 1), got {lo.dropout}")
+    if t.weight_decay < 0 or t.max_grad_norm < 0 or t.warmup_steps < 0 or t.momentum < 0:
+        raise ConfigError("train.weight_decay, max_grad_norm, warmup_steps and momentum must be >= 0")
+    if not 0 < t.gamma <= 1:
+        raise ConfigError(f"train.gamma must be in (0, 1], got {t.gamma}")
+    if t.max_steps == 0 or t.max_steps < -1:
+        raise ConfigError(f"train.max_steps must be positive or -1 (epochs decide), got {t.max_steps}")
+    if m.dtype not in (None, "float32", "bfloat16", "float16"):
+        raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {m.dtype!r}")
+    if q.bits not in (None, 4, 8):
+        raise ConfigError(f"quantization.bits must be 4, 8 or null, got {q.bits!r}")
+    if q.quant_type not in ("nf4", "fp4"):
+        raise ConfigError(f"quantization.quant_type must be nf4 or fp4, got {q.quant_type!r}")
+    if "{dialog}" not in d.prompt_template:
+        raise ConfigError("data.prompt_template must contain {dialog}")
+    if t.eval_strategy not in ("no", "epoch", "steps") or t.save_strategy not in ("no", "epoch", "steps"):
+        raise ConfigError("train.eval_strategy and train.save_strategy must be no, epoch or steps")
+    if f.sharding_strategy not in ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"):
+        raise ConfigError(f"fsdp.sharding_strategy: unknown strategy {f.sharding_strategy!r}")
+    if f.version not in (1, 2):
+        raise ConfigError(f"fsdp.version must be 1 or 2, got {f.version}")
+    if t.fp16 and t.bf16:
+        raise ConfigError("train.fp16 and train.bf16 are both set: choose one mixed precision")
+    if m.dtype == "float16" and t.bf16 or m.dtype == "bfloat16" and t.fp16:
+        raise ConfigError(f"model.dtype={m.dtype} contradicts train.{'bf16' if t.bf16 else 'fp16'}: pick one half type")
+    if q.bits is not None and not lo.enabled:
+        raise ConfigError(
+            f"refused: full fine-tuning of a {q.bits}-bit quantized model cannot learn (quantized weights "
+            "take no gradient: the original's flat loss in fp32, 'No inf checks were recorded for this "
+            "optimizer' in fp16); enable LoRA (lora.enabled=true) or drop quantization"
+        )
+    if q.bits == 8 and f.enabled:
+        raise ConfigError(
+            "refused: 8-bit quantization cannot be sharded by FSDP (int8 weights are not flat-parameter "
+            "compatible); use 4-bit (quantization.bits=4) with FSDP, or 8-bit on one GPU"
+        )
+    if f.cpu_offload and not f.enabled:
+        raise ConfigError("refused: fsdp.cpu_offload needs FSDP (fsdp.enabled=true or an FSDP accelerate config)")
+    if m.dtype == "float16" and not lo.enabled and t.optim != "sgd":
+        # fp16 weights have no room for AdamW's small updates and no master copy to hold them.
+        raise ConfigError(
+            "refused: full fine-tuning with pure float16 weights underflows the updates; use train.fp16=true "
+            "(fp32 master weights) or model.dtype=bfloat16"
+        )
+    if t.eval_strategy == "steps" and not t.eval_steps:
+        raise ConfigError("train.eval_strategy=steps needs train.eval_steps")
+    if t.save_strategy == "steps" and not t.save_steps:
+        raise ConfigError("train.save_strategy=steps needs train.save_steps")
+    if d.split_slice is not None:
+        from .data import parse_slice  # the one parser of slice syntax
+
+        parse_slice(d.split_slice)
+
+
+def describe_precision(recipe: Recipe) -> str:
+    """What the run will compute in, in words; printed before training."""
+    m, t, q = recipe.model, recipe.train, recipe.quantization
+    fsdp = recipe.fsdp.enabled
+    weights = m.dtype or "float32"
+    if q.bits:
+        compute = "float16" if t.fp16 else "bfloat16" if t.bf16 or m.dtype == "bfloat16" else "float32"
+        base = f"{q.bits}-bit {q.quant_type if q.bits == 4 else 'int8'} base weights, compute in {compute}, LoRA adapters in float32"
+        if t.fp16:
+            base += ", fp16 autocast with dynamic loss scaling"
+        elif t.bf16:
+            base += ", bf16 autocast"
+        return base
+    if t.fp16:
+        if fsdp:
+            return f"fp16 mixed precision: {weights} sharded master weights, fp16 compute and gradient reduction, dynamic loss scaling"
+        return f"fp16 mixed precision: {weights} weights, fp16 autocast, dynamic loss scaling"
+    if t.bf16:
+        return f"bf16 mixed precision: {weights} weights, bf16 autocast"
+    if m.dtype in ("bfloat16", "float16"):
+        return f"pure {m.dtype} weights, gradients and optimizer states (no fp32 master copy)"
+    return "fp32: float32 weights, gradients and optimizer states"

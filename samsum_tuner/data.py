@@ -1,0 +1,319 @@
+"""SAMSum: resolve the source, validate, clean, slice, render prompts, tokenize with masked labels.
+
+Everything here runs before a model is loaded, so data errors (with file:line) come first.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from .config import DataConfig
+from .errors import ConfigError, DataError
+
+SPLIT_ALIASES = {"validation": ("validation", "val", "dev"), "train": ("train",), "test": ("test",)}
+EXTENSIONS = (".jsonl.gz", ".jsonl", ".json")
+IGNORE_INDEX = -100
+
+
+# ---------------------------------------------------------------- slicing
+_SLICE = re.compile(r"^\s*(?:\[\s*:\s*)?(\d+(?:\.\d+)?)\s*(%?)\s*\]?\s*$")
+
+
+def parse_slice(text: str | int) -> tuple[float, bool]:
+    """`1%` -> (1.0, True); `10` or `[:10]` -> (10, False). The original's --split_slice syntax."""
+    m = _SLICE.match(str(text))
+    if not m or (str(text).strip().startswith("[") != str(text).strip().endswith("]")):
+        raise ConfigError(f"data.split_slice: expected '1%', '10' or '[:100]', got {text!r}")
+    value, pct = float(m.group(1)), bool(m.group(2))
+    if value <= 0 or (pct and value > 100) or (not pct and not value.is_integer()):
+        raise ConfigError(f"data.split_slice: {text!r} is out of range")
+    return value, pct
+
+
+def slice_count(n_rows: int, split_slice: str | None) -> int:
+    if split_slice is None:
+        return n_rows
+    value, pct = parse_slice(split_slice)
+    # datasets' `split[:1%]` rounds to the closest row count: 14732 -> 147, 818 -> 8.
+    return min(n_rows, int(round(n_rows * value / 100)) if pct else int(value))
+
+
+# ---------------------------------------------------------------- reading
+def resolve_source(cfg: DataConfig) -> str:
+    return os.environ.get("SAMSUM_DATA_DIR") or cfg.source
+
+
+def find_split_file(folder: Path, split: str) -> Path | None:
+    for name in SPLIT_ALIASES.get(split, (split,)):
+        for stem in (name, f"samsun_{name}", f"samsum_{name}"):  # the original wrote samsun_{split}.jsonl
+            for ext in EXTENSIONS:
+                p = folder / f"{stem}{ext}"
+                if p.is_file():
+                    return p
+    return None
+
+
+def _open_bytes(path: Path):
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+
+
+def _check_row(obj: Any, where: str) -> dict[str, str]:
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object with dialogue and summary, got {type(obj).__name__}")
+    for key in ("dialogue", "summary"):
+        if key not in obj:
+            raise DataError(f"{where}: missing key '{key}'")
+        if not isinstance(obj[key], str):
+            raise DataError(f"{where}: '{key}' must be a string, got {type(obj[key]).__name__}")
+    return {"id": str(obj.get("id", "")), "dialogue": obj["dialogue"], "summary": obj["summary"]}
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    """JSON Lines (optionally gzip) or one JSON array; every error names file:line."""
+    try:
+        with _open_bytes(path) as fh:
+            data = fh.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: invalid UTF-8") from None
+    if not text.strip():
+        raise DataError(f"{path}: file is empty")
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+        return [_check_row(obj, f"{path}: item {i + 1}") for i, obj in enumerate(items)]
+    rows = []
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
+        rows.append(_check_row(obj, f"{path}:{lineno}"))
+    return rows
+
+
+def load_split(cfg: DataConfig, split: str) -> tuple[list[dict[str, str]], str]:
+    """Raw rows of one split and where they came from."""
+    source = resolve_source(cfg)
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        path = find_split_file(folder, split)
+        if path is None:
+            raise DataError(f"{folder}: no {split}.jsonl, {split}.jsonl.gz or {split}.json found")
+        return read_rows(path), str(path)
+    if source.startswith((".", "/", "~")) or os.sep in source and not re.match(r"^[\w.-]+/[\w.-]+$", source):
+        raise DataError(f"data.source: folder {source} does not exist")
+    return _load_hub_split(source, split), f"{source}[{split}]"
+
+
+def _load_hub_split(dataset_id: str, split: str) -> list[dict[str, str]]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(dataset_id, split=split)
+    except Exception as e:  # offline, unknown id, unknown split: one line for people
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(
+            f"data.source: cannot load hub dataset '{dataset_id}' split '{split}' ({first}); "
+            "point SAMSUM_DATA_DIR or data.source at a local folder of train/validation/test .jsonl[.gz]"
+        ) from None
+    return [_check_row(obj, f"{dataset_id}[{split}] row {i + 1}") for i, obj in enumerate(ds)]
+
+
+# ---------------------------------------------------------------- cleaning
+@dataclass
+class CleanReport:
+    rows_in: int = 0
+    rows_out: int = 0
+    crlf_normalized: int = 0
+    whitespace_stripped: int = 0
+    dropped_empty_dialogue: int = 0
+    dropped_empty_summary: int = 0
+    truncated_dialogue: int = 0
+    dropped_too_long: int = 0
+
+    def line(self) -> str:
+        parts = [f"{k}={v}" for k, v in self.__dict__.items()]
+        return ", ".join(parts)
+
+
+_INVISIBLE = str.maketrans({"\ufeff": None, "\u200e": None})
+
+
+def clean_rows(rows: Iterable[dict[str, str]], report: CleanReport) -> list[dict[str, str]]:
+    """SAMSum's real quirks: mixed \\r\\n, padding whitespace, empty dialogue/summary rows, stray BOMs."""
+    out = []
+    for row in rows:
+        report.rows_in += 1
+        dialogue, summary = row["dialogue"], row["summary"]
+        if "\r" in dialogue or "\r" in summary:
+            report.crlf_normalized += 1
+            dialogue = dialogue.replace("\r\n", "\n").replace("\r", "\n")
+            summary = summary.replace("\r\n", "\n").replace("\r", "\n")
+        d2, s2 = dialogue.translate(_INVISIBLE).strip(), summary.translate(_INVISIBLE).strip()
+        if (d2, s2) != (dialogue, summary):
+            report.whitespace_stripped += 1
+        if not d2:
+            report.dropped_empty_dialogue += 1
+            continue
+        if not s2:
+            report.dropped_empty_summary += 1
+            continue
+        out.append({"id": row["id"], "dialogue": d2, "summary": s2})
+    report.rows_out = len(out)
+    return out
+
+
+# ---------------------------------------------------------------- prompts and tokens
+def render_prompt(cfg: DataConfig, tokenizer, dialogue: str) -> str:
+    text = cfg.prompt_template.replace("{dialog}", dialogue)
+    if cfg.chat_template:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+    return text
+
+
+def _encode_prompt(cfg: DataConfig, tokenizer, dialogue: str) -> list[int]:
+    text = render_prompt(cfg, tokenizer, dialogue)
+    # The original prepended BOS by hand; the chat template carries its own specials.
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not cfg.chat_template and tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", True):
+        ids = [tokenizer.bos_token_id] + ids
+    return ids
+
+
+def tokenize_row(cfg: DataConfig, tokenizer, row: dict[str, str]) -> dict[str, Any]:
+    """input_ids = prompt + summary + EOS; labels -100 over the prompt (completion-only loss).
+
+    Too long a row loses dialogue tokens from its end, never summary tokens.
+    """
+    summary_ids = tokenizer(row["summary"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    prompt_ids = _encode_prompt(cfg, tokenizer, row["dialogue"])
+    truncated = False
+    if len(prompt_ids) + len(summary_ids) > cfg.max_length:
+        overhead = len(_encode_prompt(cfg, tokenizer, "")) + 2  # the template itself, plus a join margin
+        budget = cfg.max_length - len(summary_ids) - overhead
+        dialogue_ids = tokenizer(row["dialogue"], add_special_tokens=False)["input_ids"]
+        while budget > 0:
+            text = tokenizer.decode(dialogue_ids[:budget], skip_special_tokens=True)
+            prompt_ids = _encode_prompt(cfg, tokenizer, text)
+            if len(prompt_ids) + len(summary_ids) <= cfg.max_length:
+                break
+            budget -= max(1, len(prompt_ids) + len(summary_ids) - cfg.max_length)
+        if budget <= 0:
+            return {"input_ids": [], "labels": [], "n_prompt": 0, "truncated": False, "dropped": True}
+        truncated = True
+    prompt_labels = [IGNORE_INDEX] * len(prompt_ids) if cfg.completion_only_loss else list(prompt_ids)
+    return {
+        "input_ids": prompt_ids + summary_ids,
+        "labels": prompt_labels + summary_ids,
+        "n_prompt": len(prompt_ids),
+        "truncated": truncated,
+        "dropped": False,
+    }
+
+
+# ---------------------------------------------------------------- the whole split
+@dataclass
+class PreparedSplit:
+    name: str
+    origin: str
+    dataset: Any  # datasets.Dataset with input_ids, labels
+    report: CleanReport
+    lengths: list[int] = field(default_factory=list)
+
+    def stats(self) -> dict[str, float]:
+        return length_stats(self.lengths)
+
+
+def length_stats(lengths: list[int]) -> dict[str, float]:
+    if not lengths:
+        return {}
+    s = sorted(lengths)
+    pick = lambda q: s[min(len(s) - 1, int(math.ceil(q * len(s))) - 1)]  # noqa: E731
+    return {"rows": len(s), "tokens": sum(s), "min": s[0], "mean": round(statistics.fmean(s), 1),
+            "p50": pick(0.5), "p99": pick(0.99), "max": s[-1]}
+
+
+def load_clean_split(cfg: DataConfig, split: str) -> tuple[list[dict[str, str]], CleanReport, str]:
+    """Read, slice (as the original: before cleaning), clean; an empty result is an error."""
+    rows, origin = load_split(cfg, split)
+    n = slice_count(len(rows), cfg.split_slice)
+    report = CleanReport()
+    cleaned = clean_rows(rows[:n], report)
+    if not cleaned:
+        why = f" after slicing to {cfg.split_slice!r}" if cfg.split_slice else ""
+        raise DataError(f"{origin}: split '{split}' has no usable rows{why} (cleaning: {report.line()})")
+    return cleaned, report, origin
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SAMSUM_TUNER_CACHE", Path.home() / ".cache" / "samsum_tuner"))
+
+
+def _fingerprint(cfg: DataConfig, tokenizer, rows: list[dict[str, str]]) -> str:
+    from datasets.fingerprint import Hasher
+
+    settings = (cfg.prompt_template, cfg.chat_template, cfg.completion_only_loss, cfg.max_length)
+    return Hasher.hash((rows, settings, Hasher.hash(tokenizer), tokenizer.eos_token_id, tokenizer.bos_token_id))
+
+
+def tokenize_split(cfg: DataConfig, tokenizer, name: str, rows: list[dict[str, str]], report: CleanReport,
+                   origin: str) -> PreparedSplit:
+    """Tokenized once per (rows, tokenizer, settings): later runs read the datasets cache file."""
+    import datasets
+
+    fp = _fingerprint(cfg, tokenizer, rows)
+    cache = cache_dir() / "tokenized"
+    cache.mkdir(parents=True, exist_ok=True)
+    ds = datasets.Dataset.from_list(rows).map(
+        lambda r: tokenize_row(cfg, tokenizer, r),
+        num_proc=cfg.num_proc,
+        desc=f"tokenizing {name}",
+        remove_columns=["dialogue", "summary"],
+        cache_file_name=str(cache / f"{fp}.arrow"),
+        new_fingerprint=fp,
+    )
+    report.truncated_dialogue = sum(ds["truncated"])
+    dropped = ds["dropped"]
+    report.dropped_too_long = sum(dropped)
+    if report.dropped_too_long:
+        ds = ds.select([i for i, d in enumerate(dropped) if not d])
+    report.rows_out = len(ds)
+    if len(ds) == 0:
+        raise DataError(f"{origin}: split '{name}' has no rows that fit data.max_length={cfg.max_length}")
+    ds = ds.remove_columns(["truncated", "dropped"])
+    return PreparedSplit(name=name, origin=origin, dataset=ds, report=report, lengths=[len(x) for x in ds["input_ids"]])
+
+
+def read_splits(cfg: DataConfig) -> dict[str, tuple[list[dict[str, str]], CleanReport, str]]:
+    """Train (and eval, if configured) read, checked, sliced and cleaned: no tokenizer, no model."""
+    raw = {"train": load_clean_split(cfg, cfg.train_split)}
+    if cfg.eval_split:
+        raw["eval"] = load_clean_split(cfg, cfg.eval_split)
+    return raw
+
+
+def tokenize_splits(cfg: DataConfig, tokenizer, raw) -> dict[str, PreparedSplit]:
+    return {name: tokenize_split(cfg, tokenizer, name, rows, report, origin)
+            for name, (rows, report, origin) in raw.items()}
+
+
+def prepare_splits(cfg: DataConfig, tokenizer) -> dict[str, PreparedSplit]:
+    return tokenize_splits(cfg, tokenizer, read_splits(cfg))

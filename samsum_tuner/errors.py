@@ -1,0 +1,19 @@
+"""Errors meant for people: the CLI prints the message on one line and exits with `exit_code`."""
+
+
+class SamsumTunerError(Exception):
+    exit_code = 2
+
+
+class ConfigError(SamsumTunerError):
+    """A recipe, override or environment that cannot run; the message names the key."""
+
+
+class DataError(SamsumTunerError):
+    """Input data that cannot be used; the message names file:line where there is one."""
+
+
+class WontFitError(SamsumTunerError):
+    """The memory planner's verdict: the run would run out of GPU or host memory."""
+
+    exit_code = 3

@@ -1,0 +1,93 @@
+"""Who launched us and how the run is distributed: one source of truth.
+
+Under `accelerate launch` the accelerate config decides processes and FSDP settings, and a recipe
+that contradicts it is refused. Under `torchrun` (the original's launch) the recipe's `fsdp.*` decides.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .config import Recipe
+from .errors import ConfigError
+
+
+@dataclass
+class Launch:
+    launcher: str  # "python", "torchrun" or "accelerate"
+    world_size: int
+    rank: int
+    local_rank: int
+    fsdp: bool
+    cpu_offload: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_bool(name: str) -> bool | None:
+    v = os.environ.get(name)
+    return None if v is None else v.strip().lower() in ("1", "true", "yes")
+
+
+def detect_launch(recipe: Recipe) -> Launch:
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    # `accelerate launch` exports its config as ACCELERATE_* variables (also for one process).
+    if any(k in os.environ for k in ("ACCELERATE_MIXED_PRECISION", "ACCELERATE_USE_FSDP", "ACCELERATE_USE_CPU")):
+        fsdp = bool(_env_bool("ACCELERATE_USE_FSDP"))
+        offload = bool(_env_bool("FSDP_OFFLOAD_PARAMS"))
+        version = int(os.environ.get("FSDP_VERSION", 1)) if fsdp else recipe.fsdp.version
+        conflicts = []
+        if recipe.fsdp.enabled != fsdp:
+            conflicts.append(f"recipe fsdp.enabled={str(recipe.fsdp.enabled).lower()} but the accelerate config "
+                             f"{'uses' if fsdp else 'does not use'} FSDP")
+        if fsdp and recipe.fsdp.cpu_offload != offload:
+            conflicts.append(f"recipe fsdp.cpu_offload={str(recipe.fsdp.cpu_offload).lower()} but the accelerate "
+                             f"config has fsdp_offload_params: {str(offload).lower()}")
+        if fsdp and recipe.fsdp.version != version:
+            conflicts.append(f"recipe fsdp.version={recipe.fsdp.version} but the accelerate config has "
+                             f"fsdp_version: {version}")
+        if conflicts:
+            raise ConfigError("; ".join(conflicts) + ": change the recipe or pick the matching accelerate_configs/ file")
+        return Launch("accelerate", world, rank, local_rank, fsdp, offload)
+    launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ or world > 1 else "python"
+    return Launch(launcher, world, rank, local_rank, recipe.fsdp.enabled, recipe.fsdp.cpu_offload)
+
+
+def check_environment(recipe: Recipe, launch: Launch) -> None:
+    """What this machine cannot do, refused before anything is loaded."""
+    cuda = torch.cuda.is_available()
+    if recipe.train.fp16 and not cuda:
+        raise ConfigError("refused: train.fp16 (the original's --use_fp16) needs a CUDA GPU; this machine has "
+                          "none: use fp32 (train.fp16=false) on CPU")
+    if launch.fsdp and not cuda:
+        raise ConfigError("refused: FSDP needs CUDA GPUs (accelerate does not engage FSDP on CPU); drop "
+                          "fsdp.enabled / --enable_fsdp to train on CPU")
+    if launch.fsdp and launch.launcher == "python":
+        raise ConfigError("refused: fsdp.enabled needs a distributed launch: torchrun --nproc_per_node N -m "
+                          "samsum_tuner.train ... or accelerate launch --config_file accelerate_configs/fsdp4.yaml")
+
+
+def fsdp_training_args(recipe: Recipe, launch: Launch, layer_cls: list[str]) -> dict:
+    """TrainingArguments FSDP fields for a torchrun launch; accelerate launches bring their own plugin."""
+    if not launch.fsdp or launch.launcher == "accelerate":
+        return {}
+    f = recipe.fsdp
+    options = ["full_shard" if f.sharding_strategy == "FULL_SHARD" else f.sharding_strategy.lower(), "auto_wrap"]
+    if f.cpu_offload:
+        options.append("offload")
+    return {
+        "fsdp": " ".join(options),
+        "fsdp_config": {
+            "version": f.version,
+            "transformer_layer_cls_to_wrap": layer_cls,
+            "reshard_after_forward": f.sharding_strategy == "FULL_SHARD",
+            "state_dict_type": "SHARDED_STATE_DICT",
+            "cpu_ram_efficient_loading": False,
+        },
+    }

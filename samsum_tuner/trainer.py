@@ -1,0 +1,103 @@
+"""Recipe -> TrainingArguments + Trainer. The step itself is transformers' own.
+
+We use `transformers.Trainer` rather than TRL's `SFTTrainer`: our data pipeline already produces
+completion-only labels (SAMSum cleaning, dialogue-side truncation, exact masks we test), so SFTTrainer's
+dataset handling would be bypassed, and its config surface moves between TRL releases.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer, TrainingArguments
+
+from .config import Recipe
+from .data import IGNORE_INDEX
+from .launch import Launch, fsdp_training_args
+
+
+class SamsumTrainer(Trainer):
+    """Trainer plus the original's optimizer and schedule, and perplexity in every log."""
+
+    def __init__(self, *args, recipe: Recipe, **kwargs):
+        self.recipe = recipe
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model=None):
+        t = self.recipe.train
+        if t.optim != "sgd" or self.optimizer is not None:
+            return super().create_optimizer(model)
+        # A real SGD with momentum, no weight decay: upstream llama-recipes silently trained AdamW here.
+        params = [p for p in (model or self.model).parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(params, lr=t.learning_rate, momentum=t.momentum, weight_decay=t.weight_decay)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        t = self.recipe.train
+        if t.lr_scheduler_type != "steplr" or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        # The original's StepLR(step_size=1, gamma) stepped once per epoch; the Trainer steps per update.
+        steps_per_epoch = max(1, math.ceil(len(self.get_train_dataloader()) / self.args.gradient_accumulation_steps))
+        gamma = t.gamma
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer or self.optimizer, lambda step: gamma ** (step // steps_per_epoch)
+        )
+        return self.lr_scheduler
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        for loss_key, ppl_key in (("loss", "ppl"), ("train_loss", "train_ppl"), ("eval_loss", "eval_ppl")):
+            if loss_key in logs:
+                logs[ppl_key] = math.exp(min(logs[loss_key], 50.0))
+        super().log(logs, start_time)
+
+
+def build_collator(recipe: Recipe, tokenizer):
+    if recipe.data.packing:
+        # Padding-free: one row, position ids restart per sample; attention stays per sample only
+        # because load_model sets use_cache=False (see DESIGN.md).
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+    # Pads labels with -100 by position, so EOS stays supervised even when pad == eos.
+    return DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
+
+
+def training_arguments(recipe: Recipe, launch: Launch, layer_cls: list[str], has_eval: bool) -> TrainingArguments:
+    t = recipe.train
+    optim = "adamw_torch" if t.optim == "sgd" else t.optim  # sgd is built by SamsumTrainer
+    scheduler = "constant" if t.lr_scheduler_type == "steplr" else t.lr_scheduler_type
+    kwargs: dict[str, Any] = dict(
+        output_dir=t.output_dir,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        lr_scheduler_type=scheduler,
+        warmup_steps=t.warmup_steps,
+        optim=optim,
+        max_grad_norm=t.max_grad_norm,
+        fp16=t.fp16,
+        bf16=t.bf16,
+        seed=t.seed,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy=t.eval_strategy if has_eval else "no",
+        eval_steps=t.eval_steps,
+        save_strategy=t.save_strategy,
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        dataloader_num_workers=t.dataloader_num_workers,
+        report_to=list(t.report_to),
+        logging_dir=None,
+        disable_tqdm=t.disable_tqdm,
+        gradient_checkpointing=recipe.model.gradient_checkpointing and not recipe.quantization.bits,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+        use_cpu=not torch.cuda.is_available(),
+        ddp_find_unused_parameters=False if launch.world_size > 1 and not launch.fsdp else None,
+    )
+    kwargs.update(fsdp_training_args(recipe, launch, layer_cls))
+    return TrainingArguments(**kwargs)

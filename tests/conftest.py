@@ -1,0 +1,86 @@
+"""Shared fixtures: the real SmolLM2 tokenizer, a tiny random Llama built in-process, the real SAMSum files."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_SAMSUM = ROOT.parent / "shared" / "data" / "samsum"
+
+
+def samsum_dir() -> Path:
+    return Path(os.environ.get("SAMSUM_DATA_DIR", SHARED_SAMSUM))
+
+
+@pytest.fixture(scope="session")
+def real_samsum() -> Path:
+    d = samsum_dir()
+    if not (d / "train.jsonl.gz").is_file():
+        pytest.fail(f"real SAMSum not found at {d}: set SAMSUM_DATA_DIR (CI uses ../shared/data/samsum)")
+    return d
+
+
+@pytest.fixture(autouse=True)
+def _samsum_env(monkeypatch):
+    # Tests choose their data explicitly; an inherited SAMSUM_DATA_DIR would override data.source.
+    monkeypatch.delenv("SAMSUM_DATA_DIR", raising=False)
+    for k in [k for k in os.environ if k.startswith(("ACCELERATE_", "FSDP_"))]:
+        monkeypatch.delenv(k, raising=False)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """SmolLM2's real tokenizer (from the embedded GGUF, converted once into the cache)."""
+    from samsum_tuner.config import Recipe
+    from samsum_tuner.model import load_tokenizer
+
+    r = Recipe()
+    r.model.name = "smollm2-135m"
+    return load_tokenizer(r)
+
+
+def tiny_llama(vocab_size: int = 49152, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)
+    cfg._attn_implementation = "sdpa"
+    return LlamaForCausalLM(cfg)
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A tiny random Llama saved as a local HF folder with SmolLM2's tokenizer (the original's model-7b layout)."""
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama().save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+def write_jsonl(folder: Path, split: str, rows: list[dict], raw_lines: list[str] | None = None) -> Path:
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    p = folder / f"{split}.jsonl"
+    lines = raw_lines if raw_lines is not None else [json.dumps(r) for r in rows]
+    p.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return p
+
+
+def synthetic_rows(n: int, offset: int = 0) -> list[dict]:
+    return [{"id": str(offset + i), "dialogue": f"Ann: hello {i}\r\nBob: hi, see you at {i % 12 + 1} pm",
+             "summary": f"Ann and Bob meet at {i % 12 + 1} pm."} for i in range(n)]
+
+
+@pytest.fixture
+def tiny_data(tmp_path) -> Path:
+    d = tmp_path / "samsum"
+    write_jsonl(d, "train", synthetic_rows(40))
+    write_jsonl(d, "validation", synthetic_rows(8, offset=1000))
+    write_jsonl(d, "test", synthetic_rows(8, offset=2000))
+    return d

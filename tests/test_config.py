@@ -1,0 +1,151 @@
+"""Recipes, overrides, the original's flags, refusals and exit codes."""
+from __future__ import annotations
+
+import pytest
+
+from samsum_tuner import cli
+from samsum_tuner.config import ORIGINAL_PROMPT, Recipe, build_recipe, describe_precision, split_overrides
+from samsum_tuner.errors import ConfigError
+
+from .conftest import ROOT
+
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+def test_no_recipe_gives_the_originals_training_configuration():
+    r = build_recipe()
+    t = r.train
+    assert (t.per_device_train_batch_size, t.gradient_accumulation_steps) == (1, 4)
+    assert (t.learning_rate, t.weight_decay, t.num_train_epochs, t.gamma, t.seed) == (1e-4, 0.0, 3.0, 0.85, 42)
+    assert t.lr_scheduler_type == "steplr" and t.momentum == 0.9 and t.max_grad_norm == 0.0
+    assert (r.lora.r, r.lora.alpha, r.lora.dropout, r.lora.target_modules) == (8, 32, 0.05, ["q_proj", "v_proj"])
+    assert r.lora.enabled is False and r.quantization.bits is None and r.model.dtype is None
+    assert r.data.prompt_template == ORIGINAL_PROMPT == "Summarize this dialog:\n{dialog}\n---\nSummary:\n"
+    assert r.data.completion_only_loss and not r.data.packing
+
+
+def test_yaml_then_overrides(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("train:\n  learning_rate: 3.0e-4\n  fp16: true\nlora:\n  enabled: true\n")
+    r = build_recipe(p, ["train.learning_rate=2e-5", "lora.target_modules=q_proj,k_proj", "--train.num_train_epochs", "1"])
+    assert r.train.learning_rate == 2e-5 and r.train.fp16 and r.lora.enabled
+    assert r.lora.target_modules == ["q_proj", "k_proj"] and r.train.num_train_epochs == 1.0
+
+
+def test_every_llama_recipes_alias():
+    argv = ("--use_peft --peft_method lora --quantization True --use_fp16 --enable_fsdp "
+            "--fsdp_config.fsdp_cpu_offload False --fsdp_config.optimizer SGD --fsdp_config.pure_bf16 False "
+            "--split_slice 1% --micro_batch_size 2 --batch_size_training 8 --num_epochs 2 --lr 3e-4 "
+            "--gamma 0.9 --model_name /tmp/model-7b --output_dir out --save_model False --dataset samsum_dataset").split()
+    r = build_recipe(None, argv)
+    assert r.lora.enabled and r.lora.method == "lora" and r.quantization.bits == 4
+    assert r.train.fp16 and r.fsdp.enabled and not r.fsdp.cpu_offload and r.train.optim == "sgd"
+    assert r.model.dtype is None and r.data.split_slice == "1%"
+    assert (r.train.per_device_train_batch_size, r.train.gradient_accumulation_steps) == (2, 4)
+    assert (r.train.num_train_epochs, r.train.learning_rate, r.train.gamma) == (2.0, 3e-4, 0.9)
+    assert r.model.name == "/tmp/model-7b" and r.train.output_dir == "out" and r.train.save_model is False
+
+
+def test_alias_values():
+    assert build_recipe(None, ["--fsdp_config.pure_bf16"]).model.dtype == "bfloat16"
+    assert build_recipe(None, ["--fsdp_config.optimizer", "AdamW"]).train.optim == "adamw_torch"
+    assert build_recipe(None, ["--use_peft", "--quantization", "8bit"]).quantization.bits == 8
+    assert build_recipe(None, ["--quantization", "False"]).quantization.bits is None
+    assert build_recipe(None, ["--batch_size_training", "4"]).train.gradient_accumulation_steps == 4
+
+
+def test_split_overrides_forms():
+    assert split_overrides(["a.b=1", "--c.d", "2", "--flag", "--e=3"]) == [("a.b", "1"), ("c.d", "2"), ("flag", "true"), ("e", "3")]
+    with pytest.raises(ConfigError, match="argument 'oops'"):
+        split_overrides(["oops"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["quantization.bits=4"], "refused: full fine-tuning of a 4-bit quantized model cannot learn"),
+    (["--use_peft", "--quantization", "8bit", "--enable_fsdp"], "refused: 8-bit quantization cannot be sharded by FSDP"),
+    (["train.fp16=true", "train.bf16=true"], "train.fp16 and train.bf16 are both set"),
+    (["fsdp.cpu_offload=true"], "refused: fsdp.cpu_offload needs FSDP"),
+    (["train.per_device_train_batch_size=0"], "train.per_device_train_batch_size must be positive, got 0"),
+    (["train.learning_rate=-1"], "train.learning_rate must be positive, got -1.0"),
+    (["data.max_length=0"], "data.max_length must be positive, got 0"),
+    (["--batch_size_training", "3", "--micro_batch_size", "2"], "batch_size_training=3 must be a positive multiple of micro_batch_size=2"),
+    (["train.learning_rat=1"], "unknown key 'train.learning_rat'; did you mean train.learning_rate"),
+    (["lora.rank=4"], "unknown key 'lora.rank'"),
+    (["--use_pefft"], "did you mean use_peft"),
+    (["train.fp16=maybe"], "train.fp16: expected true or false, got 'maybe'"),
+    (["data.split_slice=abc"], "data.split_slice: expected '1%', '10' or '[:100]'"),
+    (["--fsdp_config.optimizer", "Adagrad"], "unknown optimizer 'Adagrad'"),
+    (["--peft_method", "prefix"], "only 'lora' is supported"),
+])
+def test_refusals_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        build_recipe(None, overrides)
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_full_4bit_recipe_refused_with_reason():
+    with pytest.raises(ConfigError, match="No inf checks were recorded"):
+        build_recipe(ROOT / "recipes" / "full_4bit.yaml")
+
+
+@pytest.mark.parametrize("path", [p for p in RECIPES if p.name != "full_4bit.yaml"], ids=lambda p: p.name)
+def test_every_recipe_loads(path):
+    r = build_recipe(path)
+    assert r.description
+    assert (r.train.per_device_train_batch_size * r.train.gradient_accumulation_steps == 4) or path.name == "demo_cpu.yaml"
+
+
+def test_precision_means_what_the_original_meant():
+    assert describe_precision(build_recipe(None, ["--use_fp16"])) == \
+        "fp16 mixed precision: float32 weights, fp16 autocast, dynamic loss scaling"
+    assert "sharded master weights" in describe_precision(build_recipe(None, ["--use_fp16", "--enable_fsdp"]))
+    assert describe_precision(build_recipe()) == "fp32: float32 weights, gradients and optimizer states"
+    assert describe_precision(build_recipe(None, ["--fsdp_config.pure_bf16"])).startswith("pure bfloat16 weights")
+
+
+def test_yaml_errors_name_file_and_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("train:\n  learning_rate: [1\n")
+    with pytest.raises(ConfigError, match=rf"{p}:\d+: invalid YAML"):
+        build_recipe(p)
+    p.write_text("train:\n  learning_rat: 1\n")
+    with pytest.raises(ConfigError, match=rf"{p}: unknown key 'train.learning_rat'"):
+        build_recipe(p)
+    with pytest.raises(ConfigError, match="recipe file not found"):
+        build_recipe(tmp_path / "missing.yaml")
+
+
+def test_cli_exit_codes_and_one_line_errors(capsys):
+    assert cli.main(["train", "--dry-run", "quantization.bits=4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("samsum-tuner: error: refused: full fine-tuning") and err.count("\n") == 1
+    assert "Traceback" not in err
+    assert cli.main(["train", "--use_fp16", "train.bf16=true"]) == 2
+    assert cli.main(["bogus"]) == 2
+
+
+def test_fp16_without_cuda_is_refused_before_loading(capsys, tmp_path, tiny_data):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    code = cli.main(["train", "--use_fp16", f"data.source={tiny_data}", f"train.output_dir={tmp_path / 'o'}",
+                     "model.name=/does/not/exist"])
+    assert code == 2
+    assert "refused: train.fp16 (the original's --use_fp16) needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_missing_model_path_refused(capsys, tmp_path, tiny_data):
+    code = cli.main(["train", f"data.source={tiny_data}", f"train.output_dir={tmp_path / 'o'}",
+                     "model.name=/does/not/exist"])
+    assert code == 2
+    assert "model.name: local model folder /does/not/exist does not exist" in capsys.readouterr().err
+
+
+def test_recipe_dataclass_roundtrip(tmp_path):
+    r = build_recipe(ROOT / "recipes" / "full_sgd.yaml")
+    p = tmp_path / "again.yaml"
+    p.write_text(r.to_yaml())
+    assert build_recipe(p) == r
+    assert isinstance(r, Recipe)
