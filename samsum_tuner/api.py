@@ -17,7 +17,7 @@ from typing import Any
 
 from .config import Recipe, build_recipe, describe_precision
 from .data import PreparedSplit, read_splits, tokenize_splits
-from .errors import ConfigError, WontFitError
+from .errors import ConfigError, TrainingOutOfMemory, WontFitError
 from .launch import Launch, check_environment, detect_launch
 
 
@@ -124,7 +124,7 @@ def build_trainer(recipe: Recipe, *, prepared: Prepared | None = None, callbacks
     """A `SamsumTrainer` (a transformers.Trainer) with model, data, collator and memory callback."""
     from .memory import MemoryCallback, apply_gpu_limit
     from .model import load_model
-    from .trainer import SamsumTrainer, build_collator, training_arguments
+    from .trainer import SamsumTrainer, ThroughputCallback, build_collator, training_arguments
 
     prepared = prepared or prepare(recipe)
     launch = prepared.launch
@@ -142,7 +142,7 @@ def build_trainer(recipe: Recipe, *, prepared: Prepared | None = None, callbacks
         eval_dataset=prepared.splits["eval"].dataset if "eval" in prepared.splits else None,
         data_collator=build_collator(recipe, prepared.tokenizer),
         processing_class=prepared.tokenizer,
-        callbacks=[memory_cb, *(callbacks or [])],
+        callbacks=[memory_cb, ThroughputCallback(), *(callbacks or [])],
         recipe=recipe,
     )
     trainer.prepared = prepared
@@ -150,25 +150,69 @@ def build_trainer(recipe: Recipe, *, prepared: Prepared | None = None, callbacks
 
 
 def train(recipe: Recipe, *, trainer=None) -> dict[str, Any]:
-    """Train, save (safetensors adapter or full model, tokenizer, resolved recipe) and return the metrics."""
+    """Train, save (safetensors adapter or full model, tokenizer, resolved recipe) and return the metrics.
+
+    A CUDA out-of-memory is caught and reported with the peak reached (TrainingOutOfMemory, exit 3).
+    """
+    from .memory import is_cuda_oom, snapshot
     from .model import parameter_counts
+    from .trainer import ThroughputCallback
 
     trainer = trainer or build_trainer(recipe)
     trainable, total = parameter_counts(trainer.model)
     if trainer.args.process_index == 0:
         print(f"samsum_tuner: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)",
               flush=True)
-    result = trainer.train()
-    metrics = dict(result.metrics)
-    if trainer.eval_dataset is not None:
-        metrics.update(trainer.evaluate())
+    summary: dict[str, Any] = {"status": "ok", "trainable_params": trainable, "total_params": total}
+    try:
+        metrics = dict(trainer.train().metrics)
+        if trainer.eval_dataset is not None:
+            metrics.update(trainer.evaluate())
+    except Exception as e:
+        if not is_cuda_oom(e):
+            raise
+        peak = snapshot()
+        summary.update(status="oom", step=trainer.state.global_step, memory=peak, error=str(e).splitlines()[0])
+        _write_summary(trainer, recipe, summary)
+        raise TrainingOutOfMemory(
+            f"out of GPU memory at step {trainer.state.global_step}: peak allocated "
+            f"{peak.get('gpu_peak_allocated_gib')} GiB, reserved {peak.get('gpu_peak_reserved_gib')} GiB"
+            f"{' of a %s GiB cap' % recipe.memory.gpu_limit_gib if recipe.memory.gpu_limit_gib else ''}"
+        ) from None
+    for cb in trainer.callback_handler.callbacks:
+        if isinstance(cb, ThroughputCallback):
+            metrics.update(cb.summary)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    if losses:
+        metrics.update(first_loss=losses[0], last_loss=losses[-1])
     if recipe.train.save_model:
         save(trainer, recipe)
-    if trainer.is_world_process_zero():
-        out = Path(recipe.train.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    summary.update(metrics=metrics, memory=snapshot())
+    _write_summary(trainer, recipe, summary)
     return metrics
+
+
+def _write_summary(trainer, recipe: Recipe, summary: dict[str, Any]) -> None:
+    if not trainer.is_world_process_zero():
+        return
+    import platform
+
+    import accelerate
+    import peft
+    import torch
+    import transformers
+
+    out = Path(recipe.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary.update(
+        recipe=recipe.to_dict(),
+        world_size=trainer.args.world_size,
+        device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
+        versions={"torch": torch.__version__, "transformers": transformers.__version__,
+                  "accelerate": accelerate.__version__, "peft": peft.__version__},
+    )
+    (out / "metrics.json").write_text(json.dumps(summary.get("metrics", {}), indent=2))
+    (out / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str))
 
 
 def save(trainer, recipe: Recipe) -> None:

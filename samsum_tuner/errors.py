@@ -17,3 +17,9 @@ class WontFitError(SamsumTunerError):
     """The memory planner's verdict: the run would run out of GPU or host memory."""
 
     exit_code = 3
+
+
+class TrainingOutOfMemory(SamsumTunerError):
+    """CUDA ran out of memory during training; the message carries the peak reached."""
+
+    exit_code = 3

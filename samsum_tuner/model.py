@@ -38,6 +38,12 @@ def _fix_specials(tokenizer) -> None:
     tokenizer.pad_token = END_OF_TURN
 
 
+def embedded_model_dir_cached() -> bool:
+    from .data import cache_dir
+
+    return (cache_dir() / "smollm2-135m-instruct" / "model.safetensors").is_file()
+
+
 def embedded_model_dir() -> Path:
     """SmolLM2 dequantized once into a plain safetensors folder that Trainer and save_pretrained accept."""
     from .data import cache_dir
@@ -45,7 +51,7 @@ def embedded_model_dir() -> Path:
     target = cache_dir() / "smollm2-135m-instruct"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers import AutoModelForCausalLM, GgufConfig
 
     gguf = smollm2_gguf()
     print(f"samsum_tuner: converting {gguf.name} into {target} (once)", flush=True)
@@ -62,19 +68,39 @@ def embedded_model_dir() -> Path:
     missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
     if missing or unexpected:
         raise RuntimeError(f"GGUF conversion lost tensors: missing={missing} unexpected={unexpected}")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    _fix_specials(tokenizer)
+    tokenizer = embedded_tokenizer()
     plain.config.eos_token_id = plain.generation_config.eos_token_id = tokenizer.eos_token_id
     plain.config.pad_token_id = plain.generation_config.pad_token_id = tokenizer.pad_token_id
+    _atomic_save(target, plain, tokenizer)
+    return target
+
+
+def _atomic_save(target: Path, *objects) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:  # atomic: another rank may have finished first
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    for obj in objects:
+        obj.save_pretrained(tmp)
+    try:  # another rank may have finished first
         tmp.rename(target)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+
+def embedded_tokenizer():
+    """SmolLM2's tokenizer alone (a few MB), cached apart from the model: random: shapes need only this."""
+    from transformers import AutoTokenizer
+
+    from .data import cache_dir
+
+    target = cache_dir() / "smollm2-135m-instruct-tokenizer"
+    if not (target / "tokenizer.json").is_file():
+        gguf = smollm2_gguf()
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        _fix_specials(tokenizer)
+        _atomic_save(target, tokenizer)
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    _fix_specials(tokenizer)
+    return tokenizer
 
 
 # ---------------------------------------------------------------- where the model comes from
@@ -98,7 +124,8 @@ def check_model_source(recipe: Recipe) -> None:
             raise ConfigError(f"model.name: unknown random shape '{name}'; choose one of {choices}")
         return
     if name == EMBEDDED:
-        smollm2_gguf()
+        if not (embedded_model_dir_cached()):
+            smollm2_gguf()
         return
     if _looks_local(name):
         path = Path(name).expanduser()
@@ -145,9 +172,7 @@ def load_tokenizer(recipe: Recipe):
     name = recipe.model.name
     if name == EMBEDDED or random_shape_name(name) is not None:
         # random: shapes borrow SmolLM2's tokenizer (vocab 49,152 instead of Llama-2's 32,000).
-        tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
-        _fix_specials(tokenizer)
-        return tokenizer
+        return embedded_tokenizer()
     tokenizer = AutoTokenizer.from_pretrained(
         name, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
     )
@@ -176,14 +201,11 @@ def _local_device() -> torch.device:
 # ---------------------------------------------------------------- loading
 def load_model(recipe: Recipe, *, fsdp: bool = False):
     """The model ready for the Trainer: dtype, quantization, checkpointing and LoRA applied."""
-    q = recipe.quantization
-    weights_dtype = DTYPES[recipe.model.dtype]
-    cdtype = compute_dtype(recipe)
-    name = recipe.model.name
-    if random_shape_name(name) is not None:
-        model = _build_random(recipe, weights_dtype if not q.bits else cdtype, fsdp)
+    dtype = compute_dtype(recipe) if recipe.quantization.bits else DTYPES[recipe.model.dtype]
+    if random_shape_name(recipe.model.name) is not None:
+        model = _build_random(recipe, dtype, fsdp)
     else:
-        model = _load_pretrained(recipe, weights_dtype, cdtype, fsdp)
+        model = _load_pretrained(recipe, fsdp)
     model.config.use_cache = False  # training; also required for correct padding-free attention
     return apply_adapters(recipe, model)
 
@@ -204,10 +226,9 @@ def _bnb_config(recipe: Recipe, cdtype: torch.dtype, fsdp: bool):
     )
 
 
-def _load_pretrained(recipe: Recipe, weights_dtype: torch.dtype, cdtype: torch.dtype, fsdp: bool):
-    from transformers import AutoModelForCausalLM
-
-    name = embedded_model_dir() if recipe.model.name == EMBEDDED else recipe.model.name
+def pretrained_kwargs(recipe: Recipe, *, fsdp: bool) -> dict:
+    """Keyword arguments for `from_pretrained`: dtype, quantization and device placement."""
+    weights_dtype, cdtype = DTYPES[recipe.model.dtype], compute_dtype(recipe)
     kwargs = dict(
         dtype=cdtype if recipe.quantization.bits else weights_dtype,
         attn_implementation=recipe.model.attn_implementation,
@@ -220,7 +241,14 @@ def _load_pretrained(recipe: Recipe, weights_dtype: torch.dtype, cdtype: torch.d
         # "Inconsistent compute_device and device_id").
         if not fsdp:
             kwargs["device_map"] = {"": _local_device()}
-    return AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    return kwargs
+
+
+def _load_pretrained(recipe: Recipe, fsdp: bool):
+    from transformers import AutoModelForCausalLM
+
+    name = embedded_model_dir() if recipe.model.name == EMBEDDED else recipe.model.name
+    return AutoModelForCausalLM.from_pretrained(name, **pretrained_kwargs(recipe, fsdp=fsdp))
 
 
 def _build_random(recipe: Recipe, dtype: torch.dtype, fsdp: bool):

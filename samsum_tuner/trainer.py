@@ -7,10 +7,12 @@ dataset handling would be bypassed, and its config surface moves between TRL rel
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import torch
-from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer, TrainingArguments
+from transformers import (DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer, TrainerCallback,
+                          TrainingArguments)
 
 from .config import Recipe
 from .data import IGNORE_INDEX
@@ -50,6 +52,28 @@ class SamsumTrainer(Trainer):
             if loss_key in logs:
                 logs[ppl_key] = math.exp(min(logs[loss_key], 50.0))
         super().log(logs, start_time)
+
+
+class ThroughputCallback(TrainerCallback):
+    """Seconds per optimizer step and real (non-pad) tokens per second, first step excluded (warm-up)."""
+
+    def __init__(self):
+        self.t0 = self.tokens0 = self.step0 = None
+        self.summary: dict[str, float] = {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        if self.t0 is None:
+            self.t0, self.tokens0, self.step0 = now, state.num_input_tokens_seen, state.global_step
+            return
+        steps, dt = state.global_step - self.step0, now - self.t0
+        if steps > 0 and dt > 0:
+            # num_input_tokens_seen is already summed over processes by the Trainer.
+            self.summary = {"s_per_step": dt / steps,
+                            "real_tokens_per_s": (state.num_input_tokens_seen - self.tokens0) / dt,
+                            "timed_steps": steps}
 
 
 def build_collator(recipe: Recipe, tokenizer):

@@ -1,0 +1,107 @@
+"""Run a list of recipes on the GPU machine, each in its own process, and write one JSON per run.
+
+    python benchmarks/gpu_matrix.py --out $OUT --only cap32_qlora_fp16,h100_lora_bf16 [--steps 12]
+
+Each run is `python -m samsum_tuner.train` (or `accelerate launch ...`) with bounded steps on real
+SAMSum tokens; its status comes from the exit code (0 ok, 2 refused, 3 out of memory / will not fit)
+and its figures from the run's own run_summary.json and memory.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+R = "recipes/"
+ACC = ["accelerate", "launch", "--num_processes", "1"]
+FSDP1 = ACC + ["--config_file", "accelerate_configs/fsdp4.yaml"]
+FSDP1_OFFLOAD = ACC + ["--config_file", "accelerate_configs/fsdp4_cpu_offload.yaml"]
+M7, M13 = "model.name=random:llama2-7b", "model.name=random:llama2-13b"
+CAP32 = "memory.gpu_limit_gib=32"
+
+# name: (launcher prefix or None, recipe, overrides, expect)
+RUNS: dict[str, tuple[list[str] | None, str, list[str], str]] = {
+    # The original's single-GPU verdicts on a GPU capped at 32 GiB (a V100-32GB).
+    "cap32_qlora_4bit_fp16": (None, R + "qlora_4bit_fp16.yaml", [M7, CAP32], "ok"),
+    "cap32_lora_fp16": (None, R + "lora_fp16.yaml", [M7, CAP32, "--force"], "oom"),
+    "cap32_lora_fp32": (None, R + "lora_fp32.yaml", [M7, CAP32, "--force"], "oom"),
+    "cap32_full_fp32": (None, R + "full_fp32.yaml", [M7, CAP32, "--force"], "oom"),
+    "cap32_full_fp16": (None, R + "full_fp16.yaml", [M7, CAP32, "--force"], "oom"),
+    "cap32_full_4bit": (None, R + "full_4bit.yaml", [M7, CAP32], "refused"),
+    # Uncapped on one H100.
+    "gpu_qlora_fp16": (None, R + "qlora_4bit_fp16.yaml", [M7], "ok"),
+    "gpu_qlora_bf16": (None, R + "qlora_4bit_fp16.yaml", [M7, "train.fp16=false", "train.bf16=true"], "ok"),
+    "gpu_lora_fp16": (None, R + "lora_fp16.yaml", [M7], "ok"),
+    "gpu_lora_bf16": (None, R + "lora_fp16.yaml", [M7, "train.fp16=false", "train.bf16=true"], "ok"),
+    "gpu_lora_fp32": (None, R + "lora_fp32.yaml", [M7], "ok"),
+    "gpu_full_pure_bf16_sgd": (None, R + "full_fp32.yaml", [M7, "model.dtype=bfloat16", "train.optim=sgd"], "ok"),
+    "gpu_full_pure_bf16_adamw": (None, R + "full_fp32.yaml", [M7, "model.dtype=bfloat16"], "ok"),
+    "gpu_13b_lora_bf16": (None, R + "lora_fp16.yaml", [M13, "train.fp16=false", "train.bf16=true"], "ok"),
+    "gpu_13b_qlora_bf16": (None, R + "qlora_4bit_fp16.yaml", [M13, "train.fp16=false", "train.bf16=true"], "ok"),
+    # FSDP code paths with one process.
+    "fsdp1_lora_fp16": (FSDP1, R + "fsdp_lora_fp16.yaml", [M7], "ok"),
+    "fsdp1_qlora": (FSDP1, R + "fsdp_qlora.yaml", [M7], "ok"),
+    "fsdp1_offload_sgd_fp32": (FSDP1_OFFLOAD, R + "fsdp_full_offload_fp32.yaml", [M7, "train.optim=sgd"], "ok"),
+    # H200 only (141 GB).
+    "h200_full_bf16_mixed_adamw": (None, R + "full_fp32.yaml", [M7, "train.bf16=true"], "ok"),
+    "h200_full_sgd_fsdp1": (FSDP1, R + "full_sgd.yaml", [M7], "ok"),
+    # Malloc retries: a cap tight enough to make the allocator retry.
+    "retries_lora_fp32_cap": (None, R + "lora_fp32.yaml", [M7, "memory.gpu_limit_gib=27.5", "--force",
+                                                            "memory.log_every_steps=4"], "ok"),
+}
+
+
+def run_one(name: str, steps: int, slice_rows: int, timeout: int, out: Path, extra: list[str]) -> dict:
+    prefix, recipe, overrides, expect = RUNS[name]
+    run_dir = Path("/tmp/samsum_runs") / name
+    cmd = (prefix + ["-m", "samsum_tuner.train"] if prefix else [sys.executable, "-m", "samsum_tuner.train"])
+    cmd += [recipe, *overrides, f"train.output_dir={run_dir}", "train.overwrite_output_dir=true",
+            f"train.max_steps={steps}", f"data.split_slice=[:{slice_rows}]", "train.save_strategy=no",
+            "train.save_model=false", "train.logging_steps=1", "train.report_to=[]", "train.disable_tqdm=true",
+            *extra]
+    t0 = time.time()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        code, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
+    except subprocess.TimeoutExpired as e:
+        code, stdout, stderr = -9, (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), \
+            (e.stderr or b"").decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+    status = {0: "ok", 2: "refused", 3: "oom"}.get(code, f"failed({code})")
+    summary = {}
+    if (run_dir / "run_summary.json").is_file():
+        summary = json.loads((run_dir / "run_summary.json").read_text())
+    memory = []
+    if (run_dir / "memory.jsonl").is_file():
+        memory = [json.loads(x) for x in (run_dir / "memory.jsonl").read_text().splitlines() if x.strip()]
+    record = {"name": name, "status": status, "expected": expect, "exit_code": code, "wall_s": round(time.time() - t0, 1),
+              "command": " ".join(cmd), "summary": summary, "memory": memory,
+              "stdout_tail": stdout[-3000:], "stderr_tail": stderr[-3000:]}
+    (out / f"{name}.json").write_text(json.dumps(record, indent=1, default=str))
+    line = [l for l in (stderr + stdout).splitlines() if "samsum-tuner: error" in l or "samsum_tuner: done" in l]
+    print(f"[{name}] {status} (expected {expect}) in {record['wall_s']} s: {line[-1][:300] if line else stderr[-400:]}",
+          flush=True)
+    return record
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=os.environ.get("OUT", "gpu_results"))
+    p.add_argument("--only", default=",".join(RUNS))
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--rows", type=int, default=64, help="train and validation rows (split slice)")
+    p.add_argument("--timeout", type=int, default=240)
+    p.add_argument("extra", nargs="*", help="overrides added to every run")
+    a = p.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in a.only.split(","):
+        run_one(name.strip(), a.steps, a.rows, a.timeout, out, a.extra)
+
+
+if __name__ == "__main__":
+    main()

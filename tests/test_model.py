@@ -1,0 +1,108 @@
+"""Model building: random Llama-2 shapes, 4-bit/8-bit through bitsandbytes, LoRA, FSDP placement rules."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from samsum_tuner.config import build_recipe
+from samsum_tuner.errors import ConfigError
+from samsum_tuner.model import (apply_adapters, check_model_source, load_model_config, parameter_counts,
+                                pretrained_kwargs, quantize_linears)
+
+from .conftest import tiny_llama
+
+LLAMA2_VOCAB, SMOL_VOCAB = 32000, 49152
+
+
+@pytest.mark.parametrize("shape, llama2_params", [("llama2-7b", 6_738_415_616), ("llama2-13b", 13_015_864_320),
+                                                  ("llama2-70b", 68_976_648_192)])
+def test_random_shapes_have_the_real_parameter_counts(shape, llama2_params):
+    from transformers import AutoModelForCausalLM
+
+    config = load_model_config(build_recipe(None, [f"model.name=random:{shape}"]))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    n = sum(p.numel() for p in model.parameters())
+    # Same architecture with SmolLM2's vocabulary: embeddings and lm_head grow by (49152 - 32000) rows each.
+    assert n == llama2_params + 2 * (SMOL_VOCAB - LLAMA2_VOCAB) * config.hidden_size
+    assert 1.0 < n / llama2_params < 1.03
+
+
+def test_unknown_random_shape_refused():
+    with pytest.raises(ConfigError, match="unknown random shape 'random:llama3-8b'"):
+        check_model_source(build_recipe(None, ["model.name=random:llama3-8b"]))
+
+
+def test_fsdp_loading_has_no_device_map_and_4bit_storage_in_compute_dtype():
+    r = build_recipe(None, ["--use_peft", "--quantization", "True", "--use_fp16"])
+    single = pretrained_kwargs(r, fsdp=False)
+    fsdp = pretrained_kwargs(r, fsdp=True)
+    assert "device_map" in single and single["quantization_config"].bnb_4bit_quant_storage == torch.uint8
+    assert "device_map" not in fsdp  # device_map="auto" gave the original "Inconsistent compute_device and device_id"
+    q = fsdp["quantization_config"]
+    assert q.bnb_4bit_quant_storage == torch.float16 == q.bnb_4bit_compute_dtype and q.bnb_4bit_quant_type == "nf4"
+    assert q.bnb_4bit_use_double_quant
+    full = pretrained_kwargs(build_recipe(None, ["--use_fp16"]), fsdp=True)
+    assert full["dtype"] == torch.float32 and "quantization_config" not in full  # fp16 = fp32 weights + autocast
+    assert pretrained_kwargs(build_recipe(None, ["--fsdp_config.pure_bf16"]), fsdp=True)["dtype"] == torch.bfloat16
+
+
+def test_qlora_on_cpu_trains_only_the_adapter():
+    r = build_recipe(None, ["--use_peft", "--quantization", "True", "lora.target_modules=q_proj,v_proj"])
+    model = tiny_llama(vocab_size=256)
+    quantize_linears(model, r, torch.float32, fsdp=False)
+    import bitsandbytes as bnb
+
+    linears = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(linears) == 2 * 7  # q,k,v,o,gate,up,down per layer
+    model = apply_adapters(r, model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad and p.dtype != torch.uint8}
+    ids = torch.randint(0, 256, (2, 16))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    after = dict(model.named_parameters())
+    assert all(torch.equal(before[n], after[n]) for n in before)  # frozen stays frozen
+    t, total = parameter_counts(model)
+    assert 0 < t < total
+
+
+def test_fsdp_4bit_built_model_stores_in_compute_dtype():
+    r = build_recipe(None, ["--use_peft", "--quantization", "True", "--enable_fsdp", "train.bf16=true"])
+    model = tiny_llama(vocab_size=256).to(torch.bfloat16)
+    quantize_linears(model, r, torch.bfloat16, fsdp=True)
+    import bitsandbytes as bnb
+
+    w = next(m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)).weight
+    assert w.dtype == torch.bfloat16 and w.quant_storage == torch.bfloat16
+
+
+def test_8bit_layers_build():
+    r = build_recipe(None, ["--use_peft", "--quantization", "8bit"])
+    model = tiny_llama(vocab_size=256)
+    quantize_linears(model, r, torch.float32, fsdp=False)
+    import bitsandbytes as bnb
+
+    assert sum(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules()) == 14
+    assert model.is_loaded_in_8bit
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_loads_through_gguf_path(tokenizer):
+    from samsum_tuner.model import load_model
+
+    r = build_recipe(None, ["model.name=smollm2-135m", "--use_peft"])
+    model = load_model(r)
+    t, total = parameter_counts(model)
+    assert total - t == 134_515_008  # SmolLM2-135M: tied embeddings
+    assert not hasattr(model.config, "quantization_config") or model.config.quantization_config is None
+    assert getattr(model.base_model.model, "hf_quantizer", None) is None
+    assert tokenizer.eos_token == tokenizer.pad_token == "<|im_end|>"

@@ -1,0 +1,74 @@
+"""Padding-free packing: samples in one row attend only to themselves (needs use_cache=False)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from samsum_tuner.config import build_recipe
+from samsum_tuner.data import IGNORE_INDEX
+from samsum_tuner.trainer import build_collator
+
+from .conftest import tiny_llama
+
+
+def _samples(n=4, vocab=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = 9 + 7 * i
+        ids = torch.randint(3, vocab, (length,), generator=g).tolist()
+        n_prompt = length // 2
+        out.append({"input_ids": ids, "labels": [IGNORE_INDEX] * n_prompt + ids[n_prompt:]})
+    return out
+
+
+def _per_token_losses(logits, labels):
+    shift_logits, shift_labels = logits[..., :-1, :], labels[..., 1:]
+    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)).float(), shift_labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="none")
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_losses_and_gradients_equal_unpacked(attn, tokenizer):
+    model = tiny_llama(vocab_size=256)
+    model.config._attn_implementation = attn
+    model.config.use_cache = False  # what load_model sets: without it packed samples see each other
+    samples = _samples()
+    recipe = build_recipe(None, ["data.packing=true"])
+    batch = build_collator(recipe, tokenizer)(samples)
+    assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
+    assert batch["position_ids"][0].tolist() == [p for s in samples for p in range(len(s["input_ids"]))]
+
+    model.zero_grad()
+    packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    packed_tok = _per_token_losses(packed, batch["labels"])
+    packed_tok[packed_tok != 0].sum().backward()
+    packed_grads = [p.grad.clone() for p in model.parameters()]
+
+    model.zero_grad()
+    singles = []
+    for s in samples:
+        logits = model(input_ids=torch.tensor([s["input_ids"]])).logits
+        singles.append(_per_token_losses(logits, torch.tensor([s["labels"]])))
+    torch.cat(singles).sum().backward()
+    # Per sample: the packed row's label at each sample start is -100 (the flattening separator).
+    start = 0
+    for s, single in zip(samples, singles):
+        n = len(s["input_ids"])
+        torch.testing.assert_close(packed_tok[start:start + n - 1], single, atol=1e-5, rtol=1e-5)
+        start += n
+    for got, want in zip(packed_grads, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_with_cache_packed_samples_leak_into_each_other():
+    """The trap DESIGN.md measured: the default use_cache=True silently gives a causal mask over the row."""
+    model = tiny_llama(vocab_size=256)
+    model.config.use_cache = True
+    s = _samples(2)
+    ids = torch.tensor([s[0]["input_ids"] + s[1]["input_ids"]])
+    pos = torch.tensor([list(range(len(s[0]["input_ids"]))) + list(range(len(s[1]["input_ids"])))])
+    alone = model(input_ids=torch.tensor([s[1]["input_ids"]])).logits[0]
+    packed = model(input_ids=ids, position_ids=pos).logits[0, len(s[0]["input_ids"]):]
+    assert not torch.allclose(alone, packed, atol=1e-4)
