@@ -1,10 +1,12 @@
 """samsum_tuner: fine-tune Llama-family causal LMs on SAMSum, and know before loading whether it fits."""
 from .api import Prepared, build_trainer, load_recipe, prepare, save, train
 from .config import Recipe
+from .evaluation import evaluate
+from .merge import merge
 from .errors import ConfigError, DataError, SamsumTunerError, WontFitError
 
 __all__ = [
-    "load_recipe", "prepare", "build_trainer", "train", "save", "Prepared", "Recipe",
+    "load_recipe", "prepare", "build_trainer", "train", "save", "evaluate", "merge", "Prepared", "Recipe",
     "ConfigError", "DataError", "WontFitError", "SamsumTunerError",
 ]
 __version__ = "0.1.0"

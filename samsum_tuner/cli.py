@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Callable
 
@@ -98,7 +99,55 @@ def main_plan(argv: list[str], prog: str = "samsum-tuner plan") -> int:
     return _guard(run)
 
 
-COMMANDS = {"train": main_train, "plan": main_plan}
+def main_eval(argv: list[str], prog: str = "samsum-tuner eval") -> int:
+    p = argparse.ArgumentParser(prog=prog, allow_abbrev=False,
+                                description="ROUGE of a run directory or a model by batched generation.")
+    p.add_argument("run_or_model", help="a run directory (adapter or full model) or a model name/folder")
+    p.add_argument("--split", default="test")
+    p.add_argument("--limit", type=int, default=None, help="first N rows of the split")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--out", default=None, help="where predictions and metrics go (default: the run directory)")
+    opts, overrides = p.parse_known_args(argv)
+
+    def run() -> int:
+        from .errors import ConfigError
+        from .evaluation import GenerationConfig, evaluate
+
+        for flag, v in (("--limit", opts.limit), ("--batch-size", opts.batch_size),
+                        ("--max-new-tokens", opts.max_new_tokens)):
+            if v is not None and v <= 0:
+                raise ConfigError(f"{flag} must be positive, got {v}")
+        gen = GenerationConfig(max_new_tokens=opts.max_new_tokens, batch_size=opts.batch_size,
+                               do_sample=opts.sample, temperature=opts.temperature, top_p=opts.top_p)
+        metrics = evaluate(opts.run_or_model, split=opts.split, limit=opts.limit, out_dir=opts.out, gen=gen,
+                           overrides=overrides)
+        print(json.dumps(metrics, indent=2))
+        return EXIT_OK
+
+    return _guard(run)
+
+
+def main_merge(argv: list[str], prog: str = "samsum-tuner merge") -> int:
+    p = argparse.ArgumentParser(prog=prog, allow_abbrev=False,
+                                description="Merge a LoRA run's adapter into a plain HF model folder.")
+    p.add_argument("run_dir")
+    p.add_argument("out")
+    opts = p.parse_args(argv)
+
+    def run() -> int:
+        from .merge import merge
+
+        print(f"samsum_tuner: merged model written to {merge(opts.run_dir, opts.out)}")
+        return EXIT_OK
+
+    return _guard(run)
+
+
+COMMANDS = {"train": main_train, "plan": main_plan, "eval": main_eval, "merge": main_merge}
 
 
 def main(argv: list[str] | None = None) -> int:

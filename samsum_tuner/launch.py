@@ -88,6 +88,7 @@ def fsdp_training_args(recipe: Recipe, launch: Launch, layer_cls: list[str]) -> 
             "transformer_layer_cls_to_wrap": layer_cls,
             "reshard_after_forward": f.sharding_strategy == "FULL_SHARD",
             "state_dict_type": "SHARDED_STATE_DICT",
-            "cpu_ram_efficient_loading": False,
+            # Rank 0 loads the checkpoint, the others start on meta: one host copy, not one per rank.
+            "cpu_ram_efficient_loading": True,
         },
     }

@@ -1,0 +1,82 @@
+"""Entrypoints as users run them: the console script, python -m, accelerate launch (CPU), accelerate configs."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import ROOT
+
+SMALL = ["data.split_slice=8", "train.max_steps=2", "train.per_device_train_batch_size=2",
+         "train.per_device_eval_batch_size=4", "train.logging_steps=1", "train.report_to=[]", "data.max_length=256"]
+
+
+def _env(real_samsum):
+    env = dict(os.environ, SAMSUM_DATA_DIR=str(real_samsum), TOKENIZERS_PARALLELISM="false")
+    for k in [k for k in env if k.startswith(("ACCELERATE_", "FSDP_"))]:
+        env.pop(k)
+    return env
+
+
+@pytest.mark.parametrize("name", ["single_gpu", "fsdp4", "fsdp4_cpu_offload"])
+def test_accelerate_configs_load_with_accelerates_own_loader(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(ROOT / "accelerate_configs" / f"{name}.yaml"))
+    if name == "single_gpu":
+        assert cfg.distributed_type == "NO" and cfg.num_processes == 1
+        return
+    assert cfg.distributed_type == "FSDP" and cfg.num_processes == 4 and cfg.mixed_precision == "no"
+    f = cfg.fsdp_config
+    assert f["fsdp_version"] == 2 and f["fsdp_transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"
+    assert f["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP" and f["fsdp_reshard_after_forward"] is True
+    assert f["fsdp_offload_params"] is (name == "fsdp4_cpu_offload")
+
+
+def test_recipe_contradicting_accelerate_config_is_refused(monkeypatch, capsys):
+    from samsum_tuner import cli
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert cli.main(["train", str(ROOT / "recipes" / "full_sgd.yaml"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "recipe fsdp.cpu_offload=false but the accelerate config has fsdp_offload_params: true" in err
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    assert cli.main(["train", str(ROOT / "recipes" / "full_sgd.yaml"), "--dry-run"]) == 2
+    assert "recipe fsdp.enabled=true but the accelerate config does not use FSDP" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_console_script_dry_run(real_samsum, tokenizer):
+    p = subprocess.run(["samsum-tuner", "train", "recipes/demo_cpu.yaml", "--dry-run", "--split_slice", "1%"],
+                       cwd=ROOT, env=_env(real_samsum), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "rows_in=147" in p.stdout and "rows_in=8" in p.stdout and "tokens train: rows 147" in p.stdout
+    assert "precision: fp32: float32 weights" in p.stdout and "--- resolved recipe ---" in p.stdout
+
+
+@pytest.mark.slow
+def test_accelerate_launch_cpu_runs_the_demo_recipe(real_samsum, tmp_path, tokenizer):
+    out = tmp_path / "run"
+    cmd = ["accelerate", "launch", "--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "samsum_tuner.train", "recipes/demo_cpu.yaml", *SMALL,
+           f"train.output_dir={out}"]
+    p = subprocess.run(cmd, cwd=ROOT, env=_env(real_samsum), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "launch: accelerate, 1 process(es), no FSDP" in p.stdout
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["status"] == "ok" and summary["metrics"]["eval_loss"] > 0
+    assert (out / "adapter_model.safetensors").is_file() and (out / "memory.jsonl").is_file()
+    assert "Max CUDA memory allocated was n/a (no CUDA)" in p.stdout + p.stderr
+
+
+def test_python_m_train_bad_input_is_one_line(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "samsum_tuner.train", "--lr", "-1"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert p.stderr.strip() == "samsum-tuner: error: train.learning_rate must be positive, got -1.0"
