@@ -134,7 +134,8 @@ def build_trainer(recipe: Recipe, *, prepared: Prepared | None = None, callbacks
     no_split = getattr(getattr(model, "base_model", model), "_no_split_modules", None) or args_layer_cls
     args = training_arguments(recipe, launch, list(no_split), has_eval="eval" in prepared.splits)
     memory_cb = MemoryCallback(recipe.train.output_dir, log_every_steps=recipe.memory.log_every_steps,
-                               sample_interval_s=recipe.memory.sample_interval_s)
+                               sample_interval_s=recipe.memory.sample_interval_s,
+                               gpu_limit_gib=recipe.memory.gpu_limit_gib)
     trainer = SamsumTrainer(
         model=model,
         args=args,
@@ -171,7 +172,7 @@ def train(recipe: Recipe, *, trainer=None) -> dict[str, Any]:
     except Exception as e:
         if not is_cuda_oom(e):
             raise
-        peak = snapshot()
+        peak = snapshot(recipe.memory.gpu_limit_gib)
         summary.update(status="oom", step=trainer.state.global_step, memory=peak, error=str(e).splitlines()[0])
         _write_summary(trainer, recipe, summary)
         raise TrainingOutOfMemory(
@@ -187,7 +188,7 @@ def train(recipe: Recipe, *, trainer=None) -> dict[str, Any]:
         metrics.update(first_loss=losses[0], last_loss=losses[-1])
     if recipe.train.save_model:
         save(trainer, recipe)
-    summary.update(metrics=metrics, memory=snapshot())
+    summary.update(metrics=metrics, memory=snapshot(recipe.memory.gpu_limit_gib))
     _write_summary(trainer, recipe, summary)
     return metrics
 

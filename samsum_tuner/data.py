@@ -298,7 +298,7 @@ def tokenize_split(cfg: DataConfig, tokenizer, name: str, rows: list[dict[str, s
     report.rows_out = len(ds)
     if len(ds) == 0:
         raise DataError(f"{origin}: split '{name}' has no rows that fit data.max_length={cfg.max_length}")
-    ds = ds.remove_columns(["truncated", "dropped"])
+    ds = ds.remove_columns(["id", "n_prompt", "truncated", "dropped"])  # the collators take input_ids + labels
     return PreparedSplit(name=name, origin=origin, dataset=ds, report=report, lengths=[len(x) for x in ds["input_ids"]])
 
 

@@ -17,6 +17,7 @@ from transformers import (DataCollatorForSeq2Seq, DataCollatorWithFlattening, Tr
 from .config import Recipe
 from .data import IGNORE_INDEX
 from .launch import Launch, fsdp_training_args
+from .memory import MemoryCallback
 
 
 class SamsumTrainer(Trainer):
@@ -48,6 +49,10 @@ class SamsumTrainer(Trainer):
         return self.lr_scheduler
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Callbacks see a log line only after it is in log_history: memory figures join here instead.
+        for cb in self.callback_handler.callbacks:
+            if isinstance(cb, MemoryCallback):
+                logs.update(cb.pop_pending())
         for loss_key, ppl_key in (("loss", "ppl"), ("train_loss", "train_ppl"), ("eval_loss", "eval_ppl")):
             if loss_key in logs:
                 logs[ppl_key] = math.exp(min(logs[loss_key], 50.0))
@@ -114,7 +119,6 @@ def training_arguments(recipe: Recipe, launch: Launch, layer_cls: list[str], has
         save_total_limit=t.save_total_limit,
         dataloader_num_workers=t.dataloader_num_workers,
         report_to=list(t.report_to),
-        logging_dir=None,
         disable_tqdm=t.disable_tqdm,
         gradient_checkpointing=recipe.model.gradient_checkpointing and not recipe.quantization.bits,
         gradient_checkpointing_kwargs={"use_reentrant": False},

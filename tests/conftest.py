@@ -48,7 +48,8 @@ def tiny_llama(vocab_size: int = 49152, seed: int = 0):
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)
+                      bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False,
+                      initializer_range=0.2)  # logits wide enough for a small LoRA to steer
     cfg._attn_implementation = "sdpa"
     return LlamaForCausalLM(cfg)
 

@@ -1,0 +1,108 @@
+"""End to end on CPU: the Trainer built from a recipe, tiny random Llama in a local folder, real tokenizer."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import samsum_tuner as st
+
+from .conftest import synthetic_rows, write_jsonl
+
+ALL_LINEAR = "lora.target_modules=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+FAST = ["train.report_to=[]", "train.disable_tqdm=true", "train.logging_steps=1", "memory.preflight=false"]
+
+
+def _recipe(model_dir, data_dir, out, *overrides):
+    return st.load_recipe(None, [f"model.name={model_dir}", f"data.source={data_dir}", f"train.output_dir={out}",
+                                 "data.max_length=128", *FAST, *overrides])
+
+
+def _losses(trainer):
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def test_lora_lowers_the_loss_saves_and_reloads(tiny_model_dir, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    r = _recipe(tiny_model_dir, tiny_data, out, "--use_peft", "lora.r=16", "train.learning_rate=2e-2", ALL_LINEAR,
+                "train.per_device_train_batch_size=4", "train.gradient_accumulation_steps=1",
+                "train.num_train_epochs=2", "train.lr_scheduler_type=constant", "train.save_strategy=no")
+    trainer = st.build_trainer(r)
+    metrics = st.train(r, trainer=trainer)
+    losses = _losses(trainer)
+    assert len(losses) == 20  # 40 rows / batch 4 x 2 epochs
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
+    assert metrics["eval_ppl"] == pytest.approx(math.exp(metrics["eval_loss"]))
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    assert len(evals) >= 2 and all(h["eval_ppl"] == pytest.approx(math.exp(h["eval_loss"])) for h in evals)
+    assert all("ppl" in h for h in trainer.state.log_history if "loss" in h)
+    # Saved: safetensors adapter, tokenizer, the resolved recipe; reload gives the same logits.
+    assert (out / "adapter_model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert st.load_recipe(out / "recipe.yaml") == r
+    assert json.loads((out / "metrics.json").read_text())["eval_loss"] == metrics["eval_loss"]
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([trainer.train_dataset[0]["input_ids"]])
+    trainer.model.eval()
+    with torch.no_grad():
+        want = trainer.model(input_ids=ids).logits
+        reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out).eval()
+        got = reloaded(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    mem = [json.loads(x) for x in (out / "memory.jsonl").read_text().splitlines()]
+    epochs = [m for m in mem if m.get("event") == "epoch" and m.get("rank", 0) == 0]
+    assert len(epochs) == 2 and epochs[0]["gpu_peak_allocated_gib"] is None and epochs[0]["host_peak_rss_gib"] > 0.05
+
+
+def test_sgd_is_a_real_sgd_with_momentum_and_steplr_per_epoch(tiny_model_dir, tiny_data, tmp_path):
+    r = _recipe(tiny_model_dir, tiny_data, tmp_path / "run", "--fsdp_config.optimizer", "SGD", "--lr", "1e-2",
+                "--gamma", "0.5", "train.per_device_train_batch_size=8", "train.gradient_accumulation_steps=1",
+                "train.num_train_epochs=3", "train.save_strategy=no", "train.save_model=false",
+                "train.eval_strategy=no")
+    trainer = st.build_trainer(r)
+    st.train(r, trainer=trainer)
+    opt = trainer.optimizer
+    inner = getattr(opt, "optimizer", opt)
+    assert type(inner) is torch.optim.SGD
+    assert inner.defaults["momentum"] == 0.9 and inner.defaults["weight_decay"] == 0.0
+    # Full fine-tune: every parameter trains.
+    assert all(p.requires_grad for p in trainer.model.parameters())
+    lrs = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
+    assert lrs == pytest.approx([1e-2] * 5 + [5e-3] * 5 + [2.5e-3] * 5)  # 40 rows / 8 = 5 steps per epoch
+
+
+def test_reported_loss_is_the_true_mean_not_divided_by_accumulation(tiny_model_dir, tmp_path, tokenizer):
+    rows = [{"id": str(i), "dialogue": "Ann: where are you?\nBob: at home", "summary": "Bob is at home."} for i in range(8)]
+    write_jsonl(tmp_path / "d", "train", rows)
+    r = _recipe(tiny_model_dir, tmp_path / "d", tmp_path / "run", "data.eval_split=null", "train.max_steps=1",
+                "train.save_strategy=no", "train.save_model=false")  # batch 1 x accumulation 4: the original's
+    trainer = st.build_trainer(r)
+    example = trainer.train_dataset[0]
+    with torch.no_grad():
+        expected = trainer.model(input_ids=torch.tensor([example["input_ids"]]),
+                                 labels=torch.tensor([example["labels"]])).loss.item()
+    st.train(r, trainer=trainer)
+    assert _losses(trainer)[0] == pytest.approx(expected, rel=1e-4)  # the original logged expected / 4
+
+
+def test_full_finetune_fp32_lowers_loss(tiny_model_dir, tiny_data, tmp_path):
+    r = _recipe(tiny_model_dir, tiny_data, tmp_path / "run", "train.learning_rate=1e-3", "train.max_steps=12",
+                "train.per_device_train_batch_size=4", "train.gradient_accumulation_steps=1",
+                "train.lr_scheduler_type=constant", "train.save_strategy=no", "train.eval_strategy=no")
+    trainer = st.build_trainer(r)
+    st.train(r, trainer=trainer)
+    losses = _losses(trainer)
+    assert losses[-1] < losses[0] and (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_existing_run_dir_is_never_overwritten(tiny_model_dir, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint-1").mkdir()
+    r = _recipe(tiny_model_dir, tiny_data, out)
+    with pytest.raises(st.ConfigError, match="already holds a run"):
+        st.build_trainer(r)
+    assert [p.name for p in out.iterdir()] == ["checkpoint-1"]
