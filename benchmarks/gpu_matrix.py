@@ -60,10 +60,12 @@ def run_one(name: str, steps: int, slice_rows: int, timeout: int, out: Path, ext
     prefix, recipe, overrides, expect = RUNS[name]
     run_dir = Path("/tmp/samsum_runs") / name
     cmd = (prefix + ["-m", "samsum_tuner.train"] if prefix else [sys.executable, "-m", "samsum_tuner.train"])
-    cmd += [recipe, *overrides, f"train.output_dir={run_dir}", "train.overwrite_output_dir=true",
-            f"train.max_steps={steps}", f"data.split_slice=[:{slice_rows}]", "train.save_strategy=no",
+    # The whole train split with its longest batch first (the memory verdict needs SAMSum's long tail),
+    # evaluation on the first `slice_rows` validation rows.
+    cmd += [recipe, f"train.output_dir={run_dir}", "train.overwrite_output_dir=true", f"train.max_steps={steps}",
+            "data.longest_first=true", f"data.eval_slice=[:{slice_rows}]", "train.save_strategy=no",
             "train.save_model=false", "train.logging_steps=1", "train.report_to=[]", "train.disable_tqdm=true",
-            *extra]
+            *overrides, *extra]
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
@@ -93,7 +95,7 @@ def main() -> None:
     p.add_argument("--out", default=os.environ.get("OUT", "gpu_results"))
     p.add_argument("--only", default=",".join(RUNS))
     p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--rows", type=int, default=64, help="train and validation rows (split slice)")
+    p.add_argument("--rows", type=int, default=64, help="validation rows for eval_loss")
     p.add_argument("--timeout", type=int, default=240)
     p.add_argument("extra", nargs="*", help="overrides added to every run")
     a = p.parse_args()

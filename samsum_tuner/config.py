@@ -59,12 +59,14 @@ class DataConfig:
     source: str = "knkarthick/samsum"
     train_split: str = "train"
     eval_split: str | None = "validation"
-    split_slice: str | None = None  # "1%", "10", "[:100]": train and eval alike
+    split_slice: str | None = None  # "1%", "10", "[:100]": train and eval alike, as the original
+    eval_slice: str | None = None  # a different slice for the eval split only
     prompt_template: str = ORIGINAL_PROMPT
     chat_template: bool = False  # wrap the prompt in the tokenizer's chat template
     completion_only_loss: bool = True  # False: train on prompt tokens too
     max_length: int = 2048  # longer rows lose dialogue tokens, never summary tokens
     packing: bool = False  # padding-free batches (DataCollatorWithFlattening)
+    longest_first: bool = False  # the longest batch trains first: an out-of-memory shows at step 1, not hours in
     num_proc: int | None = None
 
 
@@ -474,10 +476,11 @@ def validate(recipe: Recipe) -> None:
         raise ConfigError("train.eval_strategy=steps needs train.eval_steps")
     if t.save_strategy == "steps" and not t.save_steps:
         raise ConfigError("train.save_strategy=steps needs train.save_steps")
-    if d.split_slice is not None:
-        from .data import parse_slice  # the one parser of slice syntax
+    from .data import parse_slice  # the one parser of slice syntax
 
-        parse_slice(d.split_slice)
+    for key, value in (("data.split_slice", d.split_slice), ("data.eval_slice", d.eval_slice)):
+        if value is not None:
+            parse_slice(value, key)
 
 
 def describe_precision(recipe: Recipe) -> str:

@@ -26,14 +26,14 @@ IGNORE_INDEX = -100
 _SLICE = re.compile(r"^\s*(?:\[\s*:\s*)?(\d+(?:\.\d+)?)\s*(%?)\s*\]?\s*$")
 
 
-def parse_slice(text: str | int) -> tuple[float, bool]:
+def parse_slice(text: str | int, key: str = "data.split_slice") -> tuple[float, bool]:
     """`1%` -> (1.0, True); `10` or `[:10]` -> (10, False). The original's --split_slice syntax."""
     m = _SLICE.match(str(text))
     if not m or (str(text).strip().startswith("[") != str(text).strip().endswith("]")):
-        raise ConfigError(f"data.split_slice: expected '1%', '10' or '[:100]', got {text!r}")
+        raise ConfigError(f"{key}: expected '1%', '10' or '[:100]', got {text!r}")
     value, pct = float(m.group(1)), bool(m.group(2))
     if value <= 0 or (pct and value > 100) or (not pct and not value.is_integer()):
-        raise ConfigError(f"data.split_slice: {text!r} is out of range")
+        raise ConfigError(f"{key}: {text!r} is out of range")
     return value, pct
 
 
@@ -251,14 +251,15 @@ def length_stats(lengths: list[int]) -> dict[str, float]:
             "p50": pick(0.5), "p99": pick(0.99), "max": s[-1]}
 
 
-def load_clean_split(cfg: DataConfig, split: str) -> tuple[list[dict[str, str]], CleanReport, str]:
+def load_clean_split(cfg: DataConfig, split: str, split_slice: str | None = None
+                     ) -> tuple[list[dict[str, str]], CleanReport, str]:
     """Read, slice (as the original: before cleaning), clean; an empty result is an error."""
     rows, origin = load_split(cfg, split)
-    n = slice_count(len(rows), cfg.split_slice)
+    n = slice_count(len(rows), split_slice)
     report = CleanReport()
     cleaned = clean_rows(rows[:n], report)
     if not cleaned:
-        why = f" after slicing to {cfg.split_slice!r}" if cfg.split_slice else ""
+        why = f" after slicing to {split_slice!r}" if split_slice else ""
         raise DataError(f"{origin}: split '{split}' has no usable rows{why} (cleaning: {report.line()})")
     return cleaned, report, origin
 
@@ -304,9 +305,9 @@ def tokenize_split(cfg: DataConfig, tokenizer, name: str, rows: list[dict[str, s
 
 def read_splits(cfg: DataConfig) -> dict[str, tuple[list[dict[str, str]], CleanReport, str]]:
     """Train (and eval, if configured) read, checked, sliced and cleaned: no tokenizer, no model."""
-    raw = {"train": load_clean_split(cfg, cfg.train_split)}
+    raw = {"train": load_clean_split(cfg, cfg.train_split, cfg.split_slice)}
     if cfg.eval_split:
-        raw["eval"] = load_clean_split(cfg, cfg.eval_split)
+        raw["eval"] = load_clean_split(cfg, cfg.eval_split, cfg.eval_slice or cfg.split_slice)
     return raw
 
 

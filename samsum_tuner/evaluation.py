@@ -6,7 +6,6 @@ decoding, at most 96 new tokens, the prompt the model was trained with (read fro
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -122,7 +121,7 @@ def evaluate(run_or_model: str, *, split: str = "test", limit: int | None = None
     gen = gen or GenerationConfig()
     model, tokenizer, recipe = load_for_eval(run_or_model, overrides)
     # The run's data settings (source, cleaning, prompt), but never its training slice.
-    rows, _, origin = load_clean_split(dataclasses.replace(recipe.data, split_slice=None), split)
+    rows, _, origin = load_clean_split(recipe.data, split)
     rows = rows[:limit] if limit else rows
     preds = generate(model, tokenizer, recipe, [r["dialogue"] for r in rows], gen, progress=progress)
     metrics: dict[str, Any] = rouge([p["prediction"] for p in preds], [r["summary"] for r in rows])

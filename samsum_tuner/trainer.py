@@ -27,6 +27,12 @@ class SamsumTrainer(Trainer):
         self.recipe = recipe
         super().__init__(*args, **kwargs)
 
+    def _get_train_sampler(self, train_dataset=None):
+        if not self.recipe.data.longest_first:
+            return super()._get_train_sampler(train_dataset)
+        lengths = [len(ids) for ids in (train_dataset or self.train_dataset)["input_ids"]]
+        return LongestFirstSampler(lengths, self.args.per_device_train_batch_size, self.args.seed)
+
     def create_optimizer(self, model=None):
         t = self.recipe.train
         if t.optim != "sgd" or self.optimizer is not None:
@@ -57,6 +63,26 @@ class SamsumTrainer(Trainer):
             if loss_key in logs:
                 logs[ppl_key] = math.exp(min(logs[loss_key], 50.0))
         super().log(logs, start_time)
+
+
+class LongestFirstSampler(torch.utils.data.Sampler):
+    """A random order whose first batch is the longest samples: the memory peak comes at step 1."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        self.lengths, self.batch_size, self.seed, self.epoch = lengths, batch_size, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=g).tolist()
+        longest = sorted(range(len(self.lengths)), key=lambda i: -self.lengths[i])[: self.batch_size]
+        head = set(longest)
+        return iter(longest + [i for i in order if i not in head])
 
 
 class ThroughputCallback(TrainerCallback):

@@ -41,6 +41,8 @@ def test_slicing_like_the_original(real_samsum):
     assert raw["train"][1].rows_in == 147 and raw["eval"][1].rows_in == 8
     raw = read_splits(_cfg(real_samsum, split_slice="[:100]"))
     assert raw["train"][1].rows_in == 100 and raw["eval"][1].rows_in == 100
+    raw = read_splits(_cfg(real_samsum, eval_slice="16"))
+    assert raw["train"][1].rows_in == 14732 and raw["eval"][1].rows_in == 16
     assert slice_count(818, "10") == 10 and slice_count(5, "10") == 5
     assert parse_slice("1%") == (1.0, True) and parse_slice("[:100]") == (100.0, False)
     for bad in ("0", "101%", "[:10", "1.5", "abc"):

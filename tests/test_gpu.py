@@ -29,7 +29,7 @@ def test_qlora_step_on_gpu_with_memory_figures(tiny_model_dir, tiny_data, tmp_pa
     metrics = st.train(r)
     assert metrics["last_loss"] > 0
     mem = [json.loads(x) for x in (tmp_path / "q" / "memory.jsonl").read_text().splitlines()]
-    last = [m for m in mem if m.get("rank", 0) == 0][-1]
+    last = [m for m in mem if m["event"] == "epoch" and m["rank"] == 0][-1]
     assert last["gpu_peak_allocated_gib"] > 0 and last["gpu_peak_reserved_gib"] >= last["gpu_peak_allocated_gib"]
     assert last["gpu_malloc_retries"] is not None and last["host_peak_rss_gib"] > 0
     import bitsandbytes as bnb
@@ -40,7 +40,9 @@ def test_qlora_step_on_gpu_with_memory_figures(tiny_model_dir, tiny_data, tmp_pa
 
 
 def test_capped_run_reports_oom_cleanly(tiny_model_dir, tiny_data, tmp_path, capsys):
-    code = st.cli.main(["train", f"model.name={tiny_model_dir}", f"data.source={tiny_data}",
+    from samsum_tuner import cli
+
+    code = cli.main(["train", f"model.name={tiny_model_dir}", f"data.source={tiny_data}",
                         f"train.output_dir={tmp_path / 'oom'}", *FAST, "train.max_steps=2", "--force",
                         "train.per_device_train_batch_size=40", "data.packing=false", "memory.gpu_limit_gib=0.3"])
     assert code == 3

@@ -17,4 +17,5 @@ def test_quickstart_notebook_executes(real_samsum, monkeypatch, tokenizer):
                    resources={"metadata": {"path": str(ROOT / "examples")}}).execute()
     printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "losses per step:" in printed and "memory records:" in printed
-    assert "adapter_model.safetensors" in str(nb.cells[-1].outputs[0]["data"]["text/plain"])
+    result = next(o for o in nb.cells[-1].outputs if o["output_type"] == "execute_result")
+    assert "adapter_model.safetensors" in result["data"]["text/plain"]

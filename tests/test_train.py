@@ -106,3 +106,16 @@ def test_existing_run_dir_is_never_overwritten(tiny_model_dir, tiny_data, tmp_pa
     with pytest.raises(st.ConfigError, match="already holds a run"):
         st.build_trainer(r)
     assert [p.name for p in out.iterdir()] == ["checkpoint-1"]
+
+
+def test_longest_first_puts_the_worst_batch_at_step_one(tiny_model_dir, tmp_path):
+    rows = [{"id": str(i), "dialogue": "Ann: " + "word " * (5 + (i * 7) % 60), "summary": "Ann talks."} for i in range(30)]
+    write_jsonl(tmp_path / "d", "train", rows)
+    r = _recipe(tiny_model_dir, tmp_path / "d", tmp_path / "run", "data.eval_split=null", "data.longest_first=true",
+                "train.per_device_train_batch_size=3")
+    trainer = st.build_trainer(r)
+    lengths = [len(x) for x in trainer.train_dataset["input_ids"]]
+    first = next(iter(trainer.get_train_dataloader()))
+    assert first["input_ids"].shape[1] == max(lengths)
+    order = list(trainer._get_train_sampler())
+    assert sorted(order) == list(range(30)) and {lengths[i] for i in order[:3]} == set(sorted(lengths)[-3:])

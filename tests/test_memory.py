@@ -1,0 +1,188 @@
+"""Memory callback: fields and plausible numbers from a real Trainer run, a short host spike the sampler
+catches, per-rank records and node sums over 2 gloo processes, the hand-off into the Trainer's logs."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from samsum_tuner.memory import HostPeakSampler, MemoryCallback, is_cuda_oom, snapshot
+
+MB = 10**6
+ROOT = Path(__file__).resolve().parents[1]
+FIVE_LINES = ["Max CUDA memory allocated was n/a (no CUDA)", "Max CUDA memory reserved was n/a (no CUDA)",
+              "Peak active CUDA memory was n/a (no CUDA)", "Cuda Malloc retires : n/a (no CUDA)",
+              "CPU Total Peak Memory consumed during the train (max): "]
+GPU_FIELDS = ["gpu_peak_allocated_gib", "gpu_peak_reserved_gib", "gpu_peak_active_gib", "gpu_malloc_retries",
+              "gpu_malloc_retries_total", "gpu_limit_gib"]
+
+
+def _tiny_trainer(out: Path, callback: MemoryCallback, trainer_cls=None, extra_callbacks=(), **kw):
+    from datasets import Dataset
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    ids = torch.randint(0, 128, (16, 12)).tolist()
+    data = Dataset.from_dict({"input_ids": ids, "labels": ids})
+    args = TrainingArguments(output_dir=str(out), use_cpu=True, report_to=[], num_train_epochs=2,
+                             per_device_train_batch_size=4, logging_steps=1, save_strategy="no", disable_tqdm=True)
+    cls = trainer_cls or Trainer
+    return cls(model=model, args=args, train_dataset=data, callbacks=[*extra_callbacks, callback], **kw)
+
+
+def _read(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "memory.jsonl").read_text().splitlines()]
+
+
+class _Spy(TrainerCallback):
+    """Placed *before* the memory callback, where TensorBoard sits (integrations precede user callbacks)."""
+
+    def __init__(self):
+        self.seen: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.seen.append(dict(logs))
+
+
+def test_trainer_run_writes_prints_and_logs_epoch_records(tmp_path, capsys):
+    out = tmp_path / "run"
+    cb, spy = MemoryCallback(str(out), sample_interval_s=0.01), _Spy()
+    trainer = _tiny_trainer(out, cb, extra_callbacks=[spy])
+    trainer.train()
+
+    recs = _read(out)
+    epochs = [r for r in recs if r["event"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2] and [r["step"] for r in epochs] == [4, 8]
+    for r in epochs:
+        assert r["rank"] == 0 and r["world_size"] == 1
+        assert all(r[k] is None for k in GPU_FIELDS)  # no CUDA: null, never a 0 that pretends
+        assert 0.05 < r["host_peak_rss_gib"] < 24
+        assert r["host_peak_rss_gib"] >= r["host_rss_start_gib"] and r["host_peak_growth_gib"] >= 0
+        assert r["host_peak_rss_node_gib"] == r["host_peak_rss_gib"]  # one rank on the node
+        assert isinstance(r["time"], float)
+    nodes = [r for r in recs if r["event"] == "node"]
+    assert len(nodes) == 2 and all(n["rank"] is None and n["ranks"] == [0] for n in nodes)
+    assert cb.records == recs
+
+    printed = capsys.readouterr().out
+    for line in FIVE_LINES:
+        assert printed.count(line) == 2, line
+    assert f"CPU Total Peak Memory consumed during the train (max): {epochs[1]['host_peak_rss_gib']:.2f} GiB" in printed
+
+    # Into the Trainer's logs (plain Trainer: the on_log fallback): epoch 1 joins the step-5 line,
+    # epoch 2 the final train-summary line. GPU figures are absent on CPU, not None.
+    logged = [h for h in trainer.state.log_history if "memory/host_peak_rss_gib" in h]
+    assert [h["step"] for h in logged] == [5, 8] and "train_runtime" in logged[-1]
+    assert logged[-1]["memory/host_peak_rss_gib"] == epochs[1]["host_peak_rss_gib"]
+    assert not any(k.startswith("memory/gpu") for h in trainer.state.log_history for k in h)
+    # ...but a callback ahead of ours (where TensorBoard sits) never sees them: why SamsumTrainer pops them.
+    assert not any("memory/host_peak_rss_gib" in logs for logs in spy.seen) and spy.seen
+
+
+def test_samsum_trainer_hands_figures_to_every_callback_and_step_windows(tmp_path):
+    from samsum_tuner.config import Recipe
+    from samsum_tuner.trainer import SamsumTrainer
+
+    out = tmp_path / "run"
+    cb, spy = MemoryCallback(str(out), log_every_steps=2, sample_interval_s=0.01), _Spy()
+    trainer = _tiny_trainer(out, cb, trainer_cls=SamsumTrainer, extra_callbacks=[spy], recipe=Recipe())
+    trainer.train()
+    # SamsumTrainer.log pops the figures before the line is built: callbacks ahead of ours see them too.
+    assert any("memory/host_peak_rss_gib" in logs for logs in spy.seen)
+    assert any("memory/host_peak_rss_gib" in h for h in trainer.state.log_history)
+
+    recs = [r for r in _read(out) if r["event"] != "node"]
+    assert [(r["event"], r["step"]) for r in recs] == [("step", 2), ("step", 4), ("epoch", 4),
+                                                       ("step", 6), ("step", 8), ("epoch", 8)]
+    # Step reports reset the window; the epoch record still covers the whole epoch.
+    for epoch_rec, steps in ((recs[2], recs[0:2]), (recs[5], recs[3:5])):
+        assert epoch_rec["host_peak_rss_gib"] >= max(s["host_peak_rss_gib"] for s in steps)
+        assert epoch_rec["host_rss_start_gib"] <= epoch_rec["host_peak_rss_gib"]
+
+
+def test_sampler_catches_a_short_spike_that_point_in_time_rss_misses():
+    with HostPeakSampler(interval_s=0.01) as sampler:
+        time.sleep(0.05)
+        sampler.reset()
+        base = sampler.start_bytes
+        spike = np.ones(300 * MB // 8)  # written, so resident: ~300 MB
+        time.sleep(0.3)
+        del spike  # large numpy buffers are mmapped: freed straight back to the OS
+        time.sleep(0.05)
+        after = psutil.Process().memory_info().rss
+        peak = sampler.peak_bytes()
+    assert peak - base > 200 * MB
+    assert peak - after > 200 * MB  # what a point-in-time RSS read now would have missed
+    sampler.reset()  # a fresh window is never empty: the reset itself is a sample
+    assert sampler.peak_bytes() >= sampler.start_bytes > 0
+
+
+def test_snapshot_and_oom_helpers_on_cpu():
+    s = snapshot(limit_gib=32)
+    assert s["gpu_peak_allocated_gib"] is None and s["gpu_limit_gib"] is None
+    assert 0 < s["host_rss_gib"] <= s["host_peak_rss_gib"] < 24
+    assert is_cuda_oom(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    try:
+        try:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB")
+        except RuntimeError as inner:
+            raise ValueError("step failed") from inner
+    except ValueError as wrapped:
+        assert is_cuda_oom(wrapped)
+    assert not is_cuda_oom(ValueError("shapes do not match"))
+
+
+WORKER = textwrap.dedent("""
+    import sys, numpy as np, torch.distributed as dist
+    from transformers import TrainerControl, TrainerState
+    from samsum_tuner.memory import MemoryCallback
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    cb = MemoryCallback(sys.argv[1], sample_interval_s=0.01)
+    state = TrainerState(is_world_process_zero=rank == 0, is_local_process_zero=rank == 0)
+    cb.on_train_begin(None, state, TrainerControl())
+    cb.on_epoch_begin(None, state, TrainerControl())
+    ballast = np.ones((100 + 150 * rank) * 10**6 // 8)  # ranks peak differently: the sum is checkable
+    state.global_step, state.epoch = 3, 1.0
+    cb.on_epoch_end(None, state, TrainerControl())
+    cb.on_train_end(None, state, TrainerControl())
+    assert len(cb.records) == 3, cb.records  # every rank got both records and the node sum
+    dist.destroy_process_group()
+""")
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_gather_records_and_node_sum(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    out = tmp_path / "dist"
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script), str(out)], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+
+    recs = _read(out)  # written by rank 0 only
+    ranks = sorted((r for r in recs if r["event"] == "epoch"), key=lambda r: r["rank"])
+    (node,) = [r for r in recs if r["event"] == "node"]
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["world_size"] == 2 for r in ranks)
+    assert all(r["epoch"] == 1 and r["step"] == 3 and r["gpu_peak_allocated_gib"] is None for r in ranks)
+    assert ranks[1]["host_peak_rss_bytes"] - ranks[0]["host_peak_rss_bytes"] > 100 * MB
+    assert node["ranks"] == [0, 1] and node["window"] == "epoch"
+    assert node["host_peak_rss_node_bytes"] == ranks[0]["host_peak_rss_bytes"] + ranks[1]["host_peak_rss_bytes"]
+    gib_sum = ranks[0]["host_peak_rss_gib"] + ranks[1]["host_peak_rss_gib"]
+    assert node["host_peak_rss_node_gib"] == pytest.approx(gib_sum, abs=0.011)  # rounded once, from bytes
+    assert all(r["host_peak_rss_node_gib"] == node["host_peak_rss_node_gib"] for r in ranks)
+    assert p.stdout.count("Cuda Malloc retires : n/a (no CUDA)") == 1  # printed by rank 0 only
