@@ -84,9 +84,9 @@ class HostPeakSampler:
         self.stop()
 
 
-def _gpu_raw() -> dict[str, int] | None:
+def _gpu_raw(use_cuda: bool = True) -> dict[str, int] | None:
     """Peaks since the last reset_peak_memory_stats and the cumulative retries; None without CUDA."""
-    if not torch.cuda.is_available():
+    if not (use_cuda and torch.cuda.is_available()):
         return None
     s = torch.cuda.memory_stats()  # {} before CUDA is first used: zeros are then the truth
     return {"alloc": s.get("allocated_bytes.all.peak", 0), "reserved": s.get("reserved_bytes.all.peak", 0),
@@ -170,10 +170,11 @@ class MemoryCallback(TrainerCallback):
         self._epoch_max: dict[str, int] = {}
         self._epoch_base: dict[str, int] = {}
         self._window_retries = 0
+        self._cuda = torch.cuda.is_available()  # narrowed to the Trainer's device once args are seen
 
     # -- windows
     def _reset_window(self) -> None:
-        g = _gpu_raw()
+        g = _gpu_raw(self._cuda)
         if g is not None:
             torch.cuda.reset_peak_memory_stats()
             self._window_retries = g["retries"]
@@ -181,7 +182,7 @@ class MemoryCallback(TrainerCallback):
 
     def _measure(self) -> dict[str, int]:
         m = {"host_peak": self.sampler.peak_bytes(), "host_start": self.sampler.start_bytes}
-        g = _gpu_raw()
+        g = _gpu_raw(self._cuda)
         return m if g is None else {**m, **g}
 
     def _record(self, event: str, state, m: dict[str, int], retries_base: int) -> dict[str, Any]:
@@ -253,6 +254,8 @@ class MemoryCallback(TrainerCallback):
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.sampler.start()  # idempotent; lets the callback be driven without on_train_begin
+        if args is not None:  # use_cpu=True on a GPU machine: the GPU takes no part, so None, not zeros
+            self._cuda = torch.cuda.is_available() and args.device.type == "cuda"
         # 1-based from the Trainer's own state, so a resumed run numbers its epochs right.
         self._epoch = int((state.epoch or 0) + 1e-6) + 1
         self._reset_window()

@@ -12,7 +12,8 @@ SHARED_SAMSUM = ROOT.parent / "shared" / "data" / "samsum"
 
 
 def samsum_dir() -> Path:
-    return Path(os.environ.get("SAMSUM_DATA_DIR", SHARED_SAMSUM))
+    # Absolute: some tests run code from another working directory (the notebook runs in examples/).
+    return Path(os.environ.get("SAMSUM_DATA_DIR", SHARED_SAMSUM)).resolve()
 
 
 @pytest.fixture(scope="session")

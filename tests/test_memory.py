@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from samsum_tuner.memory import HostPeakSampler, MemoryCallback, is_cuda_oom, snapshot
+from samsum_tuner.memory import GIB, HostPeakSampler, MemoryCallback, apply_gpu_limit, is_cuda_oom, snapshot
 
 MB = 10**6
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,3 +186,53 @@ def test_two_gloo_ranks_gather_records_and_node_sum(tmp_path):
     assert node["host_peak_rss_node_gib"] == pytest.approx(gib_sum, abs=0.011)  # rounded once, from bytes
     assert all(r["host_peak_rss_node_gib"] == node["host_peak_rss_node_gib"] for r in ranks)
     assert p.stdout.count("Cuda Malloc retires : n/a (no CUDA)") == 1  # printed by rank 0 only
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_peaks_per_window_retries_not_cumulative_and_capped_oom(tmp_path, capsys):
+    from transformers import TrainerControl, TrainerState
+
+    def alloc(mib: int) -> torch.Tensor:
+        return torch.empty(mib * 2**20, dtype=torch.uint8, device="cuda")
+
+    cb = MemoryCallback(str(tmp_path), gpu_limit_gib=1.0)
+    state, control = TrainerState(is_world_process_zero=True), TrainerControl()
+
+    def epoch(n: int, work) -> dict:
+        cb.on_epoch_begin(None, state, control)
+        work()
+        state.global_step, state.epoch = n, float(n)
+        cb.on_epoch_end(None, state, control)
+        return [r for r in cb.records if r["event"] == "epoch"][-1]
+
+    torch.cuda.empty_cache()
+    del_before = alloc(2048)
+    del del_before  # a peak before the window must not leak into it
+    torch.cuda.empty_cache()
+    try:
+        e1 = epoch(1, lambda: alloc(256))
+        apply_gpu_limit(1.0)
+
+        def retry():  # a cached 600 MiB block cannot serve 700 MiB under a 1 GiB cap: free the cache, retry
+            a = alloc(600)
+            del a
+            alloc(700)
+
+        e2 = epoch(2, retry)
+        e3 = epoch(3, lambda: alloc(16))
+        with pytest.raises(torch.OutOfMemoryError) as oom:
+            alloc(2048)
+        assert is_cuda_oom(oom.value)
+        snap = snapshot(1.0)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+    assert 0.24 <= e1["gpu_peak_allocated_gib"] < 1.0 and e1["gpu_peak_reserved_gib"] >= e1["gpu_peak_allocated_gib"]
+    assert e1["gpu_peak_active_gib"] >= e1["gpu_peak_allocated_gib"] and e1["gpu_limit_gib"] == 1.0
+    assert e2["gpu_malloc_retries"] == 1 and e2["gpu_malloc_retries_total"] >= 1
+    assert e3["gpu_malloc_retries"] == 0 and e3["gpu_malloc_retries_total"] == e2["gpu_malloc_retries_total"]
+    assert 0.6 <= e2["gpu_peak_allocated_gib"] <= 1.0 and snap["gpu_limit_gib"] == 1.0
+    assert snap["gpu_peak_allocated_gib"] is not None and snap["gpu_peak_allocated_gib"] * GIB < 2 * GIB
+    printed = capsys.readouterr().out
+    assert "Cuda Malloc retires : 1" in printed and "Max CUDA memory allocated was 0.25 GiB" in printed
