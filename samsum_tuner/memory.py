@@ -113,15 +113,19 @@ def snapshot(limit_gib: float | None = None) -> dict[str, Any]:
 
 
 def apply_gpu_limit(limit_gib: float | None) -> None:
-    """Cap this process's CUDA caching allocator, e.g. at 32 GiB to reproduce a V100-32GB's verdicts."""
-    if limit_gib is None:
-        return
+    """Cap this process's CUDA caching allocator, e.g. at 32 GiB to reproduce a V100-32GB's verdicts.
+
+    None lifts an earlier cap: the fraction is process-wide, and a second trainer built in the same
+    notebook or test session must not inherit the first one's limit.
+    """
     if not torch.cuda.is_available():
-        print("samsum_tuner: memory.gpu_limit_gib ignored: no CUDA on this machine", flush=True)
+        if limit_gib is not None:
+            print("samsum_tuner: memory.gpu_limit_gib ignored: no CUDA on this machine", flush=True)
         return
     device = torch.cuda.current_device()
     total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, limit_gib * GIB / total), device)
+    fraction = 1.0 if limit_gib is None else min(1.0, limit_gib * GIB / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
 
 
 def is_cuda_oom(exc: BaseException | None) -> bool:

@@ -284,8 +284,10 @@ def quantize_linears(model, recipe: Recipe, cdtype: torch.dtype, fsdp: bool) -> 
                 new = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
                                         compute_dtype=cdtype, compress_statistics=q.double_quant,
                                         quant_type=q.quant_type, quant_storage=storage, device="meta")
+                # module=new: the layer keeps the quant_state, so bitsandbytes restores it after FSDP
+                # re-wraps the parameter (otherwise "quant_state is required" at the first forward).
                 new.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=q.double_quant,
-                                               quant_type=q.quant_type, quant_storage=storage)
+                                               quant_type=q.quant_type, quant_storage=storage, module=new)
             else:
                 new = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None,
                                           has_fp16_weights=False, device="meta")

@@ -206,6 +206,7 @@ def test_gpu_peaks_per_window_retries_not_cumulative_and_capped_oom(tmp_path, ca
         cb.on_epoch_end(None, state, control)
         return [r for r in cb.records if r["event"] == "epoch"][-1]
 
+    apply_gpu_limit(None)  # no cap left over from an earlier test in this process
     torch.cuda.empty_cache()
     del_before = alloc(2048)
     del del_before  # a peak before the window must not leak into it
@@ -235,4 +236,6 @@ def test_gpu_peaks_per_window_retries_not_cumulative_and_capped_oom(tmp_path, ca
     assert 0.6 <= e2["gpu_peak_allocated_gib"] <= 1.0 and snap["gpu_limit_gib"] == 1.0
     assert snap["gpu_peak_allocated_gib"] is not None and snap["gpu_peak_allocated_gib"] * GIB < 2 * GIB
     printed = capsys.readouterr().out
-    assert "Cuda Malloc retires : 1" in printed and "Max CUDA memory allocated was 0.25 GiB" in printed
+    assert "Cuda Malloc retires : 1" in printed
+    # Other tests of this process may still hold tensors: the printed peak is the record's, two decimals.
+    assert f"Max CUDA memory allocated was {e1['gpu_peak_allocated_gib']:.2f} GiB" in printed
