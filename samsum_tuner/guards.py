@@ -41,7 +41,8 @@ class NonFiniteGuard(TrainerCallback):
             self.first_nonfinite = self.first_nonfinite if self.nonfinite > 1 else step
         else:
             self.nonfinite = 0
-        # accelerate's AcceleratedOptimizer knows whether the GradScaler skipped this step.
+        # accelerate's AcceleratedOptimizer knows whether the GradScaler skipped this step; a skipped step
+        # leaves the weights as checkpoint-(first skipped - 1) has them.
         if getattr(optimizer, "step_was_skipped", False):
             self.skipped += 1
             self.first_skipped = self.first_skipped if self.skipped > 1 else step
@@ -49,16 +50,16 @@ class NonFiniteGuard(TrainerCallback):
             self.skipped = 0
         limit_nf, limit_skip = self.cfg.max_nonfinite_steps, self.cfg.max_skipped_steps
         if limit_nf and self.nonfinite >= limit_nf:
-            self._stop(step, self.first_nonfinite,
+            # The loss of step k is computed from the weights saved as checkpoint-(k-1): those are suspect too.
+            self._stop(step, self.first_nonfinite - 1,
                        f"loss is {value} for {self.nonfinite} step(s) in a row (guard.max_nonfinite_steps={limit_nf})")
         if limit_skip and self.skipped >= limit_skip:
             self._stop(step, self.first_skipped,
                        f"the fp16 loss scaler skipped {self.skipped} steps in a row (guard.max_skipped_steps={limit_skip})")
         return control
 
-    def _stop(self, step: int, first_bad: int, why: str) -> None:
-        # Steps are counted from 1: checkpoint-(first_bad - 1) holds the weights before the first bad update.
-        good = latest_checkpoint(self.run_dir, before_step=first_bad)
+    def _stop(self, step: int, suspect_from: int, why: str) -> None:
+        good = latest_checkpoint(self.run_dir, before_step=suspect_from)
         where = (f"last good checkpoint: {good} (resume from it with train.resume_from_checkpoint={good}, "
                  "after lowering train.learning_rate)") if good else "no good checkpoint was saved before it"
         raise TrainingDiverged(f"training stopped at step {step}: {why}; {where}")
