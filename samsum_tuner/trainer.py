@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,6 +48,14 @@ class SamsumTrainer(Trainer):
         if self.args.should_save:
             rotate(run_dir, self.args.save_total_limit,
                    protect=(self.state.best_model_checkpoint,) if self.state.best_model_checkpoint else ())
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict)
+        # The Trainer pickles TrainingArguments into training_args.bin; a pickle is code on load. JSON instead.
+        out = Path(output_dir if output_dir is not None else self.args.output_dir)
+        if self.args.should_save and (out / "training_args.bin").is_file():
+            (out / "training_args.bin").unlink()
+            (out / "training_args.json").write_text(self.args.to_json_string())
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)

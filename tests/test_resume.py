@@ -131,3 +131,79 @@ def test_kill_9_after_a_checkpoint_then_resume_auto_is_bit_exact(tiny_model_dir,
     done = [json.loads((d / "run_summary.json").read_text())["metrics"]["last_loss"] for d in (straight, killed)]
     assert done[0] == done[1]
     assert not (killed / ck.STAGING).exists()
+
+
+# ---------------------------------------------------------------- atomic saves, rotation, the run directory
+def _complete(run: Path, step: int) -> Path:
+    with ck.atomic_checkpoint(run, step) as stage:
+        (stage / "adapter_model.safetensors").write_bytes(b"w" * 64)
+        (stage / ck.STATE_FILE).write_text(json.dumps({"global_step": step}))
+    return run / f"checkpoint-{step}"
+
+
+SAVER = """
+import sys, time
+from samsum_tuner.checkpoint import atomic_checkpoint
+with atomic_checkpoint(sys.argv[1], 4) as stage:
+    (stage / "trainer_state.json").write_text("{}")
+    (stage / "adapter_model.safetensors").write_bytes(b"half")
+    print("writing", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_save_killed_halfway_is_never_resumed_from(tmp_path):
+    run = tmp_path / "run"
+    good = _complete(run, 2)
+    # What the stock Trainer leaves when killed while writing: checkpoint-6 without its state file.
+    (run / "checkpoint-6").mkdir()
+    (run / "checkpoint-6" / "adapter_model.safetensors").write_bytes(b"half")
+    proc = subprocess.Popen([sys.executable, "-c", SAVER, str(run)], env=_env(), stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (run / ck.STAGING / "checkpoint-4" / ck.STATE_FILE).is_file()  # the half save, out of sight
+    assert not (run / "checkpoint-4").exists()
+    from transformers.trainer_utils import get_last_checkpoint
+
+    assert get_last_checkpoint(str(run)).endswith("checkpoint-6")  # what Trainer's own resume would pick
+    assert ck.latest_checkpoint(run) == good == ck.resolve_resume("auto", run)
+    with pytest.raises(st.ConfigError, match=r"checkpoint-6 is not a complete checkpoint .*the last complete one is "
+                                             r".*checkpoint-2$"):
+        ck.resolve_resume(str(run / "checkpoint-6"), run)
+    with pytest.raises(st.ConfigError, match="does not exist"):
+        ck.resolve_resume(str(run / "checkpoint-9"), run)
+    assert _complete(run, 4).is_dir() and not (run / ck.STAGING).exists()  # the next save clears the debris
+    assert ck.latest_checkpoint(run) == run / "checkpoint-4"
+
+
+def test_rotation_never_deletes_the_only_good_checkpoint(tmp_path):
+    from transformers.trainer_utils import rotate_checkpoints
+
+    run = tmp_path / "run"
+    for step in (2, 4, 6):
+        _complete(run, step)
+    (run / "checkpoint-8").mkdir()  # incomplete and newest
+    assert [p.name for p in ck.rotate(run, keep=2)] == ["checkpoint-2"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-4", "checkpoint-6", "checkpoint-8"]
+    assert [p.name for p in ck.rotate(run, keep=1)] == ["checkpoint-4"]
+    assert ck.latest_checkpoint(run) == run / "checkpoint-6" and (run / "checkpoint-8").is_dir()
+    assert ck.rotate(run, keep=1) == [] and ck.rotate(run, keep=None) == []
+    # transformers' own rotation keeps the newest folder, complete or not, and deletes the only good one.
+    rotate_checkpoints(str(run), save_total_limit=1)
+    assert not (run / "checkpoint-6").exists() and ck.latest_checkpoint(run) is None
+
+
+def test_run_directory_rules(tmp_path):
+    run = tmp_path / "run"
+    _complete(run, 3)
+    with pytest.raises(st.ConfigError, match="already holds a run; .*overwrite_output_dir=true or resume=auto"):
+        ck.check_output_dir(run, overwrite=False, resume=None)
+    ck.check_output_dir(run, overwrite=False, resume="auto")  # resuming writes into it: allowed
+    ck.check_output_dir(run, overwrite=True, resume=None)
+    with pytest.raises(st.ConfigError, match="is not a folder"):
+        ck.check_output_dir(run / "checkpoint-3" / ck.STATE_FILE, overwrite=True, resume=None)
+    assert ck.resolve_resume("auto", tmp_path / "fresh") is None  # auto with nothing to resume: a fresh start
+    aside = ck.retire_checkpoints(run)
+    assert aside == run / ".overwritten" and (aside / "checkpoint-3" / ck.STATE_FILE).is_file()
+    assert ck.latest_checkpoint(run) is None and ck.retire_checkpoints(run) is None
