@@ -207,3 +207,34 @@ def test_run_directory_rules(tmp_path):
     aside = ck.retire_checkpoints(run)
     assert aside == run / ".overwritten" and (aside / "checkpoint-3" / ck.STATE_FILE).is_file()
     assert ck.latest_checkpoint(run) is None and ck.retire_checkpoints(run) is None
+
+
+# ---------------------------------------------------------------- two processes, FSDP2 over gloo
+def _torchrun(*args) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "fsdp2_worker.py"), *map(str, args)]
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+
+
+def _loss_by_step(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / "losses.jsonl").read_text().splitlines())}
+
+
+@pytest.mark.slow
+def test_two_process_fsdp2_sharded_checkpoint_survives_kill_9(tiny_model_dir, tmp_path):
+    """`fully_shard` over gloo on CPU: LoRA'd tiny Llama, sharded DCP checkpoints every 2 steps (atomic, keep 2);
+    both ranks SIGKILLed after step 5; resume from checkpoint-4 ends with the uninterrupted run's weights."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    p = _torchrun(tiny_model_dir, straight, 7)
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = _torchrun(tiny_model_dir, killed, 7, "--kill-after", 5)
+    assert p.returncode != 0 and "SIGKILL" in p.stderr + p.stdout, p.stderr[-3000:]
+    assert not (killed / "final.safetensors").exists()
+    assert [c.name for c in ck.complete_checkpoints(killed)] == ["checkpoint-2", "checkpoint-4"]
+    assert sorted(x.name for x in (killed / "checkpoint-4").iterdir()) == [
+        "rng_state_0.pth", "rng_state_1.pth", "sharded", ck.STATE_FILE]
+    p = _torchrun(tiny_model_dir, killed, 7, "--resume")
+    assert p.returncode == 0, p.stderr[-3000:]
+    _assert_same_weights(load_file(straight / "final.safetensors"), load_file(killed / "final.safetensors"))
+    assert _loss_by_step(killed) == _loss_by_step(straight) and len(_loss_by_step(straight)) == 7
+    assert [c.name for c in ck.complete_checkpoints(killed)] == ["checkpoint-4", "checkpoint-6"]
