@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import Recipe, build_recipe, describe_precision
 from .data import PreparedSplit, read_splits, tokenize_splits
-from .errors import ConfigError, TrainingOutOfMemory, WontFitError
+from .errors import ConfigError, TrainingDiverged, TrainingOutOfMemory, WontFitError
 from .launch import Launch, check_environment, detect_launch
 
 
@@ -63,12 +64,10 @@ class Prepared:
 
 
 def _check_output_dir(recipe: Recipe) -> None:
-    out = Path(recipe.train.output_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"train.output_dir: {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not recipe.train.overwrite_output_dir:
-        raise ConfigError(f"train.output_dir: {out} already holds a run; choose another folder or set "
-                          "train.overwrite_output_dir=true")
+    from .checkpoint import check_output_dir
+
+    t = recipe.train
+    check_output_dir(t.output_dir, overwrite=t.overwrite_output_dir, resume=t.resume_from_checkpoint)
 
 
 def prepare(recipe: Recipe, *, dry_run: bool = False, force: bool = False) -> Prepared:
@@ -122,6 +121,9 @@ def _preflight(prepared: Prepared, enforce: bool):
 
 def build_trainer(recipe: Recipe, *, prepared: Prepared | None = None, callbacks: list | None = None):
     """A `SamsumTrainer` (a transformers.Trainer) with model, data, collator and memory callback."""
+    from transformers import set_seed
+
+    from .guards import NonFiniteGuard
     from .memory import MemoryCallback, apply_gpu_limit
     from .model import load_model
     from .trainer import SamsumTrainer, ThroughputCallback, build_collator, training_arguments
@@ -129,6 +131,7 @@ def build_trainer(recipe: Recipe, *, prepared: Prepared | None = None, callbacks
     prepared = prepared or prepare(recipe)
     launch = prepared.launch
     apply_gpu_limit(recipe.memory.gpu_limit_gib)
+    set_seed(recipe.train.seed)  # LoRA/random init happen here, before the Trainer seeds: same run, same weights
     args_layer_cls = ["LlamaDecoderLayer"]
     model = load_model(recipe, fsdp=launch.fsdp)
     no_split = getattr(getattr(model, "base_model", model), "_no_split_modules", None) or args_layer_cls
@@ -143,7 +146,8 @@ def build_trainer(recipe: Recipe, *, prepared: Prepared | None = None, callbacks
         eval_dataset=prepared.splits["eval"].dataset if "eval" in prepared.splits else None,
         data_collator=build_collator(recipe, prepared.tokenizer),
         processing_class=prepared.tokenizer,
-        callbacks=[memory_cb, ThroughputCallback(), *(callbacks or [])],
+        callbacks=[memory_cb, ThroughputCallback(), NonFiniteGuard(recipe.guard, recipe.train.output_dir),
+                   *(callbacks or [])],
         recipe=recipe,
     )
     trainer.prepared = prepared
@@ -165,10 +169,18 @@ def train(recipe: Recipe, *, trainer=None) -> dict[str, Any]:
         print(f"samsum_tuner: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)",
               flush=True)
     summary: dict[str, Any] = {"status": "ok", "trainable_params": trainable, "total_params": total}
+    resume = _resume_point(trainer, recipe)
     try:
-        metrics = dict(trainer.train().metrics)
+        metrics = dict(trainer.train(resume_from_checkpoint=str(resume) if resume else None).metrics)
         if trainer.eval_dataset is not None:
             metrics.update(trainer.evaluate())
+    except TrainingDiverged as e:
+        summary.update(status="diverged", step=trainer.state.global_step, error=str(e))
+        _write_summary(trainer, recipe, summary)
+        raise
+    except pickle.UnpicklingError as e:  # torch.load(weights_only=True) met an object that is not a tensor
+        raise ConfigError(f"train.resume_from_checkpoint: {resume} holds a file that is not plain tensors, refused "
+                          f"({str(e).strip().splitlines()[0][:200]})") from None
     except Exception as e:
         if not is_cuda_oom(e):
             raise
@@ -191,6 +203,23 @@ def train(recipe: Recipe, *, trainer=None) -> dict[str, Any]:
     summary.update(metrics=metrics, memory=snapshot(recipe.memory.gpu_limit_gib))
     _write_summary(trainer, recipe, summary)
     return metrics
+
+
+def _resume_point(trainer, recipe: Recipe):
+    """The checkpoint to continue from, or None; with overwrite and no resume, old checkpoints step aside."""
+    from .checkpoint import resolve_resume, retire_checkpoints
+
+    t = recipe.train
+    resume = resolve_resume(t.resume_from_checkpoint, t.output_dir)
+    if trainer.is_world_process_zero():
+        if resume is not None:
+            print(f"samsum_tuner: resuming from {resume}", flush=True)
+        elif t.resume_from_checkpoint is None and t.overwrite_output_dir:
+            aside = retire_checkpoints(t.output_dir)
+            if aside is not None:
+                print(f"samsum_tuner: overwrite_output_dir: the previous run's checkpoints moved to {aside}", flush=True)
+    trainer.accelerator.wait_for_everyone()
+    return resume
 
 
 def _write_summary(trainer, recipe: Recipe, summary: dict[str, Any]) -> None:

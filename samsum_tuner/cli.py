@@ -25,8 +25,17 @@ def _guard(fn: Callable[[], int]) -> int:
         return e.exit_code
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse prints usage plus a message and exits; ours is one line through `_guard`, like every error."""
+
+    def error(self, message: str):
+        from .errors import ConfigError
+
+        raise ConfigError(f"{self.prog}: {message}")
+
+
 def _train_parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog=prog,
         allow_abbrev=False,  # never let --lr or --use_fp16 be taken for a prefix of our own flags
         description="Fine-tune on SAMSum. RECIPE is a YAML file (omit it for the original's defaults); "
@@ -39,11 +48,11 @@ def _train_parser(prog: str) -> argparse.ArgumentParser:
 
 def main_train(argv: list[str], prog: str = "samsum-tuner train") -> int:
     parser = _train_parser(prog)
-    opts, rest = parser.parse_known_args(argv)
 
     def run() -> int:
         from . import api
 
+        opts, rest = parser.parse_known_args(argv)
         path, overrides = _split_recipe(rest)
         recipe = api.load_recipe(path, overrides)
         prepared = api.prepare(recipe, dry_run=opts.dry_run, force=opts.force)
@@ -63,7 +72,7 @@ def main_train(argv: list[str], prog: str = "samsum-tuner train") -> int:
 
 
 def main_plan(argv: list[str], prog: str = "samsum-tuner plan") -> int:
-    p = argparse.ArgumentParser(prog=prog, allow_abbrev=False, description="Predict peak GPU and host memory; exit 0 fits, 3 will not fit.")
+    p = _Parser(prog=prog, allow_abbrev=False, description="Predict peak GPU and host memory; exit 0 fits, 3 will not fit.")
     p.add_argument("--gpus", type=int, default=1)
     p.add_argument("--gpu-memory", default=None, help="per GPU, e.g. 32GiB or 80")
     p.add_argument("--host-memory", default=None, help="whole node, e.g. 63GiB")
@@ -100,7 +109,7 @@ def main_plan(argv: list[str], prog: str = "samsum-tuner plan") -> int:
 
 
 def main_eval(argv: list[str], prog: str = "samsum-tuner eval") -> int:
-    p = argparse.ArgumentParser(prog=prog, allow_abbrev=False,
+    p = _Parser(prog=prog, allow_abbrev=False,
                                 description="ROUGE of a run directory or a model by batched generation.")
     p.add_argument("run_or_model", help="a run directory (adapter or full model) or a model name/folder")
     p.add_argument("--split", default="test")
@@ -132,7 +141,7 @@ def main_eval(argv: list[str], prog: str = "samsum-tuner eval") -> int:
 
 
 def main_merge(argv: list[str], prog: str = "samsum-tuner merge") -> int:
-    p = argparse.ArgumentParser(prog=prog, allow_abbrev=False,
+    p = _Parser(prog=prog, allow_abbrev=False,
                                 description="Merge a LoRA run's adapter into a plain HF model folder.")
     p.add_argument("run_dir")
     p.add_argument("out")
@@ -156,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         names = "|".join(COMMANDS)
         print(f"usage: samsum-tuner {{{names}}} [RECIPE.yaml] [overrides ...]", file=sys.stderr)
         return EXIT_OK if argv and argv[0] in ("-h", "--help") else EXIT_BAD_INPUT
-    return COMMANDS[argv[0]](argv[1:], prog=f"samsum-tuner {argv[0]}")
+    return _guard(lambda: COMMANDS[argv[0]](argv[1:], prog=f"samsum-tuner {argv[0]}"))
 
 
 if __name__ == "__main__":

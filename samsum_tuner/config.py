@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -99,6 +100,8 @@ class TrainConfig:
     save_total_limit: int | None = 2
     save_model: bool = True
     dataloader_num_workers: int = 0
+    # "auto": the last complete checkpoint in output_dir (a fresh start if none), or a checkpoint path.
+    resume_from_checkpoint: str | None = None
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     disable_tqdm: bool = False
 
@@ -122,6 +125,15 @@ class MemoryConfig:
 
 
 @dataclass
+class GuardConfig:
+    # Stop the run (exit 4) naming the last good checkpoint; 0 turns a guard off.
+    max_nonfinite_steps: int = 1  # optimizer steps in a row with a NaN/inf loss
+    # Optimizer steps in a row the fp16 loss scaler skips. From its initial 2**16 a healthy run backs off
+    # a dozen times at most; 30 skips means overflow even at a scale far below 1.
+    max_skipped_steps: int = 30
+
+
+@dataclass
 class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
@@ -130,6 +142,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     fsdp: FsdpConfig = field(default_factory=FsdpConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     description: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -217,6 +230,8 @@ ALIASES: dict[str, tuple[str | None, Any]] = {
     "save_model": ("train.save_model", _to_bool),
     "num_workers_dataloader": ("train.dataloader_num_workers", None),
     "dataset": (None, _dataset_name),
+    "resume": ("train.resume_from_checkpoint", None),
+    "resume_from_checkpoint": ("train.resume_from_checkpoint", None),
 }
 
 
@@ -427,6 +442,18 @@ def validate(recipe: Recipe) -> None:
     }.items():
         if value is not None and value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
+    for section in SECTIONS:  # NaN passes every `<= 0` test below; an infinite size or rate is no setting
+        for fld in dataclasses.fields(getattr(recipe, section)):
+            v = getattr(getattr(recipe, section), fld.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{section}.{fld.name} must be a finite number, got {v}")
+    for key, value in {"guard.max_nonfinite_steps": recipe.guard.max_nonfinite_steps,
+                       "guard.max_skipped_steps": recipe.guard.max_skipped_steps,
+                       "train.warmup_steps": t.warmup_steps, "train.dataloader_num_workers": t.dataloader_num_workers}.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    if t.resume_from_checkpoint is not None and not t.resume_from_checkpoint.strip():
+        raise ConfigError("train.resume_from_checkpoint: expected auto or a checkpoint folder, got ''")
     if not 0 <= lo.dropout < 1:
         raise ConfigError(f"lora.dropout must be in [0, 1), got {lo.dropout}")
     if t.weight_decay < 0 or t.max_grad_norm < 0 or t.warmup_steps < 0 or t.momentum < 0:

@@ -72,6 +72,10 @@ def _check_row(obj: Any, where: str) -> dict[str, str]:
             raise DataError(f"{where}: missing key '{key}'")
         if not isinstance(obj[key], str):
             raise DataError(f"{where}: '{key}' must be a string, got {type(obj[key]).__name__}")
+        try:  # JSON may escape a lone surrogate (\ud800): valid JSON, not text; tokenizers and Arrow choke on it
+            obj[key].encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(f"{where}: '{key}' holds an invalid \\u escape (a lone surrogate)") from None
     return {"id": str(obj.get("id", "")), "dialogue": obj["dialogue"], "summary": obj["summary"]}
 
 
@@ -83,7 +87,7 @@ def read_rows(path: Path) -> list[dict[str, str]]:
     except (OSError, EOFError) as e:
         raise DataError(f"{path}: cannot read ({e})") from None
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8").removeprefix("\ufeff")  # a BOM some editors write
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: invalid UTF-8") from None
@@ -94,6 +98,8 @@ def read_rows(path: Path) -> list[dict[str, str]]:
             items = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+        except RecursionError:
+            raise DataError(f"{path}: malformed JSON (nested too deeply)") from None
         return [_check_row(obj, f"{path}: item {i + 1}") for i, obj in enumerate(items)]
     rows = []
     for lineno, line in enumerate(text.split("\n"), start=1):
@@ -103,6 +109,8 @@ def read_rows(path: Path) -> list[dict[str, str]]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
+        except RecursionError:
+            raise DataError(f"{path}:{lineno}: malformed JSON line (nested too deeply)") from None
         rows.append(_check_row(obj, f"{path}:{lineno}"))
     return rows
 

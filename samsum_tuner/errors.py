@@ -23,3 +23,9 @@ class TrainingOutOfMemory(SamsumTunerError):
     """CUDA ran out of memory during training; the message carries the peak reached."""
 
     exit_code = 3
+
+
+class TrainingDiverged(SamsumTunerError):
+    """A non-finite loss, or the fp16 loss scaler skipping step after step; names the last good checkpoint."""
+
+    exit_code = 4

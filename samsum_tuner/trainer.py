@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import (DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer, TrainerCallback,
                           TrainingArguments)
 
+from .checkpoint import atomic_checkpoint, rotate
 from .config import Recipe
 from .data import IGNORE_INDEX
+from .guards import NonFiniteGuard
 from .launch import Launch, fsdp_training_args
 from .memory import MemoryCallback
 
@@ -25,7 +28,41 @@ class SamsumTrainer(Trainer):
 
     def __init__(self, *args, recipe: Recipe, **kwargs):
         self.recipe = recipe
+        self._staging: str | None = None
         super().__init__(*args, **kwargs)
+
+    def _get_output_dir(self, trial) -> str:
+        return self._staging or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # The Trainer writes checkpoint-N in place; here it writes into staging and the folder appears
+        # complete or not at all (checkpoint.py). Its own rotation then only sees the staging folder.
+        run_dir = super()._get_output_dir(trial)
+        with atomic_checkpoint(run_dir, self.state.global_step, is_main=self.args.should_save,
+                               barrier=self.accelerator.wait_for_everyone) as stage:
+            self._staging = str(stage.parent)
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._staging = None
+        if self.args.should_save:
+            rotate(run_dir, self.args.save_total_limit,
+                   protect=(self.state.best_model_checkpoint,) if self.state.best_model_checkpoint else ())
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict)
+        # The Trainer pickles TrainingArguments into training_args.bin; a pickle is code on load. JSON instead.
+        out = Path(output_dir if output_dir is not None else self.args.output_dir)
+        if self.args.should_save and (out / "training_args.bin").is_file():
+            (out / "training_args.bin").unlink()
+            (out / "training_args.json").write_text(self.args.to_json_string())
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        for cb in self.callback_handler.callbacks:
+            if isinstance(cb, NonFiniteGuard):
+                cb.observe(loss)
+        return loss
 
     def _get_train_sampler(self, train_dataset=None):
         if not self.recipe.data.longest_first:

@@ -1,0 +1,106 @@
+"""NaN guard on the tiny model: a real non-finite loss (huge learning rate, NaN weights), a real fp16 GradScaler."""
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from samsum_tuner import checkpoint as ck
+from samsum_tuner import cli
+from samsum_tuner.config import GuardConfig
+from samsum_tuner.errors import TrainingDiverged
+from samsum_tuner.guards import NonFiniteGuard
+
+from .conftest import tiny_llama
+
+FAST = ["train.report_to=[]", "train.disable_tqdm=true", "train.logging_steps=1", "memory.preflight=false",
+        "data.max_length=128", "train.eval_strategy=no", "data.eval_split=null", "train.per_device_train_batch_size=4",
+        "train.gradient_accumulation_steps=1", "train.lr_scheduler_type=constant"]
+
+
+def _error(capsys) -> str:
+    """The error line; the rest of stderr is progress bars."""
+    lines = [x for x in capsys.readouterr().err.splitlines() if "error" in x]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def _train(model_dir, data, out, *extra) -> int:
+    return cli.main(["train", f"model.name={model_dir}", f"data.source={data}", f"train.output_dir={out}", *FAST,
+                     *extra])
+
+
+def test_diverging_run_stops_naming_the_last_good_checkpoint(tiny_model_dir, tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = _train(tiny_model_dir, tiny_data, out, "--fsdp_config.optimizer", "SGD", "train.learning_rate=3e3",
+                  "train.max_steps=10", "train.save_strategy=steps", "train.save_steps=1", "train.save_total_limit=10")
+    err = _error(capsys)
+    assert code == 4, err
+    m = re.fullmatch(r"samsum-tuner: error: training stopped at step (\d+): loss is (nan|inf) for 1 step\(s\) in a row "
+                     r"\(guard.max_nonfinite_steps=1\); last good checkpoint: (\S+) \(resume from it with .*", err)
+    assert m, err
+    step, good = int(m.group(1)), m.group(3)
+    assert step >= 3 and good == str(out / f"checkpoint-{step - 2}")
+    # Nothing from the bad step on was saved; the named checkpoint's weights are finite.
+    assert [ck.step_of(p) for p in ck.complete_checkpoints(out)] == list(range(1, step))
+    assert all(torch.isfinite(t).all() for t in load_file(f"{good}/model.safetensors").values())
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["step"] == step and good in summary["error"]
+
+
+@pytest.fixture
+def nan_model_dir(tmp_path, tokenizer):
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.norm.weight[3] = math.nan  # every forward pass is NaN from the first step
+    d = tmp_path / "nan-llama"
+    model.save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+def test_nan_weights_stop_at_the_threshold_and_zero_turns_the_guard_off(nan_model_dir, tiny_data, tmp_path, capsys):
+    code = _train(nan_model_dir, tiny_data, tmp_path / "a", "--use_peft", "train.max_steps=6", "guard.max_nonfinite_steps=3",
+                  "train.save_strategy=no")
+    err = _error(capsys)
+    assert code == 4 and err == ("samsum-tuner: error: training stopped at step 3: loss is nan for 3 step(s) in a row "
+                                 "(guard.max_nonfinite_steps=3); no good checkpoint was saved before it")
+    code = _train(nan_model_dir, tiny_data, tmp_path / "b", "--use_peft", "train.max_steps=2", "guard.max_nonfinite_steps=0",
+                  "train.save_strategy=no")
+    assert code == 0, capsys.readouterr().err
+
+
+def test_fp16_scaler_skipping_in_a_row_stops_a_real_grad_scaler():
+    """A real torch GradScaler inside accelerate's AcceleratedOptimizer, fed overflowing gradients."""
+    from accelerate.optimizer import AcceleratedOptimizer
+    from transformers import TrainerControl, TrainerState
+
+    lin = torch.nn.Linear(4, 1)
+    opt = AcceleratedOptimizer(torch.optim.SGD(lin.parameters(), lr=0.1), device_placement=False,
+                               scaler=torch.amp.GradScaler("cpu", init_scale=2.0**16))
+    guard = NonFiniteGuard(GuardConfig(max_skipped_steps=4), "/nonexistent")
+    state, control = TrainerState(), TrainerControl()
+
+    def step(overflow: bool) -> None:
+        loss = lin(torch.ones(1, 4)).sum() * (1e38 if overflow else 1.0)  # finite loss, overflowing gradients
+        opt.scaler.scale(loss).backward()
+        opt.step()
+        opt.zero_grad()
+        guard.observe(loss)
+        state.global_step += 1
+        guard.on_step_end(None, state, control, optimizer=opt)
+
+    for _ in range(3):
+        step(True)
+    assert guard.skipped == 3 and opt.step_was_skipped
+    step(False)  # a good step ends the streak
+    assert guard.skipped == 0 and not opt.step_was_skipped
+    for _ in range(3):
+        step(True)
+    with pytest.raises(TrainingDiverged, match=r"at step 8: the fp16 loss scaler skipped 4 steps in a row "
+                                               r"\(guard.max_skipped_steps=4\); no good checkpoint"):
+        step(True)

@@ -1,0 +1,240 @@
+"""Never lose a run: exact resume (in-process and after kill -9), atomic checkpoints, rotation, the run directory."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import samsum_tuner as st
+from samsum_tuner import checkpoint as ck
+
+from .conftest import ROOT, synthetic_rows, write_jsonl
+
+FAST = ["train.report_to=[]", "train.disable_tqdm=true", "train.logging_steps=1", "memory.preflight=false",
+        "data.max_length=128", "train.eval_strategy=no", "train.per_device_train_batch_size=4",
+        "train.gradient_accumulation_steps=1", "train.num_train_epochs=2", "train.save_strategy=steps",
+        "train.save_steps=3", "train.save_total_limit=2", "train.lr_scheduler_type=linear", "data.eval_split=null"]
+KINDS = {"lora": ["--use_peft", "train.learning_rate=1e-2"],
+         "full": ["train.learning_rate=1e-3"],
+         "qlora": ["--use_peft", "--quantization", "4bit", "train.learning_rate=1e-2"]}
+
+
+def _overrides(model_dir, data_dir, out, *extra):
+    return [f"model.name={model_dir}", f"data.source={data_dir}", f"train.output_dir={out}", *FAST, *extra]
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    name = "adapter_model.safetensors" if (out / "adapter_model.safetensors").is_file() else "model.safetensors"
+    return load_file(out / name)
+
+
+def _losses(out: Path) -> list[tuple[int, float]]:
+    state = json.loads((out / ck.STATE_FILE).read_text()) if (out / ck.STATE_FILE).is_file() else None
+    if state is None:  # the final save has no trainer_state.json: the last checkpoint carries the whole curve
+        state = json.loads((ck.latest_checkpoint(out) / ck.STATE_FILE).read_text())
+    return [(h["step"], h["loss"]) for h in state["log_history"] if "loss" in h]
+
+
+def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys() and a
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture
+def small_data(tmp_path) -> Path:
+    """16 rows: batch 4 gives 4 steps an epoch, 8 in two epochs."""
+    return write_jsonl(tmp_path / "small", "train", synthetic_rows(16)).parent
+
+
+@pytest.mark.parametrize("kind", ["lora", pytest.param("full", marks=pytest.mark.slow),
+                                  pytest.param("qlora", marks=pytest.mark.slow)])
+def test_resume_equals_an_uninterrupted_run(kind, tiny_model_dir, small_data, tmp_path):
+    """8 steps straight vs. resumed from checkpoint-3 (mid epoch 1): same weights and loss curve, bit for bit."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    r = st.load_recipe(None, _overrides(tiny_model_dir, small_data, straight, *KINDS[kind], "train.save_total_limit=10"))
+    trainer = st.build_trainer(r)
+    metrics = st.train(r, trainer=trainer)
+    assert trainer.state.global_step == 8 and [p.name for p in ck.complete_checkpoints(straight)] == [
+        "checkpoint-3", "checkpoint-6", "checkpoint-8"]
+    # The interrupted run: the folder as it was at step 3 (the later checkpoints never happened).
+    resumed.mkdir()
+    import shutil
+
+    shutil.copytree(straight / "checkpoint-3", resumed / "checkpoint-3")
+    r2 = st.load_recipe(None, _overrides(tiny_model_dir, small_data, resumed, *KINDS[kind], "resume=auto"))
+    t2 = st.build_trainer(r2)
+    m2 = st.train(r2, trainer=t2)
+    _assert_same_weights(_weights(straight), _weights(resumed))
+    curve = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+    assert [(h["step"], h["loss"]) for h in t2.state.log_history if "loss" in h] == curve
+    assert m2["last_loss"] == metrics["last_loss"]
+
+
+# ---------------------------------------------------------------- kill -9
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_", "SAMSUM_DATA_DIR"))}
+    # Same threads in every run: a different reduction order would change the last bits.
+    return {**env, "PYTHONPATH": f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def _train_cmd(model_dir, data_dir, out, *extra) -> list[str]:
+    return [sys.executable, "-m", "samsum_tuner.train", *_overrides(model_dir, data_dir, out, "--use_peft",
+                                                                     "train.learning_rate=1e-2", "train.save_steps=2",
+                                                                     "train.num_train_epochs=3", *extra)]
+
+
+@pytest.mark.slow
+def test_kill_9_after_a_checkpoint_then_resume_auto_is_bit_exact(tiny_model_dir, tiny_data, tmp_path):
+    """The training process is SIGKILLed at a random point after a random checkpoint (possibly mid-save);
+    `resume=auto` picks the last complete checkpoint and ends with the uninterrupted run's weights and losses."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    p = subprocess.run(_train_cmd(tiny_model_dir, tiny_data, straight), env=_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+    rng = random.Random(1234)
+    wait_for = tmp_path / "killed" / f"checkpoint-{2 * rng.randint(2, 8)}"  # of 30 steps: the kill comes mid-run
+    proc = subprocess.Popen(_train_cmd(tiny_model_dir, tiny_data, killed), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not wait_for.is_dir():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    time.sleep(rng.uniform(0.0, 0.3))
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "run_summary.json").exists()
+    last = ck.latest_checkpoint(killed)
+    assert last is not None and ck.step_of(last) >= ck.step_of(wait_for)
+
+    # Resuming into the existing run directory is allowed because resume is asked for.
+    p = subprocess.run(_train_cmd(tiny_model_dir, tiny_data, killed, "resume=auto"), env=_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"resuming from {last}" in p.stdout
+    _assert_same_weights(_weights(straight), _weights(killed))
+    assert _losses(killed) == _losses(straight) and len(_losses(straight)) == 30
+    done = [json.loads((d / "run_summary.json").read_text())["metrics"]["last_loss"] for d in (straight, killed)]
+    assert done[0] == done[1]
+    assert not (killed / ck.STAGING).exists()
+
+
+# ---------------------------------------------------------------- atomic saves, rotation, the run directory
+def _complete(run: Path, step: int) -> Path:
+    with ck.atomic_checkpoint(run, step) as stage:
+        (stage / "adapter_model.safetensors").write_bytes(b"w" * 64)
+        (stage / ck.STATE_FILE).write_text(json.dumps({"global_step": step}))
+    return run / f"checkpoint-{step}"
+
+
+SAVER = """
+import sys, time
+from samsum_tuner.checkpoint import atomic_checkpoint
+with atomic_checkpoint(sys.argv[1], 4) as stage:
+    (stage / "trainer_state.json").write_text("{}")
+    (stage / "adapter_model.safetensors").write_bytes(b"half")
+    print("writing", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_save_killed_halfway_is_never_resumed_from(tmp_path):
+    run = tmp_path / "run"
+    good = _complete(run, 2)
+    # What the stock Trainer leaves when killed while writing: checkpoint-6 without its state file.
+    (run / "checkpoint-6").mkdir()
+    (run / "checkpoint-6" / "adapter_model.safetensors").write_bytes(b"half")
+    proc = subprocess.Popen([sys.executable, "-c", SAVER, str(run)], env=_env(), stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (run / ck.STAGING / "checkpoint-4" / ck.STATE_FILE).is_file()  # the half save, out of sight
+    assert not (run / "checkpoint-4").exists()
+    from transformers.trainer_utils import get_last_checkpoint
+
+    assert get_last_checkpoint(str(run)).endswith("checkpoint-6")  # what Trainer's own resume would pick
+    assert ck.latest_checkpoint(run) == good == ck.resolve_resume("auto", run)
+    with pytest.raises(st.ConfigError, match=r"checkpoint-6 is not a complete checkpoint .*the last complete one is "
+                                             r".*checkpoint-2$"):
+        ck.resolve_resume(str(run / "checkpoint-6"), run)
+    with pytest.raises(st.ConfigError, match="does not exist"):
+        ck.resolve_resume(str(run / "checkpoint-9"), run)
+    assert _complete(run, 4).is_dir() and not (run / ck.STAGING).exists()  # the next save clears the debris
+    assert ck.latest_checkpoint(run) == run / "checkpoint-4"
+
+
+def test_rotation_never_deletes_the_only_good_checkpoint(tmp_path):
+    from transformers.trainer_utils import rotate_checkpoints
+
+    run = tmp_path / "run"
+    for step in (2, 4, 6):
+        _complete(run, step)
+    (run / "checkpoint-8").mkdir()  # incomplete and newest
+    assert [p.name for p in ck.rotate(run, keep=2)] == ["checkpoint-2"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-4", "checkpoint-6", "checkpoint-8"]
+    assert [p.name for p in ck.rotate(run, keep=1)] == ["checkpoint-4"]
+    assert ck.latest_checkpoint(run) == run / "checkpoint-6" and (run / "checkpoint-8").is_dir()
+    assert ck.rotate(run, keep=1) == [] and ck.rotate(run, keep=None) == []
+    # transformers' own rotation keeps the newest folder, complete or not, and deletes the only good one.
+    rotate_checkpoints(str(run), save_total_limit=1)
+    assert not (run / "checkpoint-6").exists() and ck.latest_checkpoint(run) is None
+
+
+def test_run_directory_rules(tmp_path):
+    run = tmp_path / "run"
+    _complete(run, 3)
+    with pytest.raises(st.ConfigError, match="already holds a run; .*overwrite_output_dir=true or resume=auto"):
+        ck.check_output_dir(run, overwrite=False, resume=None)
+    ck.check_output_dir(run, overwrite=False, resume="auto")  # resuming writes into it: allowed
+    ck.check_output_dir(run, overwrite=True, resume=None)
+    with pytest.raises(st.ConfigError, match="is not a folder"):
+        ck.check_output_dir(run / "checkpoint-3" / ck.STATE_FILE, overwrite=True, resume=None)
+    assert ck.resolve_resume("auto", tmp_path / "fresh") is None  # auto with nothing to resume: a fresh start
+    aside = ck.retire_checkpoints(run)
+    assert aside == run / ".overwritten" and (aside / "checkpoint-3" / ck.STATE_FILE).is_file()
+    assert ck.latest_checkpoint(run) is None and ck.retire_checkpoints(run) is None
+
+
+# ---------------------------------------------------------------- two processes, FSDP2 over gloo
+def _torchrun(*args) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "fsdp2_worker.py"), *map(str, args)]
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+
+
+def _loss_by_step(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / "losses.jsonl").read_text().splitlines())}
+
+
+@pytest.mark.slow
+def test_two_process_fsdp2_sharded_checkpoint_survives_kill_9(tiny_model_dir, tmp_path):
+    """`fully_shard` over gloo on CPU: LoRA'd tiny Llama, sharded DCP checkpoints every 2 steps (atomic, keep 2);
+    both ranks SIGKILLed after step 5; resume from checkpoint-4 ends with the uninterrupted run's weights."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    p = _torchrun(tiny_model_dir, straight, 7)
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = _torchrun(tiny_model_dir, killed, 7, "--kill-after", 5)
+    assert p.returncode != 0 and "SIGKILL" in p.stderr + p.stdout, p.stderr[-3000:]
+    assert not (killed / "final.safetensors").exists()
+    assert [c.name for c in ck.complete_checkpoints(killed)] == ["checkpoint-2", "checkpoint-4"]
+    assert sorted(x.name for x in (killed / "checkpoint-4").iterdir()) == [
+        "rng_state_0.pth", "rng_state_1.pth", "sharded", ck.STATE_FILE]
+    p = _torchrun(tiny_model_dir, killed, 7, "--resume")
+    assert p.returncode == 0, p.stderr[-3000:]
+    _assert_same_weights(load_file(straight / "final.safetensors"), load_file(killed / "final.safetensors"))
+    assert _loss_by_step(killed) == _loss_by_step(straight) and len(_loss_by_step(straight)) == 7
+    assert [c.name for c in ck.complete_checkpoints(killed)] == ["checkpoint-4", "checkpoint-6"]

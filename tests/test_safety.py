@@ -1,0 +1,105 @@
+"""Safety: weights as safetensors, training state read with weights_only, remote code only on request,
+an existing run directory written only when asked."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import samsum_tuner as st
+from samsum_tuner import checkpoint as ck
+
+from .conftest import tiny_llama
+
+FAST = ["train.report_to=[]", "train.disable_tqdm=true", "train.logging_steps=1", "memory.preflight=false",
+        "data.max_length=128", "train.eval_strategy=no", "data.eval_split=null", "train.per_device_train_batch_size=4",
+        "train.gradient_accumulation_steps=1", "--use_peft", "train.save_strategy=steps", "train.save_steps=1"]
+
+
+def _recipe(model_dir, data, out, *extra):
+    return st.load_recipe(None, [f"model.name={model_dir}", f"data.source={data}", f"train.output_dir={out}", *FAST,
+                                 *extra])
+
+
+class _Payload:
+    """Unpickling this runs code: what a tampered optimizer.pt would carry."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('ran')",))
+
+
+def test_checkpoints_hold_safetensors_and_plain_tensors_and_a_tampered_one_is_refused(tiny_model_dir, tiny_data,
+                                                                                      tmp_path):
+    out = tmp_path / "run"
+    r = _recipe(tiny_model_dir, tiny_data, out, "train.max_steps=2")
+    st.train(r)
+    ckpt = out / "checkpoint-2"
+    names = sorted(p.name for p in ckpt.iterdir())
+    assert "adapter_model.safetensors" in names and not [n for n in names if n.endswith((".bin", ".pkl"))]
+    state_files = [p for p in ckpt.iterdir() if p.suffix in (".pt", ".pth")]
+    assert {p.name for p in state_files} >= {"optimizer.pt", "scheduler.pt", "rng_state.pth"}
+    from transformers.trainer_pt_utils import safe_globals  # numpy arrays and dtypes (RNG state): data, not code
+
+    with safe_globals():
+        for p in state_files:  # every piece of training state loads without unpickling objects
+            torch.load(p, weights_only=True)
+    assert json.loads((ckpt / "training_args.json").read_text())["seed"] == 42  # not a pickled training_args.bin
+    assert (out / "adapter_model.safetensors").is_file() and not list(out.glob("*.bin"))
+
+    marker = tmp_path / "PWNED"
+    torch.save({"state": {}, "param_groups": [], "x": _Payload(marker)}, ckpt / "optimizer.pt")
+    with pytest.raises(st.ConfigError, match=r"^train.resume_from_checkpoint: .*checkpoint-2 holds a file that is not "
+                                             r"plain tensors, refused"):
+        st.train(_recipe(tiny_model_dir, tiny_data, out, "train.max_steps=4", "resume=auto"))
+    assert not marker.exists()
+
+
+@pytest.fixture
+def remote_code_model_dir(tmp_path, tokenizer):
+    """A model folder whose config asks for its own Python code (auto_map), which writes a marker on import."""
+    d = tmp_path / "remote-code"
+    tiny_llama().save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    marker = tmp_path / "RAN"
+    # Subclasses, not aliases: loading registers them for auto classes, which must not touch the real Llama.
+    (d / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
+                               "from transformers import LlamaConfig, LlamaForCausalLM\n"
+                               "class EvilConfig(LlamaConfig):\n    pass\n"
+                               "class EvilModel(LlamaForCausalLM):\n    config_class = EvilConfig\n")
+    return d, marker
+
+
+def test_remote_code_runs_only_when_the_recipe_asks(remote_code_model_dir, tiny_data, tmp_path):
+    from samsum_tuner.model import load_model, load_tokenizer
+
+    d, marker = remote_code_model_dir
+    r = _recipe(d, tiny_data, tmp_path / "run")
+    assert r.model.trust_remote_code is False
+    load_tokenizer(r)
+    load_model(r)
+    assert not marker.exists()
+    r.model.trust_remote_code = True
+    load_model(r)
+    assert marker.read_text() == "ran"  # the same folder does run code once the recipe says so
+
+
+def test_overwrite_moves_the_old_checkpoints_aside_and_resume_never_mixes_runs(tiny_model_dir, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    st.train(_recipe(tiny_model_dir, tiny_data, out, "train.max_steps=3"))
+    before = (out / "checkpoint-3" / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(st.ConfigError, match="already holds a run"):
+        st.build_trainer(_recipe(tiny_model_dir, tiny_data, out, "train.max_steps=2"))
+    st.train(_recipe(tiny_model_dir, tiny_data, out, "train.max_steps=2", "train.overwrite_output_dir=true"))
+    assert (out / ".overwritten" / "checkpoint-3" / "adapter_model.safetensors").read_bytes() == before
+    assert [p.name for p in ck.complete_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
+    assert ck.resolve_resume("auto", out) == out / "checkpoint-2"
+    shutil.rmtree(out)
