@@ -24,6 +24,8 @@ FSDP1 = ACC + ["--config_file", "accelerate_configs/fsdp4.yaml"]
 FSDP1_OFFLOAD = ACC + ["--config_file", "accelerate_configs/fsdp4_cpu_offload.yaml"]
 M7, M13 = "model.name=random:llama2-7b", "model.name=random:llama2-13b"
 CAP32 = "memory.gpu_limit_gib=32"
+# An H200 capped to what an H100 80GB shows (79.2 GiB): the H100 verdicts on the machine that is lent.
+CAP80 = "memory.gpu_limit_gib=79.2"
 
 # name: (launcher prefix or None, recipe, overrides, expect)
 RUNS: dict[str, tuple[list[str] | None, str, list[str], str]] = {
@@ -34,7 +36,7 @@ RUNS: dict[str, tuple[list[str] | None, str, list[str], str]] = {
     "cap32_full_fp32": (None, R + "full_fp32.yaml", [M7, CAP32, "--force"], "oom"),
     "cap32_full_fp16": (None, R + "full_fp16.yaml", [M7, CAP32, "--force"], "oom"),
     "cap32_full_4bit": (None, R + "full_4bit.yaml", [M7, CAP32], "refused"),
-    # Uncapped on one H100.
+    # One H100 80GB (on an H200: capped at CAP80 by the runner unless the name starts with h200_).
     "gpu_qlora_fp16": (None, R + "qlora_4bit_fp16.yaml", [M7], "ok"),
     "gpu_qlora_bf16": (None, R + "qlora_4bit_fp16.yaml", [M7, "train.fp16=false", "train.bf16=true"], "ok"),
     "gpu_lora_fp16": (None, R + "lora_fp16.yaml", [M7], "ok"),
@@ -56,13 +58,29 @@ RUNS: dict[str, tuple[list[str] | None, str, list[str], str]] = {
     # H200 only (141 GB).
     "h200_full_bf16_mixed_adamw": (None, R + "full_fp32.yaml", [M7, "train.bf16=true"], "ok"),
     "h200_full_sgd_fsdp1": (FSDP1, R + "full_sgd.yaml", [M7], "ok"),
-    # Malloc retries: a cap tight enough to make the allocator retry.
     # Malloc retries: 3 epochs of 16 rows, longest batch first in each; the probe measures the peak, the
     # capped run sets its cap just above it ("{probe_cap}"), so the cache must be flushed and retried.
     "retries_probe": (None, R + "lora_fp32.yaml", [M7, "data.split_slice=[:16]", "train.max_steps=-1"], "ok"),
     "retries_capped": (None, R + "lora_fp32.yaml", [M7, "data.split_slice=[:16]", "train.max_steps=-1",
                                                      "memory.gpu_limit_gib={probe_cap}", "--force"], "ok"),
+    # The embedded SmolLM2 (real weights): one epoch of the whole train split, eval on the whole validation
+    # split before and after. Runner overrides that bound steps are replaced by the ones here.
+    "smollm2_epoch": (None, R + "demo_cpu.yaml", ["data.split_slice=null", "train.max_steps=-1",
+                                                  "train.num_train_epochs=1", "train.bf16=true",
+                                                  "train.per_device_train_batch_size=16",
+                                                  "train.per_device_eval_batch_size=32", "train.learning_rate=2e-4",
+                                                  "train.warmup_steps=20", "train.logging_steps=20",
+                                                  "data.eval_slice=null", "train.eval_on_start=true"], "ok"),
 }
+
+
+def _is_h200() -> bool:
+    # nvidia-smi, not torch: a CUDA context in this process would take memory from the runs it measures.
+    try:
+        return "H200" in subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                                        capture_output=True, text=True).stdout
+    except OSError:
+        return False
 
 
 def run_one(name: str, steps: int, slice_rows: int, timeout: int, out: Path, extra: list[str]) -> dict:
@@ -75,7 +93,7 @@ def run_one(name: str, steps: int, slice_rows: int, timeout: int, out: Path, ext
     cmd += [recipe, f"train.output_dir={run_dir}", "train.overwrite_output_dir=true", f"train.max_steps={steps}",
             "data.longest_first=true", f"data.eval_slice=[:{slice_rows}]", "train.save_strategy=no",
             "train.save_model=false", "train.logging_steps=1", "train.report_to=[]", "train.disable_tqdm=true",
-            *overrides, *extra]
+            *([CAP80] if name.startswith("gpu_") and _is_h200() else []), *overrides, *extra]
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
@@ -112,12 +130,19 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--rows", type=int, default=64, help="validation rows for eval_loss")
     p.add_argument("--timeout", type=int, default=240)
+    p.add_argument("--deadline", type=float, default=0,
+                   help="seconds from start after which no new run starts (a device call has a hard limit)")
     p.add_argument("extra", nargs="*", help="overrides added to every run")
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
     for name in a.only.split(","):
-        run_one(name.strip(), a.steps, a.rows, a.timeout, out, a.extra)
+        left = a.deadline - (time.time() - start) if a.deadline else a.timeout
+        if left < 30:
+            print(f"[{name}] not started: the call's deadline is near", flush=True)
+            continue
+        run_one(name.strip(), a.steps, a.rows, int(min(a.timeout, left)), out, a.extra)
 
 
 if __name__ == "__main__":

@@ -125,17 +125,17 @@ def build_trainer(recipe: Recipe, *, prepared: Prepared | None = None, callbacks
 
     from .guards import NonFiniteGuard
     from .memory import MemoryCallback, apply_gpu_limit
-    from .model import load_model
+    from .model import layers_to_wrap, load_model
     from .trainer import SamsumTrainer, ThroughputCallback, build_collator, training_arguments
 
     prepared = prepared or prepare(recipe)
     launch = prepared.launch
     apply_gpu_limit(recipe.memory.gpu_limit_gib)
     set_seed(recipe.train.seed)  # LoRA/random init happen here, before the Trainer seeds: same run, same weights
-    args_layer_cls = ["LlamaDecoderLayer"]
+    # TrainingArguments first: under a torchrun FSDP launch they export the FSDP environment that
+    # from_pretrained reads to load on rank 0 only (one host copy of the weights, not one per rank).
+    args = training_arguments(recipe, launch, layers_to_wrap(recipe), has_eval="eval" in prepared.splits)
     model = load_model(recipe, fsdp=launch.fsdp)
-    no_split = getattr(getattr(model, "base_model", model), "_no_split_modules", None) or args_layer_cls
-    args = training_arguments(recipe, launch, list(no_split), has_eval="eval" in prepared.splits)
     memory_cb = MemoryCallback(recipe.train.output_dir, log_every_steps=recipe.memory.log_every_steps,
                                sample_interval_s=recipe.memory.sample_interval_s,
                                gpu_limit_gib=recipe.memory.gpu_limit_gib)

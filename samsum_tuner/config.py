@@ -95,6 +95,7 @@ class TrainConfig:
     logging_steps: int = 10
     eval_strategy: str = "epoch"
     eval_steps: int | None = None
+    eval_on_start: bool = False  # an eval_loss before the first step, to show it falling
     save_strategy: str = "epoch"
     save_steps: int | None = None
     save_total_limit: int | None = 2

@@ -192,6 +192,32 @@ def compute_dtype(recipe: Recipe) -> torch.dtype:
     return DTYPES[recipe.model.dtype]
 
 
+def layers_to_wrap(recipe: Recipe) -> list[str]:
+    """The decoder-layer classes FSDP wraps, from the model class alone (no weights)."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = load_model_config(recipe)
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    return list(getattr(cls, "_no_split_modules", None) or ["LlamaDecoderLayer"])
+
+
+def _build_context(recipe: Recipe, fsdp: bool):
+    """Where a random model is built. Under FSDP accelerate shards it with cpu_ram_efficient_loading:
+    rank 0's weights (on the host) are broadcast and the other ranks need only the shapes, as
+    from_pretrained does for a checkpoint; a full copy per GPU would put the whole model on every card
+    before sharding. The other ranks keep real buffers (init_empty_weights leaves them alone): accelerate
+    re-registers non-persistent buffers such as the rotary inv_freq from each rank's own copy. A 4-bit
+    model stays on its GPU: bitsandbytes quantizes there and keeps the quant_state beside the data
+    (FSDP's move would leave a host-built quant_state behind), and at 4 bits the copy is small."""
+    if not fsdp or recipe.quantization.bits:
+        return _local_device()
+    if int(os.environ.get("RANK", 0)) == 0:
+        return torch.device("cpu")
+    from accelerate import init_empty_weights
+
+    return init_empty_weights(include_buffers=False)
+
+
 def _local_device() -> torch.device:
     if not torch.cuda.is_available():
         return torch.device("cpu")
@@ -257,8 +283,7 @@ def _build_random(recipe: Recipe, dtype: torch.dtype, fsdp: bool):
 
     config = load_model_config(recipe)
     config._attn_implementation = recipe.model.attn_implementation
-    device = _local_device()
-    with device:
+    with _build_context(recipe, fsdp):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     n = sum(p.numel() for p in model.parameters())
     if recipe.quantization.bits:

@@ -75,6 +75,24 @@ def test_qlora_on_cpu_trains_only_the_adapter():
     assert 0 < t < total
 
 
+def test_fsdp_random_model_is_real_on_rank_0_and_shapes_only_elsewhere(monkeypatch):
+    """Under FSDP rank 0 holds the weights that accelerate broadcasts; the other ranks build shapes only,
+    but with real buffers (accelerate re-registers the rotary inv_freq from each rank's own copy)."""
+    from samsum_tuner.model import _build_context
+
+    r = build_recipe(None, ["--enable_fsdp", "--use_peft"])
+    placed = {}
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        with _build_context(r, fsdp=True):
+            model = tiny_llama(vocab_size=256)
+        placed[rank] = ({p.device.type for p in model.parameters()}, {b.device.type for b in model.buffers()})
+    assert placed["0"] == ({"cpu"}, {"cpu"})
+    assert placed["1"] == ({"meta"}, {"cpu"})
+    rope = next(b for n, b in model.named_buffers() if n.endswith("inv_freq"))
+    assert torch.isfinite(rope).all() and rope.abs().sum() > 0
+
+
 def test_fsdp_4bit_built_model_stores_in_compute_dtype():
     r = build_recipe(None, ["--use_peft", "--quantization", "True", "--enable_fsdp", "train.bf16=true"])
     model = tiny_llama(vocab_size=256).to(torch.bfloat16)
