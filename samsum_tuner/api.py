@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +91,16 @@ def prepare(recipe: Recipe, *, dry_run: bool = False, force: bool = False) -> Pr
     prepared = Prepared(recipe, launch, tokenizer, splits, notes=notes)
     prepared.plan = _preflight(prepared, enforce=not (dry_run or force))
     return prepared
+
+
+def train_token_lengths(recipe: Recipe) -> list[int]:
+    """Per-sample token counts of the train split as training would see them: data and tokenizer, no model."""
+    from .model import check_model_source, load_tokenizer
+
+    data = replace(recipe.data, eval_split=None)
+    raw = read_splits(data)
+    check_model_source(recipe)
+    return tokenize_splits(data, load_tokenizer(recipe), raw)["train"].lengths
 
 
 def _preflight(prepared: Prepared, enforce: bool):

@@ -76,6 +76,9 @@ def main_plan(argv: list[str], prog: str = "samsum-tuner plan") -> int:
     p.add_argument("--gpus", type=int, default=1)
     p.add_argument("--gpu-memory", default=None, help="per GPU, e.g. 32GiB or 80")
     p.add_argument("--host-memory", default=None, help="whole node, e.g. 63GiB")
+    p.add_argument("--lengths", choices=("data", "default"), default="data",
+                   help="worst batch from the recipe's tokenized train split (default; needs the data and the "
+                        "tokenizer, not the model) or from built-in SAMSum length statistics")
     opts, rest = p.parse_known_args(argv)
 
     def run() -> int:
@@ -99,8 +102,9 @@ def main_plan(argv: list[str], prog: str = "samsum-tuner plan") -> int:
             raise ConfigError(f"--gpus must be positive, got {opts.gpus}")
         path, overrides = _split_recipe(rest)
         recipe = api.load_recipe(path, overrides)
+        lengths = api.train_token_lengths(recipe) if opts.lengths == "data" else None
         result = plan(recipe, gpus=opts.gpus, gpu_memory_gib=gib(opts.gpu_memory, "--gpu-memory"),
-                      host_memory_gib=gib(opts.host_memory, "--host-memory"))
+                      host_memory_gib=gib(opts.host_memory, "--host-memory"), token_lengths=lengths)
         print(result.table())
         print(result.verdict)
         return EXIT_WONT_FIT if result.fits is False else EXIT_OK

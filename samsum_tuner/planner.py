@@ -361,10 +361,11 @@ def _estimate(recipe: Recipe, gpus: int, token_lengths: list[int] | None, s: Mod
     gpu_rows.append(("CUDA context, cuBLAS" + (", NCCL" if gpus > 1 else ""), overhead))
     gpu_peak = allocated * (1 + FRAGMENTATION) + overhead
     random = m.name.startswith("random:")
-    if fsdp and random:
-        # model.py builds random shapes whole on each rank's GPU; FSDP shards them afterwards.
+    if fsdp and random and q.bits:
+        # model.py builds a 4-bit random shape whole on each rank's GPU (bitsandbytes quantizes there);
+        # FSDP shards it afterwards.
         built = (weights + lora_n * 4) / GIB
-        gpu_rows.append(("loading: random model built whole on each GPU (before sharding)", built))
+        gpu_rows.append(("loading: random 4-bit model built whole on each GPU (before sharding)", built))
         if built + overhead > gpu_peak:
             gpu_peak = built + overhead
             notes.append("the GPU peak is while loading: the random model is built whole before FSDP shards it")
@@ -374,7 +375,9 @@ def _estimate(recipe: Recipe, gpus: int, token_lengths: list[int] | None, s: Mod
     offloaded = (weights + lora_n * 4 + grads + opt_states) / n / GIB if offload else 0.0
     if offload:
         host_rows.append((f"CPU offload: {label} params, grads, {opt_name}{shard}", offloaded))
-    if random:
+    if random and fsdp and not q.bits:
+        load, load_label = P * wb / GIB, f"loading: random weights built on the host ({label})"
+    elif random:
         load, load_label = 0.0, "loading: none (random weights are built on the GPU)"
     elif q.bits and not fsdp:
         load, load_label = 0.0, "loading: none (quantized while streaming to the GPU)"

@@ -57,6 +57,11 @@ class SamsumTrainer(Trainer):
             (out / "training_args.bin").unlink()
             (out / "training_args.json").write_text(self.args.to_json_string())
 
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is not None and self.is_fsdp_enabled:
+            prime_optimizer_state(self.optimizer)
+        super()._load_optimizer_and_scheduler(checkpoint)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         for cb in self.callback_handler.callbacks:
@@ -100,6 +105,18 @@ class SamsumTrainer(Trainer):
             if loss_key in logs:
                 logs[ppl_key] = math.exp(min(logs[loss_key], 50.0))
         super().log(logs, start_time)
+
+
+def prime_optimizer_state(optimizer) -> None:
+    """Give an optimizer that has not stepped yet its (zero) state before an FSDP checkpoint loads into it.
+
+    Distributed checkpointing does this itself by stepping the optimizer once with zero gradients, but
+    through accelerate's wrapper that step reaches the fp16 GradScaler, which refuses a step before any
+    scale() ("Attempted step but _scale is None"): FSDP + fp16 runs could not resume. The optimizer
+    inside the wrapper is primed directly instead."""
+    from torch.distributed.checkpoint.state_dict import _init_optim_state
+
+    _init_optim_state(getattr(optimizer, "optimizer", optimizer))
 
 
 class LongestFirstSampler(torch.utils.data.Sampler):

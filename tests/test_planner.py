@@ -12,6 +12,8 @@ from samsum_tuner.config import Recipe, build_recipe
 from samsum_tuner.planner import (GIB, LLAMA_SHAPES, ModelShape, layer_activation_bytes, plan, shape_for_model_name,
                                   shape_from_config)
 
+from .conftest import ROOT
+
 LLAMA2_7B = "meta-llama/Llama-2-7b-hf"
 V100 = dict(gpu_memory_gib=32, host_memory_gib=63)  # the 2023 node: 4 x V100-32GB, 63 GB of host memory
 
@@ -333,9 +335,42 @@ def test_optimizer_states_per_parameter():
     assert not [r for r in plan(recipe("train.optim=sgd", "train.momentum=0")).rows if r[0].startswith("optimizer")]
 
 
-def test_random_shapes_build_on_the_gpu():
+def test_random_shapes_build_where_model_py_builds_them():
     p = plan(recipe("fsdp.enabled=true", "train.bf16=true", name="random:llama2-7b"), gpus=4)
-    assert row(p, "loading: none")[2] == 0
-    # Llama-2-7B plus 2 x 17,152 x 4096 rows for SmolLM2's larger vocabulary, fp32, whole on each GPU
-    assert row(p, "loading: random model built whole")[1] == pytest.approx(6_878_924_800 * 4 / GIB)
+    # Llama-2-7B plus 2 x 17,152 x 4096 rows for SmolLM2's larger vocabulary, fp32, on rank 0's host only:
+    # accelerate broadcasts it into the shards, the other ranks build shapes only.
+    assert row(p, "loading: random weights built on the host")[2] == pytest.approx(6_878_924_800 * 4 / GIB)
+    assert not [r for r in p.rows if "built whole" in r[0]]
+    assert p.host_peak_gib == pytest.approx(4 * 2.5 + 6_878_924_800 * 4 / GIB, rel=1e-3)
+    single = plan(recipe("train.bf16=true", name="random:llama2-7b"), gpus=1)
+    assert row(single, "loading: none")[2] == 0
+    q = plan(recipe("fsdp.enabled=true", "train.bf16=true", "quantization.bits=4", "lora.enabled=true",
+                    name="random:llama2-7b"), gpus=4)
+    assert row(q, "loading: random 4-bit model built whole on each GPU")[1] > 3
     assert "vocab 49,152" in p.table()
+
+
+# ---------------------------------------------------------------- the `plan` command
+def test_plan_command_exits_0_when_it_fits_and_3_when_not(capsys):
+    from samsum_tuner import cli
+
+    qlora = ["plan", str(ROOT / "recipes" / "qlora_4bit_fp16.yaml"), "model.name=random:llama2-7b",
+             "--gpu-memory", "32GiB", "--host-memory", "63GiB", "--lengths", "default"]
+    assert cli.main(qlora) == 0
+    out = capsys.readouterr().out
+    assert "weights (4-bit NF4 base)" in out and out.strip().splitlines()[-1].startswith("fits: GPU")
+    lora = ["plan", str(ROOT / "recipes" / "lora_fp16.yaml"), "model.name=random:llama2-7b", "--gpu-memory", "32GiB",
+            "--lengths", "default"]
+    assert cli.main(lora) == 3
+    verdict = capsys.readouterr().out.strip().splitlines()[-1]
+    assert verdict.startswith("will not fit") and "32.00" in verdict, verdict
+
+
+def test_plan_command_takes_the_worst_batch_from_the_recipes_data(tiny_data, tokenizer, capsys):
+    from samsum_tuner import cli
+
+    argv = ["plan", "model.name=random:llama2-7b", f"data.source={tiny_data}", "--use_peft", "--quantization", "True",
+            "--gpu-memory", "32GiB"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "(40 real samples, longest " in out and "default SAMSum lengths" not in out
