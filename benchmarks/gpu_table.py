@@ -1,0 +1,160 @@
+"""Turn the GPU matrix's raw results (benchmarks/results/*/call*.jsonl) into docs/gpu_results.{json,md}.
+
+    python benchmarks/gpu_table.py            # all result folders, newest session last
+
+Each row carries the exact command, the device, library versions and the memory planner's prediction for
+the same recipe (computed here: the planner needs no GPU), so the table doubles as the planner's check.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import re
+import shlex
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS, DOCS = ROOT / "benchmarks" / "results", ROOT / "docs"
+sys.path.insert(0, str(ROOT))
+
+# Why a run's outcome is what it is, where the figures alone do not say.
+NOTES = {
+    "cap32_full_4bit": "refused before loading: a 4-bit model takes no gradient (the log's flat loss / 'No inf checks')",
+    "cap32_lora_fp32": "log: OOM; here OOM at the first (longest) batch: 25.6 GiB of fp32 weights + activations",
+    "cap32_lora_fp16": "log: OOM; fp16 autocast keeps half copies of the fp32 weights (+12.5 GiB)",
+    "cap32_full_fp32": "log: OOM; fp32 weights + gradients alone are 51 GiB",
+    "cap32_full_fp16": "log: OOM; as full fp32 plus autocast copies",
+    "fsdp1_lora_fp16": "finished 12 steps and its eval (figures from its memory.jsonl), then hit the runner's "
+                       "150 s limit: the fp32 7B is built on rank 0's host before FSDP moves it (slow on CPU)",
+    "smollm2_epoch": "cut off at 39% of the epoch when the session's device time ran out (~9,500 tokens/s "
+                     "at batch 16); the logged train loss went 1.85 (epoch 0.09) to 1.67 (epoch 0.39); no eval yet",
+}
+
+
+def _args(command: str) -> tuple[str | None, list[str]]:
+    argv = shlex.split(command)
+    rest = argv[argv.index("samsum_tuner.train") + 1:]
+    path = rest[0] if rest and rest[0].endswith((".yaml", ".yml")) else None
+    return path, [a for a in rest[1 if path else 0:] if a != "--force"]
+
+
+def _predict(command: str, cache: dict) -> dict:
+    """The planner's GPU peak for the run's own recipe and the real token lengths of its train split."""
+    from samsum_tuner.api import train_token_lengths
+    from samsum_tuner.config import build_recipe
+    from samsum_tuner.planner import plan
+
+    from samsum_tuner.errors import ConfigError
+
+    path, overrides = _args(command)
+    try:
+        recipe = build_recipe(str(ROOT / path) if path else None, overrides)
+    except ConfigError:  # a recipe that validation refuses has no memory verdict
+        return {"predicted_gpu_peak_gib": None, "planner": "refused by validation"}
+    key = (recipe.model.name.startswith("random:"), json.dumps(recipe.data.__dict__, sort_keys=True, default=str))
+    if key not in cache:
+        cache[key] = train_token_lengths(recipe)
+    p = plan(recipe, gpus=1, gpu_memory_gib=recipe.memory.gpu_limit_gib, token_lengths=cache[key])
+    return {"predicted_gpu_peak_gib": round(p.gpu_peak_gib, 2), "predicted_host_peak_gib": round(p.host_peak_gib, 2),
+            "planner": "fits" if p.fits is not False else "will not fit"}
+
+
+def _losses(stdout: str) -> list[float]:
+    return [float(x) for x in re.findall(r"\{'loss': '([0-9.]+)'", stdout)]
+
+
+def row(record: dict, device: str, versions: dict, session: str, cache: dict) -> dict:
+    s, name = record["summary"], record["name"]
+    epochs = [m for m in record["memory"] if m.get("event") == "epoch" and m.get("rank") == 0]
+    mem = dict(s.get("memory") or {})
+    if epochs:  # per-epoch peaks and the first epoch's retries, from the callback's own file
+        last = epochs[-1]
+        for k in ("gpu_peak_allocated_gib", "gpu_peak_reserved_gib", "gpu_peak_active_gib", "host_peak_rss_gib"):
+            mem[k] = max(e.get(k) or 0 for e in epochs)
+        mem["gpu_malloc_retries_per_epoch"] = [e.get("gpu_malloc_retries") for e in epochs]
+        mem["gpu_malloc_retries_total"] = last.get("gpu_malloc_retries_total")
+    m = s.get("metrics", {})
+    status = record["status"]
+    if status.startswith("failed(-9)"):
+        status = "cut off"
+    out = {
+        "run": name, "session": session, "device": device, "status": status, "expected": record["expected"],
+        "s_per_step": m.get("s_per_step"), "real_tokens_per_s": m.get("real_tokens_per_s"),
+        "gpu_peak_allocated_gib": mem.get("gpu_peak_allocated_gib"), "gpu_peak_reserved_gib": mem.get("gpu_peak_reserved_gib"),
+        "gpu_peak_active_gib": mem.get("gpu_peak_active_gib"), "gpu_limit_gib": mem.get("gpu_limit_gib"),
+        "gpu_malloc_retries_per_epoch": mem.get("gpu_malloc_retries_per_epoch"),
+        "gpu_malloc_retries_total": mem.get("gpu_malloc_retries_total"), "host_peak_rss_gib": mem.get("host_peak_rss_gib"),
+        "first_loss": m.get("first_loss"), "last_loss": m.get("last_loss"), "eval_loss": m.get("eval_loss"),
+        "eval_ppl": m.get("eval_ppl"), "logged_losses": _losses(record["stdout_tail"]),
+        "error": s.get("error") or ([ln for ln in record["stderr_tail"].splitlines() if "samsum-tuner: error" in ln]
+                                    or [None])[-1],
+        "note": NOTES.get(name), "command": record["command"], "versions": versions,
+    }
+    out.update(_predict(record["command"], cache))
+    measured, predicted = out["gpu_peak_allocated_gib"], out["predicted_gpu_peak_gib"]
+    if status == "ok" and measured and predicted:
+        out["predicted_over_measured"] = round(predicted / measured, 3)
+    return out
+
+
+def _fmt(v, nd=2) -> str:
+    if v is None or v == []:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:,.{nd}f}"
+    if isinstance(v, list):
+        return "/".join(str(x) for x in v)
+    return str(v)
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["# GPU results", "",
+             "Generated by `python benchmarks/gpu_table.py` from the raw records in `benchmarks/results/` "
+             "(each folder's `commands.md` gives the device calls). Runs: `random:llama2-7b` (Llama-2-7B shape, "
+             "random init, SmolLM2 vocabulary) on real SAMSum tokens, the whole train split with its longest "
+             "batch first, 12 optimizer steps, eval_loss on the first 64 validation rows; figures from the "
+             "project's memory callback. `cap32_*` runs cap the GPU at 32 GiB (a V100-32GB), `gpu_*` at 79.2 GiB "
+             "(an H100 80GB) on the H200. *Planner* is the memory planner's GPU peak for the same recipe "
+             "(real token lengths), *ratio* predicted/measured peak allocated.", ""]
+    head = ["run", "status", "s/step", "real tok/s", "GPU alloc / reserved / active GiB", "retries (epoch/total)",
+            "host peak GiB", "loss first→last", "eval_loss (ppl)", "planner GiB", "ratio", "note"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        mem = f"{_fmt(r['gpu_peak_allocated_gib'])} / {_fmt(r['gpu_peak_reserved_gib'])} / {_fmt(r['gpu_peak_active_gib'])}"
+        if r["gpu_limit_gib"]:
+            mem += f" (cap {r['gpu_limit_gib']:g})"
+        retries = f"{_fmt(r['gpu_malloc_retries_per_epoch'])} / {_fmt(r['gpu_malloc_retries_total'])}"
+        loss = f"{_fmt(r['first_loss'], 3)}→{_fmt(r['last_loss'], 3)}" if r["first_loss"] is not None else "–"
+        ev = f"{_fmt(r['eval_loss'], 3)} ({_fmt(r['eval_ppl'], 0)})" if r["eval_loss"] is not None else "–"
+        status = r["status"] + ("" if r["status"] == r["expected"] else f" (expected {r['expected']})")
+        note = r["note"] or (r["error"] or "")
+        lines.append("| " + " | ".join([r["run"], status, _fmt(r["s_per_step"]), _fmt(r["real_tokens_per_s"], 0), mem,
+                                        retries, _fmt(r["host_peak_rss_gib"]), loss, ev,
+                                        f"{_fmt(r['predicted_gpu_peak_gib'])} ({r['planner']})",
+                                        _fmt(r.get("predicted_over_measured"), 3), note.replace("|", "/")]) + " |")
+    sessions = sorted({(r["session"], r["device"], json.dumps(r["versions"], sort_keys=True)) for r in rows})
+    lines += ["", "## Sessions", ""]
+    for session, device, versions in sessions:
+        lines.append(f"- {session}: {device}; {versions}")
+    lines += ["", "Each run's exact command is in `docs/gpu_results.json` (`command`), run from the repository root "
+              "by `benchmarks/gpu_matrix.py`.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    rows, cache = [], {}
+    for folder in sorted(p for p in RESULTS.iterdir() if p.is_dir()):
+        device = (folder / "device.csv").read_text().splitlines()[1].strip() if (folder / "device.csv").is_file() else "?"
+        versions = ast.literal_eval((folder / "versions.txt").read_text().strip()) if (folder / "versions.txt").is_file() else {}
+        for call in sorted(folder.glob("call*.jsonl")):
+            for line in call.read_text().splitlines():
+                rows.append(row(json.loads(line), device, versions, folder.name, cache))
+    DOCS.mkdir(exist_ok=True)
+    (DOCS / "gpu_results.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (DOCS / "gpu_results.md").write_text(markdown(rows))
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
