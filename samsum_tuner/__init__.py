@@ -3,10 +3,11 @@ from .api import Prepared, build_trainer, load_recipe, prepare, save, train
 from .config import Recipe
 from .evaluation import evaluate
 from .merge import merge
+from .report import report
 from .errors import ConfigError, DataError, SamsumTunerError, WontFitError
 
 __all__ = [
-    "load_recipe", "prepare", "build_trainer", "train", "save", "evaluate", "merge", "Prepared", "Recipe",
+    "load_recipe", "prepare", "build_trainer", "train", "save", "evaluate", "merge", "report", "Prepared", "Recipe",
     "ConfigError", "DataError", "WontFitError", "SamsumTunerError",
 ]
 __version__ = "0.1.0"

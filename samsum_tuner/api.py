@@ -252,6 +252,8 @@ def _write_summary(trainer, recipe: Recipe, summary: dict[str, Any]) -> None:
                   "accelerate": accelerate.__version__, "peft": peft.__version__},
     )
     (out / "metrics.json").write_text(json.dumps(summary.get("metrics", {}), indent=2))
+    # The Trainer's log lines (losses, lr, eval, memory figures): `samsum-tuner report` plots them.
+    (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1, default=str))
     (out / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str))
 
 

@@ -160,7 +160,22 @@ def main_merge(argv: list[str], prog: str = "samsum-tuner merge") -> int:
     return _guard(run)
 
 
-COMMANDS = {"train": main_train, "plan": main_plan, "eval": main_eval, "merge": main_merge}
+def main_report(argv: list[str], prog: str = "samsum-tuner report") -> int:
+    p = _Parser(prog=prog, allow_abbrev=False,
+                description="report.md and PNG plots (loss, perplexity, learning rate, memory) of a run directory.")
+    p.add_argument("run_dir")
+    opts = p.parse_args(argv)
+
+    def run() -> int:
+        from .report import report
+
+        print(f"samsum_tuner: report written to {report(opts.run_dir)}")
+        return EXIT_OK
+
+    return _guard(run)
+
+
+COMMANDS = {"train": main_train, "plan": main_plan, "eval": main_eval, "merge": main_merge, "report": main_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,168 @@
+"""`samsum-tuner report RUN_DIR`: a markdown summary and PNG plots of a finished (or stopped) run.
+
+Reads what training leaves in the run directory: run_summary.json, log_history.json (the Trainer's log
+lines), memory.jsonl (the memory callback) and eval_metrics_*.json (samsum-tuner eval), if present.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+
+def _read_json(path: Path, default):
+    if not path.is_file():
+        return default
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    return rows
+
+
+def _series(history: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    pts = [(h["step"], h[key]) for h in history if key in h and "step" in h]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _figure(title: str, ylabel: str):
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.set_title(title)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    return fig, ax
+
+
+def _save(fig, ax, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _plots(out: Path, history: list[dict[str, Any]], memory: list[dict[str, Any]]) -> list[str]:
+    made = []
+    curves = [(k, label) for k, label in (("loss", "train loss"), ("eval_loss", "eval loss")) if _series(history, k)[0]]
+    if curves:
+        fig, ax = _figure("Loss (mean over supervised tokens)", "cross-entropy (nats/token)")
+        for key, label in curves:
+            x, y = _series(history, key)
+            ax.plot(x, y, marker="o" if key == "eval_loss" else None, markersize=4, label=label)
+        _save(fig, ax, out / "loss.png")
+        made.append("loss.png")
+    ppl = [(k, label) for k, label in (("ppl", "train perplexity"), ("eval_ppl", "eval perplexity"))
+           if _series(history, k)[0]]
+    if ppl:
+        fig, ax = _figure("Perplexity = exp(loss)", "perplexity (log scale)")
+        for key, label in ppl:
+            x, y = _series(history, key)
+            ax.plot(x, y, marker="o" if key == "eval_ppl" else None, markersize=4, label=label)
+        ax.set_yscale("log")
+        _save(fig, ax, out / "perplexity.png")
+        made.append("perplexity.png")
+    x, y = _series(history, "learning_rate")
+    if x:
+        fig, ax = _figure("Learning rate", "learning rate")
+        ax.plot(x, y, label="learning rate")
+        _save(fig, ax, out / "learning_rate.png")
+        made.append("learning_rate.png")
+    ranks = sorted({m["rank"] for m in memory if m.get("rank") is not None})
+    if ranks:
+        # The every-N-steps windows make the timeline; epoch peaks span a whole epoch and would overlap them.
+        window = "step" if any(m.get("event") == "step" for m in memory) else "epoch"
+        fig, ax = _figure(f"Memory: peaks per {'logging window' if window == 'step' else 'epoch'}", "GiB")
+        for rank in ranks:
+            mine = [m for m in memory if m.get("rank") == rank and m.get("event") == window]
+            steps = [m["step"] for m in mine]
+            suffix = f" (rank {rank})" if len(ranks) > 1 else ""
+            if any(m.get("gpu_peak_allocated_gib") is not None for m in mine):
+                ax.plot(steps, [m["gpu_peak_allocated_gib"] for m in mine], marker="o", label="GPU allocated" + suffix)
+                ax.plot(steps, [m["gpu_peak_reserved_gib"] for m in mine], marker="s", label="GPU reserved" + suffix)
+            ax.plot(steps, [m["host_peak_rss_gib"] for m in mine], marker="^", label="host RSS" + suffix)
+        if not any(m.get("gpu_peak_allocated_gib") is not None for m in memory):
+            ax.set_title(ax.get_title() + " (no CUDA: host only)")
+        ax.set_ylim(bottom=0)
+        _save(fig, ax, out / "memory.png")
+        made.append("memory.png")
+        epochs = [m for m in memory if m.get("event") == "epoch" and m.get("rank") == ranks[0]
+                  and m.get("gpu_malloc_retries") is not None]
+        if epochs:
+            fig, ax = _figure("CUDA malloc retries per epoch (rank %d)" % ranks[0], "retries")
+            ax.bar([m["epoch"] for m in epochs], [m["gpu_malloc_retries"] for m in epochs], label="within the epoch")
+            ax.set_xlabel("epoch")
+            _save(fig, ax, out / "malloc_retries.png")
+            made.append("malloc_retries.png")
+    return made
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def report(run_dir: str | Path) -> Path:
+    """Write report.md and PNG plots into the run directory; return the markdown's path."""
+    out = Path(run_dir)
+    summary = _read_json(out / "run_summary.json", None)
+    if summary is None:
+        raise ConfigError(f"{out}: no run_summary.json: not a samsum_tuner run directory (or the run never started)")
+    history = _read_json(out / "log_history.json", [])
+    memory = _read_jsonl(out / "memory.jsonl")
+    plots = _plots(out, history, memory)
+    recipe = summary.get("recipe", {})
+    m = summary.get("metrics", {})
+    lines = [f"# Run report: {out.name}", "",
+             f"- status: **{summary.get('status')}**" + (f" ({summary['error']})" if summary.get("error") else ""),
+             f"- model: {recipe.get('model', {}).get('name')}; trainable {summary.get('trainable_params', 0):,} "
+             f"of {summary.get('total_params', 0):,} parameters",
+             f"- device: {summary.get('device')}; {summary.get('world_size')} process(es); "
+             f"versions {summary.get('versions')}", ""]
+    keys = [k for k in ("first_loss", "last_loss", "train_loss", "train_ppl", "eval_loss", "eval_ppl", "s_per_step",
+                        "real_tokens_per_s", "train_runtime") if k in m]
+    if keys:
+        lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(m[k])} |" for k in keys] + [""]
+    epochs = [r for r in memory if r.get("event") == "epoch" and r.get("rank") is not None]
+    if epochs:
+        lines += ["## Memory per epoch", "", "| epoch | rank | GPU allocated GiB | reserved GiB | active GiB | "
+                  "malloc retries (epoch / total) | host peak RSS GiB | node host peak GiB |", "|---|---|---|---|---|---|---|---|"]
+        na = lambda v: "n/a" if v is None else v  # noqa: E731  (null on CPU: never a zero that pretends)
+        for r in epochs:
+            lines.append(f"| {r['epoch']} | {r['rank']} | {na(r['gpu_peak_allocated_gib'])} | "
+                         f"{na(r['gpu_peak_reserved_gib'])} | {na(r['gpu_peak_active_gib'])} | "
+                         f"{na(r['gpu_malloc_retries'])} / {na(r['gpu_malloc_retries_total'])} | "
+                         f"{r['host_peak_rss_gib']} | {r.get('host_peak_rss_node_gib')} |")
+        lines.append("")
+    for path in sorted(out.glob("eval_metrics_*.json")):
+        ev = _read_json(path, {})
+        lines += [f"## ROUGE ({path.stem.removeprefix('eval_metrics_')}, {ev.get('rows')} rows)", "",
+                  "| ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum | ended at EOS % | mean new tokens |",
+                  "|---|---|---|---|---|---|",
+                  f"| {ev.get('rouge1')} | {ev.get('rouge2')} | {ev.get('rougeL')} | {ev.get('rougeLsum')} | "
+                  f"{ev.get('ended_at_eos')} | {ev.get('mean_new_tokens')} |", ""]
+    lines += [f"![{p.removesuffix('.png')}]({p})" for p in plots]
+    if not history:
+        lines.append("(no log_history.json: no loss curves)")
+    (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out / "report.md"
