@@ -84,8 +84,8 @@ def prepare(recipe: Recipe, *, dry_run: bool = False, force: bool = False) -> Pr
         notes.append(f"a real run here would be {e}")
     if not dry_run:
         _check_output_dir(recipe)
+    check_model_source(recipe)  # a missing model folder or unknown shape: a stat, before reading any data
     raw = read_splits(recipe.data)  # data errors (file:line) before anything model-shaped loads
-    check_model_source(recipe)
     tokenizer = load_tokenizer(recipe)
     splits = tokenize_splits(recipe.data, tokenizer, raw)
     prepared = Prepared(recipe, launch, tokenizer, splits, notes=notes)
@@ -183,7 +183,11 @@ def train(recipe: Recipe, *, trainer=None) -> dict[str, Any]:
     try:
         metrics = dict(trainer.train(resume_from_checkpoint=str(resume) if resume else None).metrics)
         if trainer.eval_dataset is not None:
-            metrics.update(trainer.evaluate())
+            step = trainer.state.global_step
+            done = [h for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == step]
+            # The epoch's evaluation already scored the final weights: running it again costs a whole pass.
+            metrics.update({k: v for k, v in done[-1].items() if k.startswith("eval_")} if done
+                           else trainer.evaluate())
     except TrainingDiverged as e:
         summary.update(status="diverged", step=trainer.state.global_step, error=str(e))
         _write_summary(trainer, recipe, summary)

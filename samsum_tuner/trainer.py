@@ -194,7 +194,7 @@ def training_arguments(recipe: Recipe, launch: Launch, layer_cls: list[str], has
         logging_first_step=True,
         eval_strategy=t.eval_strategy if has_eval else "no",
         eval_steps=t.eval_steps,
-        eval_on_start=t.eval_on_start and has_eval,
+        eval_on_start=t.eval_on_start and has_eval and t.eval_strategy != "no",
         save_strategy=t.save_strategy,
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,

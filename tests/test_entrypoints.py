@@ -10,7 +10,7 @@ import pytest
 
 from .conftest import ROOT
 
-SMALL = ["data.split_slice=8", "train.max_steps=2", "train.per_device_train_batch_size=2",
+SMALL = ["data.split_slice=8", "data.eval_slice=[:4]", "train.max_steps=2", "train.per_device_train_batch_size=2",
          "train.per_device_eval_batch_size=4", "train.logging_steps=1", "train.report_to=[]", "data.max_length=256"]
 
 
@@ -56,7 +56,8 @@ def test_console_script_dry_run(real_samsum, tokenizer):
     p = subprocess.run(["samsum-tuner", "train", "recipes/demo_cpu.yaml", "--dry-run", "--split_slice", "1%"],
                        cwd=ROOT, env=_env(real_samsum), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert "rows_in=147" in p.stdout and "rows_in=8" in p.stdout and "tokens train: rows 147" in p.stdout
+    # 1% of train; the recipe's own eval_slice ([:32]) takes precedence for the eval split
+    assert "rows_in=147" in p.stdout and "rows_in=32" in p.stdout and "tokens train: rows 147" in p.stdout
     assert "precision: fp32: float32 weights" in p.stdout and "--- resolved recipe ---" in p.stdout
 
 

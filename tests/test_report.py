@@ -15,9 +15,12 @@ def test_report_of_a_real_run(tiny_model_dir, tiny_data, tmp_path, capsys):
                               "data.max_length=128", *FAST, "--use_peft", "train.per_device_train_batch_size=8",
                               "train.gradient_accumulation_steps=1", "train.num_train_epochs=2",
                               "train.learning_rate=1e-2", "memory.log_every_steps=2", "train.save_strategy=no"])
-    st.train(r)
+    metrics = st.train(r)
     history = json.loads((out / "log_history.json").read_text())
-    assert sum("loss" in h for h in history) == 10 and sum("eval_loss" in h for h in history) == 3  # 2 epochs + final
+    evals = [h for h in history if "eval_loss" in h]
+    # One evaluation per epoch; the final weights are the last epoch's, so they are not scored twice.
+    assert sum("loss" in h for h in history) == 10 and len(evals) == 2
+    assert metrics["eval_loss"] == evals[-1]["eval_loss"] and metrics["eval_ppl"] == evals[-1]["eval_ppl"]
     assert cli.main(["report", str(out)]) == 0
     assert "report written to" in capsys.readouterr().out
     md = (out / "report.md").read_text()
