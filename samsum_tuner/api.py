@@ -122,8 +122,11 @@ def _preflight(prepared: Prepared, enforce: bool):
         import psutil
 
         host_gib = psutil.virtual_memory().total / 2**30
+    import torch
+
     result = plan(r, gpus=prepared.launch.world_size, gpu_memory_gib=gpu_gib, host_memory_gib=host_gib,
-                  token_lengths=prepared.splits["train"].lengths)
+                  token_lengths=prepared.splits["train"].lengths,
+                  device="cuda" if torch.cuda.is_available() else "cpu")
     if enforce and result.fits is False:
         raise WontFitError(f"{result.verdict} (memory.preflight=false or --force runs it anyway)")
     return result

@@ -79,6 +79,7 @@ def main_plan(argv: list[str], prog: str = "samsum-tuner plan") -> int:
     p.add_argument("--lengths", choices=("data", "default"), default="data",
                    help="worst batch from the recipe's tokenized train split (default; needs the data and the "
                         "tokenizer, not the model) or from built-in SAMSum length statistics")
+    p.add_argument("--cpu", action="store_true", help="a run without CUDA: everything in host memory")
     opts, rest = p.parse_known_args(argv)
 
     def run() -> int:
@@ -104,7 +105,8 @@ def main_plan(argv: list[str], prog: str = "samsum-tuner plan") -> int:
         recipe = api.load_recipe(path, overrides)
         lengths = api.train_token_lengths(recipe) if opts.lengths == "data" else None
         result = plan(recipe, gpus=opts.gpus, gpu_memory_gib=gib(opts.gpu_memory, "--gpu-memory"),
-                      host_memory_gib=gib(opts.host_memory, "--host-memory"), token_lengths=lengths)
+                      host_memory_gib=gib(opts.host_memory, "--host-memory"), token_lengths=lengths,
+                      device="cpu" if opts.cpu else "cuda")
         print(result.table())
         print(result.verdict)
         return EXIT_WONT_FIT if result.fits is False else EXIT_OK

@@ -374,3 +374,27 @@ def test_plan_command_takes_the_worst_batch_from_the_recipes_data(tiny_data, tok
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "(40 real samples, longest " in out and "default SAMSum lengths" not in out
+
+
+@pytest.mark.slow
+def test_cpu_plan_against_a_measured_forward_backward_of_smollm2(tokenizer):
+    """No CUDA: the plan is all host memory. Checked here against the RSS growth of a real forward + backward
+    of the embedded SmolLM2 with the demo's LoRA on one packed row (the host sampler of memory.py measures)."""
+    from samsum_tuner.memory import HostPeakSampler
+    from samsum_tuner.model import load_model
+
+    r = build_recipe(str(ROOT / "recipes" / "demo_cpu.yaml"), ["data.max_length=256"])
+    tokens = 4 * 256
+    p = plan(r, token_lengths=[256] * 8, device="cpu", host_memory_gib=24)
+    assert p.gpu_peak_gib == 0 and "no GPU (a CPU run)" in p.verdict and "GPU peak" not in p.table()
+    training = row(p, "training on the CPU")[2]
+    model = load_model(r, fsdp=False)
+    model.train()
+    ids = torch.randint(10, 40000, (1, tokens), generator=torch.Generator().manual_seed(0))
+    sampler = HostPeakSampler(0.005)
+    sampler.start()
+    model(input_ids=ids, position_ids=torch.arange(256).repeat(4)[None], labels=ids).loss.backward()
+    growth = (sampler.peak_bytes() - sampler.start_bytes) / GIB
+    sampler.stop()
+    weights = sum(q.numel() * q.element_size() for q in model.parameters()) / GIB  # loaded before the sampler
+    assert growth + weights == pytest.approx(training, rel=0.25), (growth, weights, training)
