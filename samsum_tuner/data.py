@@ -47,7 +47,11 @@ def slice_count(n_rows: int, split_slice: str | None) -> int:
 
 # ---------------------------------------------------------------- reading
 def resolve_source(cfg: DataConfig) -> str:
-    return os.environ.get("SAMSUM_DATA_DIR") or cfg.source
+    """SAMSUM_DATA_DIR stands in for a hub dataset (offline machines, CI); a folder named in the recipe or on
+    the command line is the user's explicit choice and wins."""
+    env = os.environ.get("SAMSUM_DATA_DIR")
+    local = cfg.source.startswith((".", "/", "~")) or Path(cfg.source).expanduser().is_dir()
+    return env if env and not local else cfg.source
 
 
 def find_split_file(folder: Path, split: str) -> Path | None:

@@ -81,3 +81,28 @@ def test_python_m_train_bad_input_is_one_line(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2
     assert p.stderr.strip() == "samsum-tuner: error: train.learning_rate must be positive, got -1.0"
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_on_cpu(tiny_model_dir, tiny_data, tmp_path):
+    """The original's launcher: two ranks (DDP over gloo on the CPU), one run directory, node-summed memory."""
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_", "SAMSUM_DATA_DIR"))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "samsum_tuner.train",
+           "--use_peft", f"model.name={tiny_model_dir}", f"data.source={tiny_data}", f"train.output_dir={out}",
+           "train.max_steps=4", "train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=1",
+           "train.report_to=[]", "train.disable_tqdm=true", "train.logging_steps=1", "train.save_strategy=no",
+           "data.max_length=128"]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "launch: torchrun, 2 process(es), no FSDP" in p.stdout
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["status"] == "ok" and summary["world_size"] == 2
+    # 4 steps x 2 ranks x 2 samples of the 40-row tiny split
+    assert summary["metrics"]["epoch"] == pytest.approx(16 / 40)
+    mem = [json.loads(x) for x in (out / "memory.jsonl").read_text().splitlines()]
+    epoch = [m for m in mem if m["event"] == "epoch"]
+    node = [m for m in mem if m["event"] == "node" and m["window"] == "epoch"][-1]
+    assert {m["rank"] for m in epoch} == {0, 1} and node["ranks"] == [0, 1]
+    assert node["host_peak_rss_node_bytes"] == sum(m["host_peak_rss_bytes"] for m in epoch if m["step"] == node["step"])
+    assert (out / "adapter_model.safetensors").is_file()
