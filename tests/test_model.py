@@ -114,7 +114,9 @@ def test_8bit_layers_build():
 
 
 @pytest.mark.slow
-def test_embedded_smollm2_loads_through_gguf_path(tokenizer):
+def test_embedded_smollm2_loads_through_gguf_path_and_takes_a_lora_step_on_real_rows(tokenizer, real_samsum,
+                                                                                     tmp_path):
+    import samsum_tuner as st
     from samsum_tuner.model import load_model
 
     r = build_recipe(None, ["model.name=smollm2-135m", "--use_peft"])
@@ -124,3 +126,19 @@ def test_embedded_smollm2_loads_through_gguf_path(tokenizer):
     assert not hasattr(model.config, "quantization_config") or model.config.quantization_config is None
     assert getattr(model.base_model.model, "hf_quantizer", None) is None
     assert tokenizer.eos_token == tokenizer.pad_token == "<|im_end|>"
+    # One LoRA step of the Trainer on the first real SAMSum rows, with the chat template: the adapter moves,
+    # the base does not, and the loss is that of a model that already speaks English (not ~ln(49152) = 10.8).
+    r = st.load_recipe(None, ["model.name=smollm2-135m", "--use_peft", f"data.source={real_samsum}",
+                              "data.chat_template=true", "data.split_slice=[:4]", "data.eval_split=null",
+                              "train.per_device_train_batch_size=4", "train.gradient_accumulation_steps=1",
+                              "train.max_steps=1", "train.learning_rate=1e-3", "train.report_to=[]",
+                              "train.save_strategy=no", "train.save_model=false", "train.disable_tqdm=true",
+                              f"train.output_dir={tmp_path / 'run'}", "train.logging_steps=1"])
+    trainer = st.build_trainer(r)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    metrics = st.train(r, trainer=trainer)
+    assert 0.5 < metrics["first_loss"] < 5
+    moved = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all("lora_" in n for n in moved)
+    # lora_B starts at zero, so the first step's gradient reaches lora_B only (lora_A's is zero until then).
+    assert moved == {n for n in before if "lora_B" in n}
