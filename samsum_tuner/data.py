@@ -46,6 +46,16 @@ def slice_count(n_rows: int, split_slice: str | None) -> int:
 
 
 # ---------------------------------------------------------------- reading
+def _json(text: str, where, what: str):
+    """json.loads with a one-line DataError; `where(error)` names the file and line (error None: too deep)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where(e)}: malformed {what} ({e.msg})") from None
+    except RecursionError:
+        raise DataError(f"{where(None)}: malformed {what} (nested too deeply)") from None
+
+
 def resolve_source(cfg: DataConfig) -> str:
     """SAMSUM_DATA_DIR stands in for a hub dataset (offline machines, CI); a folder named in the recipe or on
     the command line is the user's explicit choice and wins."""
@@ -98,23 +108,13 @@ def read_rows(path: Path) -> list[dict[str, str]]:
     if not text.strip():
         raise DataError(f"{path}: file is empty")
     if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
-        except RecursionError:
-            raise DataError(f"{path}: malformed JSON (nested too deeply)") from None
+        items = _json(text, lambda e: f"{path}:{e.lineno}" if e else str(path), "JSON")
         return [_check_row(obj, f"{path}: item {i + 1}") for i, obj in enumerate(items)]
     rows = []
     for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
-        except RecursionError:
-            raise DataError(f"{path}:{lineno}: malformed JSON line (nested too deeply)") from None
+        obj = _json(line, lambda e, n=lineno: f"{path}:{n}", "JSON line")
         rows.append(_check_row(obj, f"{path}:{lineno}"))
     return rows
 
