@@ -129,7 +129,8 @@ def main() -> None:
     p.add_argument("--only", default=",".join(RUNS))
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--rows", type=int, default=64, help="validation rows for eval_loss")
-    p.add_argument("--timeout", type=int, default=240)
+    p.add_argument("--timeout", type=int, default=300,
+                   help="per run; an FSDP run of the fp32 7B builds it on the host first: 150 s was too short on an H200")
     p.add_argument("--deadline", type=float, default=0,
                    help="seconds from start after which no new run starts (a device call has a hard limit)")
     p.add_argument("extra", nargs="*", help="overrides added to every run")

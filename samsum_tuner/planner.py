@@ -51,7 +51,8 @@ INT8_BYTES = 1.0
 # Training on the CPU (no CUDA): everything lives in host memory, and PyTorch's CPU kernels keep about twice
 # what the CUDA path above saves per token (dropout noise tensors instead of bool masks, the CPU attention and
 # cross-entropy kernels). Measured on SmolLM2-135M LoRA (demo_cpu.yaml, fp32, packed rows of 1,024 and 2,048
-# tokens): RSS growth over forward + backward 4.53 and 8.82 GiB against 2.13 and 4.26 GiB modelled here.
+# tokens): RSS growth over forward + backward up to 4.57 and 8.82 GiB against 2.13 and 4.26 GiB modelled here
+# (the same step's RSS peak varies by up to 30% from run to run with the allocator; this takes the high end).
 CPU_ACTIVATION_FACTOR = 2.1
 # The process on the CPU before training: interpreter, torch, tokenizer, data (measured 1.2 GiB for the demo).
 HOST_BASELINE_CPU_GIB = 1.2

@@ -376,25 +376,38 @@ def test_plan_command_takes_the_worst_batch_from_the_recipes_data(tiny_data, tok
     assert "(40 real samples, longest " in out and "default SAMSum lengths" not in out
 
 
+MEASURE_CPU_STEP = """
+import json, sys, torch
+from samsum_tuner.config import build_recipe
+from samsum_tuner.memory import HostPeakSampler
+from samsum_tuner.model import load_model
+model = load_model(build_recipe(sys.argv[1], ["data.max_length=256"]), fsdp=False)
+model.train()
+weights = sum(q.numel() * q.element_size() for q in model.parameters())
+ids = torch.randint(10, 40000, (1, 1024), generator=torch.Generator().manual_seed(0))
+sampler = HostPeakSampler(0.005).start()
+model(input_ids=ids, position_ids=torch.arange(256).repeat(4)[None], labels=ids).loss.backward()
+print(json.dumps({"growth": sampler.peak_bytes() - sampler.start_bytes, "weights": weights}))
+"""
+
+
 @pytest.mark.slow
 def test_cpu_plan_against_a_measured_forward_backward_of_smollm2(tokenizer):
-    """No CUDA: the plan is all host memory. Checked here against the RSS growth of a real forward + backward
-    of the embedded SmolLM2 with the demo's LoRA on one packed row (the host sampler of memory.py measures)."""
-    from samsum_tuner.memory import HostPeakSampler
-    from samsum_tuner.model import load_model
+    """No CUDA: the plan is all host memory. Checked against the RSS growth of a real forward + backward of the
+    embedded SmolLM2 with the demo's LoRA on one packed row of 4 x 256 tokens, in a fresh process (a long-lived
+    one reuses memory freed by earlier work, and its RSS grows less)."""
+    import subprocess
+    import sys
 
     r = build_recipe(str(ROOT / "recipes" / "demo_cpu.yaml"), ["data.max_length=256"])
-    tokens = 4 * 256
     p = plan(r, token_lengths=[256] * 8, device="cpu", host_memory_gib=24)
     assert p.gpu_peak_gib == 0 and "no GPU (a CPU run)" in p.verdict and "GPU peak" not in p.table()
     training = row(p, "training on the CPU")[2]
-    model = load_model(r, fsdp=False)
-    model.train()
-    ids = torch.randint(10, 40000, (1, tokens), generator=torch.Generator().manual_seed(0))
-    sampler = HostPeakSampler(0.005)
-    sampler.start()
-    model(input_ids=ids, position_ids=torch.arange(256).repeat(4)[None], labels=ids).loss.backward()
-    growth = (sampler.peak_bytes() - sampler.start_bytes) / GIB
-    sampler.stop()
-    weights = sum(q.numel() * q.element_size() for q in model.parameters()) / GIB  # loaded before the sampler
-    assert growth + weights == pytest.approx(training, rel=0.25), (growth, weights, training)
+    out = subprocess.run([sys.executable, "-c", MEASURE_CPU_STEP, str(ROOT / "recipes" / "demo_cpu.yaml")],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    m = json.loads(out.stdout.strip().splitlines()[-1])
+    measured = (m["growth"] + m["weights"]) / GIB  # the weights were loaded before the sampler started
+    # The same step's RSS peak varies run to run with the allocator (3.8 to 4.9 GiB in four runs here, against
+    # 5.05 planned): the plan must not be short of it, and not far above it.
+    assert 0.6 * training <= measured <= 1.1 * training, (measured, training)
