@@ -187,10 +187,12 @@ def train(recipe: Recipe, *, trainer=None) -> dict[str, Any]:
         metrics = dict(trainer.train(resume_from_checkpoint=str(resume) if resume else None).metrics)
         if trainer.eval_dataset is not None:
             step = trainer.state.global_step
-            done = [h for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == step]
-            # The epoch's evaluation already scored the final weights: running it again costs a whole pass.
-            metrics.update({k: v for k, v in done[-1].items() if k.startswith("eval_")} if done
-                           else trainer.evaluate())
+            final = [h for h in trainer.state.log_history if h.get("step") == step]
+            if any("eval_loss" in h for h in final):
+                # The epoch's evaluation already scored the final weights: running it again costs a whole pass.
+                metrics.update({k: v for h in final for k, v in h.items() if k.startswith("eval_")})
+            else:
+                metrics.update(trainer.evaluate())
     except TrainingDiverged as e:
         summary.update(status="diverged", step=trainer.state.global_step, error=str(e))
         _write_summary(trainer, recipe, summary)

@@ -96,6 +96,7 @@ class TrainConfig:
     eval_strategy: str = "epoch"
     eval_steps: int | None = None
     eval_on_start: bool = False  # an eval_loss before the first step, to show it falling
+    eval_rouge_rows: int = 0  # >0: ROUGE by greedy generation on the first N validation rows at every evaluation
     save_strategy: str = "epoch"
     save_steps: int | None = None
     save_total_limit: int | None = 2
@@ -433,6 +434,10 @@ def validate(recipe: Recipe) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
+    if t.eval_rouge_rows < 0:
+        raise ConfigError(f"train.eval_rouge_rows must be 0 (off) or positive, got {t.eval_rouge_rows}")
+    if t.eval_rouge_rows and not d.eval_split:
+        raise ConfigError("train.eval_rouge_rows needs an evaluation split (data.eval_split)")
     for key, value in {
         "memory.gpu_limit_gib": recipe.memory.gpu_limit_gib,
         "memory.gpu_memory_gib": recipe.memory.gpu_memory_gib,

@@ -68,6 +68,10 @@ def check_environment(recipe: Recipe, launch: Launch) -> None:
     if launch.fsdp and not cuda:
         raise ConfigError("refused: FSDP needs CUDA GPUs (accelerate does not engage FSDP on CPU); drop "
                           "fsdp.enabled / --enable_fsdp to train on CPU")
+    if recipe.train.eval_rouge_rows > 0 and launch.world_size > 1:
+        # Generation would run on every rank in lockstep through sharded layers; not supported yet.
+        raise ConfigError("refused: train.eval_rouge_rows needs a single process; score the saved run with "
+                          "samsum-tuner eval instead")
     if launch.fsdp and launch.launcher == "python":
         raise ConfigError("refused: fsdp.enabled needs a distributed launch: torchrun --nproc_per_node N -m "
                           "samsum_tuner.train ... or accelerate launch --config_file accelerate_configs/fsdp4.yaml")

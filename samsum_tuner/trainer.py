@@ -29,6 +29,7 @@ class SamsumTrainer(Trainer):
     def __init__(self, *args, recipe: Recipe, **kwargs):
         self.recipe = recipe
         self._staging: str | None = None
+        self._rouge_rows: list[dict[str, str]] | None = None
         super().__init__(*args, **kwargs)
 
     def _get_output_dir(self, trial) -> str:
@@ -56,6 +57,33 @@ class SamsumTrainer(Trainer):
         if self.args.should_save and (out / "training_args.bin").is_file():
             (out / "training_args.bin").unlink()
             (out / "training_args.json").write_text(self.args.to_json_string())
+
+    def evaluate(self, *args, **kwargs) -> dict[str, float]:
+        metrics = super().evaluate(*args, **kwargs)
+        if self.recipe.train.eval_rouge_rows > 0:
+            scores = self._rouge_of_first_rows(self.recipe.train.eval_rouge_rows)
+            self.log(scores)
+            metrics.update(scores)
+        return metrics
+
+    def _rouge_of_first_rows(self, n: int) -> dict[str, float]:
+        """The scoring of `samsum-tuner eval` (greedy, 96 new tokens) on the first n validation rows."""
+        from .data import load_clean_split
+        from .evaluation import GenerationConfig, generate, rouge
+
+        if self._rouge_rows is None:
+            self._rouge_rows = load_clean_split(self.recipe.data, self.recipe.data.eval_split)[0][:n]
+        rows, tokenizer = self._rouge_rows, self.processing_class
+        side, tokenizer.padding_side = tokenizer.padding_side, "left"
+        try:
+            preds = generate(self.model, tokenizer, self.recipe, [r["dialogue"] for r in rows], GenerationConfig(),
+                             progress=False)
+        finally:
+            tokenizer.padding_side = side
+        scores = rouge([p["prediction"] for p in preds], [r["summary"] for r in rows])
+        out = {f"eval_{k}": v for k, v in scores.items()}
+        out["eval_ended_at_eos"] = round(100 * sum(p["ended_at_eos"] for p in preds) / len(preds), 2)
+        return out
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if checkpoint is not None and self.is_fsdp_enabled:

@@ -88,3 +88,25 @@ def test_eval_run_dir_writes_predictions_and_metrics(tmp_path, tokenizer, tiny_m
     preds = [json.loads(x) for x in (run / "predictions_test.jsonl").read_text().splitlines()]
     assert len(preds) == 4 and all({"id", "reference", "prediction", "ended_at_eos"} <= set(p) for p in preds)
     assert json.loads((run / "eval_metrics_test.json").read_text())["rows"] == 4
+
+
+def test_rouge_at_every_evaluation_when_asked(tiny_model_dir, tiny_data, tmp_path):
+    import samsum_tuner as st
+
+    r = st.load_recipe(None, [f"model.name={tiny_model_dir}", f"data.source={tiny_data}", "--use_peft",
+                              f"train.output_dir={tmp_path / 'run'}", "train.num_train_epochs=2",
+                              "train.per_device_train_batch_size=8", "train.gradient_accumulation_steps=1",
+                              "train.eval_rouge_rows=3", "train.report_to=[]", "train.disable_tqdm=true",
+                              "train.save_strategy=no", "train.save_model=false", "data.max_length=128",
+                              "memory.preflight=false"])
+    trainer = st.build_trainer(r)
+    metrics = st.train(r, trainer=trainer)
+    scored = [h for h in trainer.state.log_history if "eval_rouge1" in h]
+    assert [h["epoch"] for h in scored] == [1.0, 2.0]
+    assert set(scored[0]) >= {"eval_rouge1", "eval_rouge2", "eval_rougeL", "eval_rougeLsum", "eval_ended_at_eos"}
+    assert 0 <= metrics["eval_rouge1"] <= 100 and trainer.model.training is False  # scored last, after training
+    assert trainer.processing_class.padding_side == "right"  # generation's left padding was put back
+    off = st.load_recipe(None, [f"model.name={tiny_model_dir}", f"data.source={tiny_data}"])
+    assert off.train.eval_rouge_rows == 0
+    with pytest.raises(st.ConfigError, match="train.eval_rouge_rows needs an evaluation split"):
+        st.load_recipe(None, ["train.eval_rouge_rows=3", "data.eval_split=null"])
