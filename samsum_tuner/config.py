@@ -68,6 +68,9 @@ class DataConfig:
     max_length: int = 2048  # longer rows lose dialogue tokens, never summary tokens
     packing: bool = False  # padding-free batches (DataCollatorWithFlattening)
     longest_first: bool = False  # the longest batch trains first: an out-of-memory shows at step 1, not hours in
+    # Batches by tokens instead of rows: as many samples as fit the budget (packed: their sum; padded: rows x
+    # the longest), so memory is bounded by the budget, not the longest sample. Replaces the train batch size.
+    max_tokens_per_batch: int | None = None
     num_proc: int | None = None
 
 
@@ -434,6 +437,9 @@ def validate(recipe: Recipe) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
+    if d.max_tokens_per_batch is not None and d.max_tokens_per_batch < d.max_length:
+        raise ConfigError(f"data.max_tokens_per_batch ({d.max_tokens_per_batch}) must be at least data.max_length "
+                          f"({d.max_length}): the longest sample must fit a batch")
     if t.eval_rouge_rows < 0:
         raise ConfigError(f"train.eval_rouge_rows must be 0 (off) or positive, got {t.eval_rouge_rows}")
     if t.eval_rouge_rows and not d.eval_split:

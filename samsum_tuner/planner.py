@@ -228,6 +228,10 @@ def layer_activation_bytes(shape: ModelShape, *, full: bool, compute: int, strea
 
 def _worst_batch_tokens(recipe: Recipe, token_lengths: list[int] | None) -> tuple[int, str]:
     b, cap = recipe.train.per_device_train_batch_size, recipe.data.max_length
+    budget = recipe.data.max_tokens_per_batch
+    if budget:
+        how = "packed" if recipe.data.packing else "padded, rows x the longest"
+        return budget, f"data.max_tokens_per_batch: at most {budget:,} tokens ({how}) whatever the samples"
     if token_lengths:
         top = sorted((min(n, cap) for n in token_lengths), reverse=True)[:b]
         src = f"{len(token_lengths):,} real samples, longest {top[0]}"

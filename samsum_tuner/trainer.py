@@ -97,6 +97,18 @@ class SamsumTrainer(Trainer):
                 cb.observe(loss)
         return loss
 
+    def get_train_dataloader(self):
+        budget = self.recipe.data.max_tokens_per_batch
+        if not budget:
+            return super().get_train_dataloader()
+        lengths = [len(ids) for ids in self.train_dataset["input_ids"]]
+        batches = TokenBudgetBatchSampler(lengths, budget, packed=self.recipe.data.packing, seed=self.args.seed,
+                                          longest_first=self.recipe.data.longest_first)
+        loader = torch.utils.data.DataLoader(self.train_dataset, batch_sampler=batches, collate_fn=self.data_collator,
+                                             num_workers=self.args.dataloader_num_workers,
+                                             pin_memory=self.args.dataloader_pin_memory)
+        return self.accelerator.prepare(loader)
+
     def _get_train_sampler(self, train_dataset=None):
         if not self.recipe.data.longest_first:
             return super()._get_train_sampler(train_dataset)
@@ -165,6 +177,49 @@ class LongestFirstSampler(torch.utils.data.Sampler):
         longest = sorted(range(len(self.lengths)), key=lambda i: -self.lengths[i])[: self.batch_size]
         head = set(longest)
         return iter(longest + [i for i in order if i not in head])
+
+
+class TokenBudgetBatchSampler(torch.utils.data.Sampler):
+    """Batches of sample indices whose cost stays within a token budget: the sum of lengths when packed, rows x
+    the longest row when padded. A new seeded order each epoch; with longest_first the longest sample leads."""
+
+    def __init__(self, lengths: list[int], budget: int, packed: bool, seed: int, longest_first: bool = False):
+        self.lengths, self.budget, self.packed, self.seed, self.longest_first = lengths, budget, packed, seed, longest_first
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=g).tolist()
+        if self.longest_first:
+            # The longest samples first, as many as the budget holds: the memory peak comes at step 1.
+            order.sort(key=lambda i: -self.lengths[i])
+            head = []
+            for i in order:
+                if self._cost(head + [i]) > self.budget and head:
+                    break
+                head.append(i)
+            rest = set(head)
+            order = head + [i for i in torch.randperm(len(self.lengths), generator=g).tolist() if i not in rest]
+        batches, current = [], []
+        for i in order:
+            if current and self._cost(current + [i]) > self.budget:
+                batches.append(current)
+                current = []
+            current.append(i)
+        return batches + [current] if current else batches
+
+    def _cost(self, batch: list[int]) -> int:
+        sizes = [self.lengths[i] for i in batch]
+        return sum(sizes) if self.packed else len(sizes) * max(sizes)
+
+    def __iter__(self):
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        return len(self._batches())
 
 
 class ThroughputCallback(TrainerCallback):

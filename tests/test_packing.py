@@ -101,3 +101,45 @@ def test_packed_and_padded_training_follow_the_same_loss_curve(tiny_model_dir, t
     assert len(curves[True]) == len(curves[False]) == 20
     assert curves[True] == pytest.approx(curves[False], abs=1e-4)
     assert curves[True][-1] < curves[True][0]
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
+def test_token_budget_batches(packed):
+    from samsum_tuner.trainer import TokenBudgetBatchSampler
+
+    lengths = [5 + (i * 37) % 120 for i in range(200)]
+    s = TokenBudgetBatchSampler(lengths, budget=256, packed=packed, seed=1)
+    first = list(s)
+    cost = (lambda b: sum(lengths[i] for i in b)) if packed else (lambda b: len(b) * max(lengths[i] for i in b))
+    assert all(cost(b) <= 256 for b in first) and sorted(i for b in first for i in b) == list(range(200))
+    assert len(s) == len(first) < 200  # several samples per batch
+    s.set_epoch(1)
+    assert list(s) != first  # a new order each epoch
+    lf = TokenBudgetBatchSampler(lengths, budget=256, packed=packed, seed=1, longest_first=True)
+    head = list(lf)[0]
+    assert max(lengths[i] for i in head) == max(lengths) and cost(head) <= 256
+
+
+def test_token_budget_trains_and_bounds_the_plan(tiny_model_dir, tmp_path):
+    import samsum_tuner as st
+    from samsum_tuner.planner import plan
+
+    from .conftest import write_jsonl
+
+    rows = [{"id": str(i), "dialogue": "Ann: " + "so " * (3 + (i * 11) % 40), "summary": f"Ann talks {i}."}
+            for i in range(30)]
+    write_jsonl(tmp_path / "d", "train", rows)
+    r = st.load_recipe(None, [f"model.name={tiny_model_dir}", f"data.source={tmp_path / 'd'}", "data.eval_split=null",
+                              f"train.output_dir={tmp_path / 'run'}", "data.packing=true", "data.max_length=128",
+                              "data.max_tokens_per_batch=256", "train.gradient_accumulation_steps=1", "--use_peft",
+                              "train.num_train_epochs=1", "train.report_to=[]", "train.disable_tqdm=true",
+                              "train.save_strategy=no", "train.save_model=false", "memory.preflight=false",
+                              "train.logging_steps=1"])
+    trainer = st.build_trainer(r)
+    sizes = [b["input_ids"].shape[1] for b in trainer.get_train_dataloader()]
+    assert max(sizes) <= 256 and sum(sizes) == sum(len(x) for x in trainer.train_dataset["input_ids"])
+    metrics = st.train(r, trainer=trainer)
+    assert trainer.state.global_step == len(sizes) and metrics["last_loss"] > 0
+    assert "at most 256 tokens (packed)" in plan(r, token_lengths=[128] * 30).notes[0]
+    with pytest.raises(st.ConfigError, match="data.max_tokens_per_batch \\(64\\) must be at least data.max_length"):
+        st.load_recipe(None, ["data.max_tokens_per_batch=64", "data.max_length=128"])
