@@ -146,35 +146,37 @@ def main_eval(argv: list[str], prog: str = "samsum-tuner eval") -> int:
     return _guard(run)
 
 
-def main_merge(argv: list[str], prog: str = "samsum-tuner merge") -> int:
-    p = _Parser(prog=prog, allow_abbrev=False,
-                                description="Merge a LoRA run's adapter into a plain HF model folder.")
-    p.add_argument("run_dir")
-    p.add_argument("out")
-    opts = p.parse_args(argv)
+def _one_call_command(argv: list[str], prog: str, description: str, positional: list[str], act) -> int:
+    """A command of positional arguments whose work is one call; `act(opts)` says what it did."""
+    p = _Parser(prog=prog, allow_abbrev=False, description=description)
+    for name in positional:
+        p.add_argument(name)
 
     def run() -> int:
-        from .merge import merge
-
-        print(f"samsum_tuner: merged model written to {merge(opts.run_dir, opts.out)}")
+        print(f"samsum_tuner: {act(p.parse_args(argv))}")
         return EXIT_OK
 
     return _guard(run)
+
+
+def main_merge(argv: list[str], prog: str = "samsum-tuner merge") -> int:
+    def act(opts) -> str:
+        from .merge import merge
+
+        return f"merged model written to {merge(opts.run_dir, opts.out)}"
+
+    return _one_call_command(argv, prog, "Merge a LoRA run's adapter into a plain HF model folder.",
+                             ["run_dir", "out"], act)
 
 
 def main_report(argv: list[str], prog: str = "samsum-tuner report") -> int:
-    p = _Parser(prog=prog, allow_abbrev=False,
-                description="report.md and PNG plots (loss, perplexity, learning rate, memory) of a run directory.")
-    p.add_argument("run_dir")
-    opts = p.parse_args(argv)
-
-    def run() -> int:
+    def act(opts) -> str:
         from .report import report
 
-        print(f"samsum_tuner: report written to {report(opts.run_dir)}")
-        return EXIT_OK
+        return f"report written to {report(opts.run_dir)}"
 
-    return _guard(run)
+    return _one_call_command(argv, prog, "report.md and PNG plots (loss, perplexity, learning rate, memory) of a "
+                             "run directory.", ["run_dir"], act)
 
 
 COMMANDS = {"train": main_train, "plan": main_plan, "eval": main_eval, "merge": main_merge, "report": main_report}
