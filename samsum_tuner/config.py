@@ -99,6 +99,9 @@ class TrainConfig:
     eval_strategy: str = "epoch"
     eval_steps: int | None = None
     eval_on_start: bool = False  # an eval_loss before the first step, to show it falling
+    # Logits only where a label is supervised (the summary): the same loss, without the vocab x prompt-tokens
+    # logits that the loss never reads (SAMSum's prompts are ~85% of the tokens).
+    supervised_logits_only: bool = True
     eval_rouge_rows: int = 0  # >0: ROUGE by greedy generation on the first N validation rows at every evaluation
     save_strategy: str = "epoch"
     save_steps: int | None = None

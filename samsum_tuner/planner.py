@@ -367,6 +367,8 @@ def _estimate(recipe: Recipe, gpus: int, token_lengths: list[int] | None, s: Mod
     per_layer = layer_activation_bytes(s, full=full, compute=c, stream=stream, autocast=half_train, quant_bits=q.bits,
                                        lora_targets=lo.target_modules if lo.enabled else (), lora_r=lo.r,
                                        lora_dropout=lo.dropout)
+    # Every position's logits: train.supervised_logits_only (the default) keeps only the summary's, so for
+    # SAMSum this term is an upper bound (the supervised share of a batch is not known from lengths alone).
     logits = tokens * (LOGITS_BYTES_PER_VOCAB * V + 8 * h)  # + final norm and lm_head input
     if m.gradient_checkpointing:
         # Each layer keeps only its input; backward recomputes one layer at a time, after the loss is freed.

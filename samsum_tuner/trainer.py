@@ -30,7 +30,16 @@ class SamsumTrainer(Trainer):
         self.recipe = recipe
         self._staging: str | None = None
         self._rouge_rows: list[dict[str, str]] | None = None
+        if recipe.train.supervised_logits_only:
+            kwargs.setdefault("compute_loss_func", supervised_loss)
         super().__init__(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.compute_loss_func is supervised_loss and "labels" in inputs:
+            # Through the model's own forward (so FSDP, DDP and PEFT hooks all run): lm_head sees only the
+            # positions whose next token is a target, in any row of the batch.
+            inputs = {**inputs, "logits_to_keep": supervised_positions(inputs["labels"])}
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def _get_output_dir(self, trial) -> str:
         return self._staging or super()._get_output_dir(trial)
@@ -145,6 +154,23 @@ class SamsumTrainer(Trainer):
             if loss_key in logs:
                 logs[ppl_key] = math.exp(min(logs[loss_key], 50.0))
         super().log(logs, start_time)
+
+
+def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Positions t whose logits predict a supervised label at t + 1, in any row."""
+    return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+
+
+def supervised_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """Causal-LM cross-entropy from logits kept at `supervised_positions(labels)` only: the same value as the
+    model's own loss (sum over supervised tokens / their count, or / num_items_in_batch under accumulation)."""
+    keep = supervised_positions(labels)
+    logits = outputs.logits.float()
+    targets = labels[:, 1:][:, keep].to(logits.device)
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                             ignore_index=IGNORE_INDEX, reduction="sum")
+    n = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE_INDEX).sum()
+    return loss / (n.to(loss.device) if torch.is_tensor(n) else n)
 
 
 def prime_optimizer_state(optimizer) -> None:

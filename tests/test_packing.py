@@ -143,3 +143,51 @@ def test_token_budget_trains_and_bounds_the_plan(tiny_model_dir, tmp_path):
     assert "at most 256 tokens (packed)" in plan(r, token_lengths=[128] * 30).notes[0]
     with pytest.raises(st.ConfigError, match="data.max_tokens_per_batch \\(64\\) must be at least data.max_length"):
         st.load_recipe(None, ["data.max_tokens_per_batch=64", "data.max_length=128"])
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_supervised_logits_only_is_the_same_loss_and_gradients(tokenizer, packing):
+    """lm_head on the summary positions only: equal loss and gradients to the model's own full-logits loss."""
+    from samsum_tuner.trainer import supervised_loss, supervised_positions
+
+    model = tiny_llama(vocab_size=256)
+    model.config.use_cache = False
+    batch = build_collator(build_recipe(None, [f"data.packing={packing}"]), tokenizer)(_samples())
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    model.zero_grad()
+    full = model(**inputs, labels=batch["labels"]).loss
+    full.backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    keep = supervised_positions(batch["labels"])
+    out = model(**inputs, logits_to_keep=keep)
+    assert out.logits.shape[1] == len(keep) < batch["input_ids"].shape[1]
+    mine = supervised_loss(out, batch["labels"])
+    mine.backward()
+    torch.testing.assert_close(mine, full, atol=1e-6, rtol=1e-6)
+    for got, exp in zip((p.grad for p in model.parameters()), want):
+        torch.testing.assert_close(got, exp, atol=1e-6, rtol=1e-5)
+
+
+def test_trainer_with_and_without_supervised_logits_only_logs_the_same_losses(tiny_model_dir, tmp_path):
+    import samsum_tuner as st
+
+    from .conftest import write_jsonl
+
+    rows = [{"id": str(i), "dialogue": "Ann: " + "so " * (3 + (i * 11) % 40), "summary": f"Ann talks {i}."}
+            for i in range(16)]
+    write_jsonl(tmp_path / "d", "train", rows)
+    write_jsonl(tmp_path / "d", "validation", rows[:4])
+    curves = {}
+    for flag in (True, False):
+        r = st.load_recipe(None, [f"model.name={tiny_model_dir}", f"data.source={tmp_path / 'd'}", "--use_peft",
+                                  f"train.output_dir={tmp_path / str(flag)}", f"train.supervised_logits_only={flag}",
+                                  "train.max_steps=4", "train.per_device_train_batch_size=2", "lora.dropout=0",
+                                  "train.gradient_accumulation_steps=2", "train.learning_rate=1e-3",
+                                  "train.report_to=[]", "train.disable_tqdm=true", "train.logging_steps=1",
+                                  "train.save_strategy=no", "train.save_model=false", "memory.preflight=false",
+                                  "data.max_length=128"])
+        trainer = st.build_trainer(r)
+        metrics = st.train(r, trainer=trainer)
+        curves[flag] = [h["loss"] for h in trainer.state.log_history if "loss" in h] + [metrics["eval_loss"]]
+    assert curves[True] == pytest.approx(curves[False], abs=1e-5)
