@@ -304,6 +304,9 @@ def training_arguments(recipe: Recipe, launch: Launch, layer_cls: list[str], has
         eval_strategy=t.eval_strategy if has_eval else "no",
         eval_steps=t.eval_steps,
         eval_on_start=t.eval_on_start and has_eval and t.eval_strategy != "no",
+        # Evaluation reports the loss; without this the Trainer keeps every eval batch's logits (vocab x tokens)
+        # on the device until the end: gigabytes for a 7B on the full validation split.
+        prediction_loss_only=True,
         save_strategy=t.save_strategy,
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,

@@ -35,6 +35,9 @@ def test_lora_lowers_the_loss_saves_and_reloads(tiny_model_dir, tiny_data, tmp_p
     assert len(losses) == 20  # 40 rows / batch 4 x 2 epochs
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
     assert metrics["eval_ppl"] == pytest.approx(math.exp(metrics["eval_loss"]))
+    assert trainer.args.prediction_loss_only  # eval keeps no logits: only eval_loss is reported
+    probe = trainer.evaluation_loop(trainer.get_eval_dataloader(), "probe", metric_key_prefix="probe")
+    assert probe.predictions is None and probe.metrics["probe_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-5)
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
     assert len(evals) >= 2 and all(h["eval_ppl"] == pytest.approx(math.exp(h["eval_loss"])) for h in evals)
     assert all("ppl" in h for h in trainer.state.log_history if "loss" in h)
