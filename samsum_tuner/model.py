@@ -209,7 +209,9 @@ def _build_context(recipe: Recipe, fsdp: bool):
     re-registers non-persistent buffers such as the rotary inv_freq from each rank's own copy. A 4-bit
     model stays on its GPU: bitsandbytes quantizes there and keeps the quant_state beside the data
     (FSDP's move would leave a host-built quant_state behind), and at 4 bits the copy is small."""
-    if not fsdp or recipe.quantization.bits:
+    rank0_loads = os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "").lower() in ("1", "true")
+    if not fsdp or recipe.quantization.bits or not rank0_loads:
+        # Without cpu_ram_efficient_loading nothing broadcasts rank 0's weights: every rank builds its own.
         return _local_device()
     if int(os.environ.get("RANK", 0)) == 0:
         return torch.device("cpu")
@@ -233,7 +235,23 @@ def load_model(recipe: Recipe, *, fsdp: bool = False):
     else:
         model = _load_pretrained(recipe, fsdp)
     model.config.use_cache = False  # training; also required for correct padding-free attention
+    _materialize_meta_parameters(model)
     return apply_adapters(recipe, model)
+
+
+def _materialize_meta_parameters(model) -> None:
+    """Give parameters that hold only a shape (FSDP ranks other than 0) real but untouched host storage.
+
+    Under FSDP2 the Trainer creates the optimizer before accelerate shards the model, and accelerate then
+    finds each optimizer slot's new parameter by data_ptr(): every meta tensor's is 0, so on those ranks all
+    slots collapsed onto one parameter and the rank trained the wrong weights, silently (accelerate#3930).
+    torch.empty on the host reserves address space only: no page is written until accelerate replaces the
+    values with rank 0's broadcast, so this costs no host memory. Buffers stay as they are (real)."""
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and param.is_meta:
+                module._parameters[name] = torch.nn.Parameter(torch.empty_like(param, device="cpu"),
+                                                              requires_grad=param.requires_grad)
 
 
 def _bnb_config(recipe: Recipe, cdtype: torch.dtype, fsdp: bool):

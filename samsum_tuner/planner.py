@@ -301,7 +301,8 @@ def _on_the_cpu(e: _Estimate) -> _Estimate:
     notes = [n for n in e.notes if not n.startswith("host modelled")]
     notes.append(f"no CUDA: everything is host memory; CPU kernels save ~{CPU_ACTIVATION_FACTOR:g}x the CUDA path's "
                  "activations (measured on SmolLM2, see planner.py)")
-    return _Estimate([], rows, 0.0, HOST_BASELINE_CPU_GIB + cpu, 1, notes)
+    # Every CPU rank (torchrun DDP over gloo) holds all of it: the node holds them all.
+    return _Estimate([], rows, 0.0, e.ranks * (HOST_BASELINE_CPU_GIB + cpu), e.ranks, notes)
 
 
 def _estimate(recipe: Recipe, gpus: int, token_lengths: list[int] | None, s: ModelShape) -> _Estimate:

@@ -207,45 +207,43 @@ class LongestFirstSampler(torch.utils.data.Sampler):
 
 class TokenBudgetBatchSampler(torch.utils.data.Sampler):
     """Batches of sample indices whose cost stays within a token budget: the sum of lengths when packed, rows x
-    the longest row when padded. A new seeded order each epoch; with longest_first the longest sample leads."""
+    the longest row when padded. The batches are formed once (from a seeded order), so every epoch has the same
+    number of optimizer steps, which the Trainer's schedule, accumulation and resume assume; each epoch visits
+    them in a new seeded order, with longest_first the batch holding the longest sample first."""
 
     def __init__(self, lengths: list[int], budget: int, packed: bool, seed: int, longest_first: bool = False):
         self.lengths, self.budget, self.packed, self.seed, self.longest_first = lengths, budget, packed, seed, longest_first
         self.epoch = 0
+        order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
+        self.batches: list[list[int]] = []
+        current: list[int] = []
+        for i in order:
+            if current and self._cost(current + [i]) > budget:
+                self.batches.append(current)
+                current = []
+            current.append(i)
+        if current:
+            self.batches.append(current)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-
-    def _batches(self) -> list[list[int]]:
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(len(self.lengths), generator=g).tolist()
-        if self.longest_first:
-            # The longest samples first, as many as the budget holds: the memory peak comes at step 1.
-            order.sort(key=lambda i: -self.lengths[i])
-            head = []
-            for i in order:
-                if self._cost(head + [i]) > self.budget and head:
-                    break
-                head.append(i)
-            rest = set(head)
-            order = head + [i for i in torch.randperm(len(self.lengths), generator=g).tolist() if i not in rest]
-        batches, current = [], []
-        for i in order:
-            if current and self._cost(current + [i]) > self.budget:
-                batches.append(current)
-                current = []
-            current.append(i)
-        return batches + [current] if current else batches
 
     def _cost(self, batch: list[int]) -> int:
         sizes = [self.lengths[i] for i in batch]
         return sum(sizes) if self.packed else len(sizes) * max(sizes)
 
     def __iter__(self):
-        return iter(self._batches())
+        g = torch.Generator().manual_seed(self.seed + 1 + self.epoch)
+        order = torch.randperm(len(self.batches), generator=g).tolist()
+        if self.longest_first:
+            longest = max(range(len(self.lengths)), key=self.lengths.__getitem__)
+            first = next(b for b, batch in enumerate(self.batches) if longest in batch)
+            order.remove(first)
+            order.insert(0, first)
+        return iter([self.batches[b] for b in order])
 
     def __len__(self) -> int:
-        return len(self._batches())
+        return len(self.batches)
 
 
 class ThroughputCallback(TrainerCallback):

@@ -81,6 +81,11 @@ def test_fsdp_random_model_is_real_on_rank_0_and_shapes_only_elsewhere(monkeypat
     from samsum_tuner.model import _build_context
 
     r = build_recipe(None, ["--enable_fsdp", "--use_peft"])
+    monkeypatch.delenv("FSDP_CPU_RAM_EFFICIENT_LOADING", raising=False)
+    monkeypatch.setenv("RANK", "1")
+    with _build_context(r, fsdp=True):  # nobody broadcasts rank 0's weights: every rank builds real ones
+        assert {p.device.type for p in tiny_llama(vocab_size=256).parameters()} == {"cpu"}
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")  # what accelerate/our torchrun path export
     placed = {}
     for rank in ("0", "1"):
         monkeypatch.setenv("RANK", rank)
@@ -89,6 +94,28 @@ def test_fsdp_random_model_is_real_on_rank_0_and_shapes_only_elsewhere(monkeypat
         placed[rank] = ({p.device.type for p in model.parameters()}, {b.device.type for b in model.buffers()})
     assert placed["0"] == ({"cpu"}, {"cpu"})
     assert placed["1"] == ({"meta"}, {"cpu"})
+    rope = next(b for n, b in model.named_buffers() if n.endswith("inv_freq"))
+    assert torch.isfinite(rope).all() and rope.abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_other_fsdp_ranks_get_distinct_parameters_without_a_host_copy(monkeypatch):
+    """accelerate maps the optimizer onto FSDP2's sharded parameters by data_ptr(); meta tensors all share 0, so a
+    rank whose parameters stayed on meta trained one wrong parameter in every slot. Rank 1 of a 7B: distinct
+    host storage for every parameter, yet (untouched pages) almost no resident memory."""
+    import psutil
+
+    from samsum_tuner.model import load_model
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+    r = build_recipe(None, ["--enable_fsdp", "model.name=random:llama2-7b", "train.bf16=true"])
+    before = psutil.Process().memory_info().rss
+    model = load_model(r, fsdp=True)  # full fine-tune: every parameter is trainable
+    grown = (psutil.Process().memory_info().rss - before) / 2**30
+    params = list(model.parameters())
+    assert all(p.device.type == "cpu" for p in params) and len({p.data_ptr() for p in params}) == len(params)
+    assert sum(p.numel() for p in params) > 6.8e9 and grown < 2, grown  # 27 GB of fp32 weights, not resident
     rope = next(b for n, b in model.named_buffers() if n.endswith("inv_freq"))
     assert torch.isfinite(rope).all() and rope.abs().sum() > 0
 
