@@ -535,6 +535,8 @@ def _candidates(recipe: Recipe) -> list[tuple[str, Any]]:
 def _nearest_fit(recipe, gpus, gpu_gib, host_gib, token_lengths, shape, device="cuda") -> str | None:
     """First single change, then first pair of changes, in `_candidates` order, whose plan fits."""
     cands = _candidates(recipe)
+    if device == "cpu":  # FSDP, offload and GPU counts need GPUs
+        cands = [c for c in cands if "GPU" not in c[0] and "offload" not in c[0]]
     for combo in itertools.chain(((c,) for c in cands), itertools.combinations(cands, 2)):
         r, g = copy.deepcopy(recipe), gpus
         for _, change in combo:

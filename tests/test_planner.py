@@ -411,3 +411,12 @@ def test_cpu_plan_against_a_measured_forward_backward_of_smollm2(tokenizer):
     # The same step's RSS peak varies run to run with the allocator (3.8 to 4.9 GiB in four runs here, against
     # 5.05 planned): the plan must not be short of it, and not far above it.
     assert 0.6 * training <= measured <= 1.1 * training, (measured, training)
+
+
+def test_cpu_plan_suggests_only_what_a_cpu_can_do():
+    r = build_recipe(str(ROOT / "recipes" / "demo_cpu.yaml"), ["lora.enabled=false"])
+    for host in (6, 4, 3):
+        p = plan(r, token_lengths=[512] * 8, device="cpu", host_memory_gib=host)
+        assert p.fits is False and (p.suggestion is None or not any(w in p.suggestion for w in ("GPU", "offload")))
+    two = plan(r, gpus=2, token_lengths=[512] * 8, device="cpu")
+    assert two.host_peak_gib == pytest.approx(2 * plan(r, token_lengths=[512] * 8, device="cpu").host_peak_gib, rel=0.02)
