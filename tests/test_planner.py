@@ -418,5 +418,6 @@ def test_cpu_plan_suggests_only_what_a_cpu_can_do():
     for host in (6, 4, 3):
         p = plan(r, token_lengths=[512] * 8, device="cpu", host_memory_gib=host)
         assert p.fits is False and (p.suggestion is None or not any(w in p.suggestion for w in ("GPU", "offload")))
-    two = plan(r, gpus=2, token_lengths=[512] * 8, device="cpu")
-    assert two.host_peak_gib == pytest.approx(2 * plan(r, token_lengths=[512] * 8, device="cpu").host_peak_gib, rel=0.02)
+    # Two CPU ranks (torchrun, DDP over gloo): each holds everything, plus DDP's gradient buckets.
+    one, two = (plan(r, gpus=n, token_lengths=[512] * 8, device="cpu").host_peak_gib for n in (1, 2))
+    assert 2 * one < two < 2.2 * one
