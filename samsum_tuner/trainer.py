@@ -182,7 +182,15 @@ def prime_optimizer_state(optimizer) -> None:
     inside the wrapper is primed directly instead."""
     from torch.distributed.checkpoint.state_dict import _init_optim_state
 
-    _init_optim_state(getattr(optimizer, "optimizer", optimizer))
+    inner = getattr(optimizer, "optimizer", optimizer)
+    _init_optim_state(inner)
+    if not inner.state:
+        # A stateless optimizer (SGD without momentum) stays empty; distributed checkpointing skips its own
+        # init step when gradients exist, so zero gradients stand in (the first step overwrites them).
+        for group in inner.param_groups:
+            for param in group["params"]:
+                if param.requires_grad and param.grad is None:
+                    param.grad = torch.zeros_like(param)
 
 
 class LongestFirstSampler(torch.utils.data.Sampler):

@@ -240,7 +240,7 @@ def test_two_process_fsdp2_sharded_checkpoint_survives_kill_9(tiny_model_dir, tm
     assert [c.name for c in ck.complete_checkpoints(killed)] == ["checkpoint-4", "checkpoint-6"]
 
 
-@pytest.mark.parametrize("optim", ["adamw", "sgd"])
+@pytest.mark.parametrize("optim", ["adamw", "sgd", "sgd_no_momentum"])
 def test_fsdp_resume_primes_an_fp16_optimizer_before_the_sharded_state_loads(optim):
     """Distributed checkpointing steps an empty optimizer once to create its state; through accelerate's
     wrapper with an fp16 GradScaler that step is refused (seen on an H200: FSDP + fp16 could not resume)."""
@@ -253,7 +253,7 @@ def test_fsdp_resume_primes_an_fp16_optimizer_before_the_sharded_state_loads(opt
     def wrapped():
         layer = torch.nn.Linear(4, 4)
         inner = (torch.optim.AdamW(layer.parameters(), lr=1e-3) if optim == "adamw"
-                 else torch.optim.SGD(layer.parameters(), lr=1e-3, momentum=0.9))
+                 else torch.optim.SGD(layer.parameters(), lr=1e-3, momentum=0.0 if "no_momentum" in optim else 0.9))
         return layer, AcceleratedOptimizer(inner, device_placement=False, scaler=torch.amp.GradScaler("cpu"))
 
     Accelerator(cpu=True)  # the state the wrapper reads, as the Trainer's own Accelerator sets it
@@ -264,5 +264,8 @@ def test_fsdp_resume_primes_an_fp16_optimizer_before_the_sharded_state_loads(opt
     before = [p.detach().clone() for p in layer.parameters()]
     prime_optimizer_state(opt)
     _init_optim_state(opt)  # what load_fsdp_optimizer runs next: now a no-op
-    assert len(opt.state) == 2 and all(p.grad is None for p in layer.parameters())
+    if optim == "sgd_no_momentum":  # no state to create: zero gradients make DCP skip its init step
+        assert len(opt.state) == 0 and all(torch.equal(p.grad, torch.zeros_like(p)) for p in layer.parameters())
+    else:
+        assert len(opt.state) == 2 and all(p.grad is None for p in layer.parameters())
     assert all(torch.equal(a, b) for a, b in zip(before, layer.parameters()))
