@@ -56,7 +56,7 @@ class LoraConfig:
 @dataclass
 class DataConfig:
     # Hub dataset id or a local folder with train/validation/test .jsonl[.gz]/.json.
-    # The SAMSUM_DATA_DIR environment variable overrides it.
+    # SAMSUM_DATA_DIR (a folder) stands in for SAMSum's hub ids, e.g. offline; other sources are used as given.
     source: str = "knkarthick/samsum"
     train_split: str = "train"
     eval_split: str | None = "validation"

@@ -56,12 +56,15 @@ def _json(text: str, where, what: str):
         raise DataError(f"{where(None)}: malformed {what} (nested too deeply)") from None
 
 
+# The hub's copies of SAMSum: SAMSUM_DATA_DIR (a local folder) stands in for these and nothing else.
+SAMSUM_HUB_IDS = ("knkarthick/samsum", "samsung/samsum", "samsum")
+
+
 def resolve_source(cfg: DataConfig) -> str:
-    """SAMSUM_DATA_DIR stands in for a hub dataset (offline machines, CI); a folder named in the recipe or on
-    the command line is the user's explicit choice and wins."""
+    """SAMSUM_DATA_DIR stands in for SAMSum from the hub (offline machines, CI). Any other source, a folder
+    above all (even a misspelt one, which then fails naming itself), is the user's explicit choice."""
     env = os.environ.get("SAMSUM_DATA_DIR")
-    local = cfg.source.startswith((".", "/", "~")) or Path(cfg.source).expanduser().is_dir()
-    return env if env and not local else cfg.source
+    return env if env and cfg.source.lower() in SAMSUM_HUB_IDS else cfg.source
 
 
 def find_split_file(folder: Path, split: str) -> Path | None:

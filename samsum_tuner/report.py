@@ -35,7 +35,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _series(history: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
-    pts = [(h["step"], h[key]) for h in history if key in h and "step" in h]
+    pts = [(h["step"], h[key]) for h in history if h.get(key) is not None and "step" in h]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
@@ -96,11 +96,12 @@ def _plots(out: Path, history: list[dict[str, Any]], memory: list[dict[str, Any]
         fig, ax = _figure(f"Memory: peaks per {'logging window' if window == 'step' else 'epoch'}", "GiB")
         for rank in ranks:
             mine = [m for m in memory if m.get("rank") == rank and m.get("event") == window]
-            steps = [m["step"] for m in mine]
+            mine = [m for m in mine if m.get("host_peak_rss_gib") is not None]  # rows of older runs may lack it
+            steps = [m.get("step") for m in mine]
             suffix = f" (rank {rank})" if len(ranks) > 1 else ""
             if any(m.get("gpu_peak_allocated_gib") is not None for m in mine):
-                ax.plot(steps, [m["gpu_peak_allocated_gib"] for m in mine], marker="o", label="GPU allocated" + suffix)
-                ax.plot(steps, [m["gpu_peak_reserved_gib"] for m in mine], marker="s", label="GPU reserved" + suffix)
+                ax.plot(steps, [m.get("gpu_peak_allocated_gib") for m in mine], marker="o", label="GPU allocated" + suffix)
+                ax.plot(steps, [m.get("gpu_peak_reserved_gib") for m in mine], marker="s", label="GPU reserved" + suffix)
             ax.plot(steps, [m["host_peak_rss_gib"] for m in mine], marker="^", label="host RSS" + suffix)
         if not any(m.get("gpu_peak_allocated_gib") is not None for m in memory):
             ax.set_title(ax.get_title() + " (no CUDA: host only)")
@@ -149,10 +150,10 @@ def report(run_dir: str | Path) -> Path:
                   "malloc retries (epoch / total) | host peak RSS GiB | node host peak GiB |", "|---|---|---|---|---|---|---|---|"]
         na = lambda v: "n/a" if v is None else v  # noqa: E731  (null on CPU: never a zero that pretends)
         for r in epochs:
-            lines.append(f"| {r['epoch']} | {r['rank']} | {na(r['gpu_peak_allocated_gib'])} | "
-                         f"{na(r['gpu_peak_reserved_gib'])} | {na(r['gpu_peak_active_gib'])} | "
-                         f"{na(r['gpu_malloc_retries'])} / {na(r['gpu_malloc_retries_total'])} | "
-                         f"{r['host_peak_rss_gib']} | {r.get('host_peak_rss_node_gib')} |")
+            g = lambda k: na(r.get(k))  # noqa: E731
+            lines.append(f"| {g('epoch')} | {g('rank')} | {g('gpu_peak_allocated_gib')} | {g('gpu_peak_reserved_gib')} | "
+                         f"{g('gpu_peak_active_gib')} | {g('gpu_malloc_retries')} / {g('gpu_malloc_retries_total')} | "
+                         f"{g('host_peak_rss_gib')} | {g('host_peak_rss_node_gib')} |")
         lines.append("")
     for path in sorted(out.glob("eval_metrics_*.json")):
         ev = _read_json(path, {})

@@ -109,10 +109,12 @@ def test_samsum_data_dir_overrides_source(monkeypatch, tiny_data):
     monkeypatch.setenv("SAMSUM_DATA_DIR", str(tiny_data))
     rows, report, origin = load_clean_split(_cfg("knkarthick/samsum"), "train")
     assert origin == str(tiny_data / "train.jsonl") and len(rows) == 40
-    # An explicit folder is the user's choice: the variable only stands in for the hub.
+    # An explicit folder is the user's choice: the variable only stands in for SAMSum on the hub.
     other = tiny_data.parent / "other"
     write_jsonl(other, "train", synthetic_rows(5))
     assert len(load_clean_split(_cfg(str(other)), "train")[0]) == 5
+    with pytest.raises(DataError, match="data/samsun"):  # a misspelt relative folder is not silently replaced
+        load_clean_split(_cfg("data/samsun"), "train")
 
 
 def test_label_mask_is_exact(tokenizer):
