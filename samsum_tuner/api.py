@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .config import Recipe, build_recipe, describe_precision
+from .config import DataConfig, Recipe, build_recipe, describe_precision
 from .data import PreparedSplit, read_splits, tokenize_splits
 from .errors import ConfigError, TrainingDiverged, TrainingOutOfMemory, WontFitError
 from .launch import Launch, check_environment, detect_launch
@@ -72,8 +72,6 @@ def _check_output_dir(recipe: Recipe) -> None:
 
 def prepare(recipe: Recipe, *, dry_run: bool = False, force: bool = False) -> Prepared:
     """All checks and the data, no model. `dry_run` reports hardware refusals as notes instead."""
-    from .model import check_model_source, load_tokenizer
-
     launch = detect_launch(recipe)
     notes: list[str] = []
     try:
@@ -84,23 +82,25 @@ def prepare(recipe: Recipe, *, dry_run: bool = False, force: bool = False) -> Pr
         notes.append(f"a real run here would be {e}")
     if not dry_run:
         _check_output_dir(recipe)
-    check_model_source(recipe)  # a missing model folder or unknown shape: a stat, before reading any data
-    raw = read_splits(recipe.data)  # data errors (file:line) before anything model-shaped loads
-    tokenizer = load_tokenizer(recipe)
-    splits = tokenize_splits(recipe.data, tokenizer, raw)
+    tokenizer, splits = _tokenized(recipe, recipe.data)
     prepared = Prepared(recipe, launch, tokenizer, splits, notes=notes)
     prepared.plan = _preflight(prepared, enforce=not (dry_run or force))
     return prepared
 
 
-def train_token_lengths(recipe: Recipe) -> list[int]:
-    """Per-sample token counts of the train split as training would see them: data and tokenizer, no model."""
+def _tokenized(recipe: Recipe, data: DataConfig):
+    """(tokenizer, tokenized splits) for `data`: the model's source is checked, its weights never loaded."""
     from .model import check_model_source, load_tokenizer
 
-    data = replace(recipe.data, eval_split=None)
-    raw = read_splits(data)
-    check_model_source(recipe)
-    return tokenize_splits(data, load_tokenizer(recipe), raw)["train"].lengths
+    check_model_source(recipe)  # a missing model folder or unknown shape: a stat, before reading any data
+    raw = read_splits(data)  # data errors (file:line) before anything model-shaped loads
+    tokenizer = load_tokenizer(recipe)
+    return tokenizer, tokenize_splits(data, tokenizer, raw)
+
+
+def train_token_lengths(recipe: Recipe) -> list[int]:
+    """Per-sample token counts of the train split as training would see them: data and tokenizer, no model."""
+    return _tokenized(recipe, replace(recipe.data, eval_split=None))[1]["train"].lengths
 
 
 def _preflight(prepared: Prepared, enforce: bool):
@@ -110,11 +110,12 @@ def _preflight(prepared: Prepared, enforce: bool):
         return None
     from .planner import plan
 
+    import torch
+
+    cuda = torch.cuda.is_available()
     gpu_gib, host_gib = r.memory.gpu_memory_gib, r.memory.host_memory_gib
     if gpu_gib is None:
-        import torch
-
-        if torch.cuda.is_available():
+        if cuda:
             gpu_gib = torch.cuda.get_device_properties(prepared.launch.local_rank).total_memory / 2**30
     if r.memory.gpu_limit_gib is not None:
         gpu_gib = min(gpu_gib or r.memory.gpu_limit_gib, r.memory.gpu_limit_gib)
@@ -122,11 +123,8 @@ def _preflight(prepared: Prepared, enforce: bool):
         import psutil
 
         host_gib = psutil.virtual_memory().total / 2**30
-    import torch
-
     result = plan(r, gpus=prepared.launch.world_size, gpu_memory_gib=gpu_gib, host_memory_gib=host_gib,
-                  token_lengths=prepared.splits["train"].lengths,
-                  device="cuda" if torch.cuda.is_available() else "cpu")
+                  token_lengths=prepared.splits["train"].lengths, device="cuda" if cuda else "cpu")
     if enforce and result.fits is False:
         raise WontFitError(f"{result.verdict} (memory.preflight=false or --force runs it anyway)")
     return result

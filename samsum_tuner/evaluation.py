@@ -46,6 +46,14 @@ def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
     return {k: round(result[k].mid.fmeasure * 100, 2) for k in ROUGE_KEYS}
 
 
+def score(preds: list[dict[str, Any]], references: list[str]) -> dict[str, float]:
+    """ROUGE of `generate`'s predictions, the share that ended at EOS and their mean length."""
+    metrics = rouge([p["prediction"] for p in preds], references)
+    metrics["ended_at_eos"] = round(100 * sum(p["ended_at_eos"] for p in preds) / len(preds), 2)
+    metrics["mean_new_tokens"] = round(sum(p["new_tokens"] for p in preds) / len(preds), 1)
+    return metrics
+
+
 @torch.no_grad()
 def generate(model, tokenizer, recipe: Recipe, dialogues: list[str], gen: GenerationConfig,
              progress: bool = True) -> list[dict[str, Any]]:
@@ -124,13 +132,9 @@ def evaluate(run_or_model: str, *, split: str = "test", limit: int | None = None
     rows, _, origin = load_clean_split(recipe.data, split)
     rows = rows[:limit] if limit else rows
     preds = generate(model, tokenizer, recipe, [r["dialogue"] for r in rows], gen, progress=progress)
-    metrics: dict[str, Any] = rouge([p["prediction"] for p in preds], [r["summary"] for r in rows])
-    metrics.update(
-        rows=len(rows), split=split, source=origin,
-        ended_at_eos=round(100 * sum(p["ended_at_eos"] for p in preds) / len(preds), 2),
-        mean_new_tokens=round(sum(p["new_tokens"] for p in preds) / len(preds), 1),
-        max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample, chat_template=recipe.data.chat_template,
-    )
+    metrics: dict[str, Any] = score(preds, [r["summary"] for r in rows])
+    metrics.update(rows=len(rows), split=split, source=origin, max_new_tokens=gen.max_new_tokens,
+                   do_sample=gen.do_sample, chat_template=recipe.data.chat_template)
     target = Path(out_dir) if out_dir else (Path(run_or_model) if Path(run_or_model, "recipe.yaml").is_file() else None)
     if target is not None:
         target.mkdir(parents=True, exist_ok=True)

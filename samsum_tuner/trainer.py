@@ -78,21 +78,15 @@ class SamsumTrainer(Trainer):
     def _rouge_of_first_rows(self, n: int) -> dict[str, float]:
         """The scoring of `samsum-tuner eval` (greedy, 96 new tokens) on the first n validation rows."""
         from .data import load_clean_split
-        from .evaluation import GenerationConfig, generate, rouge
+        from .evaluation import GenerationConfig, generate, score
 
         if self._rouge_rows is None:
             self._rouge_rows = load_clean_split(self.recipe.data, self.recipe.data.eval_split)[0][:n]
-        rows, tokenizer = self._rouge_rows, self.processing_class
-        side, tokenizer.padding_side = tokenizer.padding_side, "left"
-        try:
-            preds = generate(self.model, tokenizer, self.recipe, [r["dialogue"] for r in rows], GenerationConfig(),
-                             progress=False)
-        finally:
-            tokenizer.padding_side = side
-        scores = rouge([p["prediction"] for p in preds], [r["summary"] for r in rows])
-        out = {f"eval_{k}": v for k, v in scores.items()}
-        out["eval_ended_at_eos"] = round(100 * sum(p["ended_at_eos"] for p in preds) / len(preds), 2)
-        return out
+        rows = self._rouge_rows
+        # generate() left-pads the prompts itself: the tokenizer's padding side is not involved.
+        preds = generate(self.model, self.processing_class, self.recipe, [r["dialogue"] for r in rows],
+                         GenerationConfig(), progress=False)
+        return {f"eval_{k}": v for k, v in score(preds, [r["summary"] for r in rows]).items()}
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if checkpoint is not None and self.is_fsdp_enabled:
@@ -110,8 +104,7 @@ class SamsumTrainer(Trainer):
         budget = self.recipe.data.max_tokens_per_batch
         if not budget:
             return super().get_train_dataloader()
-        lengths = [len(ids) for ids in self.train_dataset["input_ids"]]
-        batches = TokenBudgetBatchSampler(lengths, budget, packed=self.recipe.data.packing, seed=self.args.seed,
+        batches = TokenBudgetBatchSampler(self._train_lengths(), budget, packed=self.recipe.data.packing, seed=self.args.seed,
                                           longest_first=self.recipe.data.longest_first)
         loader = torch.utils.data.DataLoader(self.train_dataset, batch_sampler=batches, collate_fn=self.data_collator,
                                              num_workers=self.args.dataloader_num_workers,
@@ -121,8 +114,11 @@ class SamsumTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         if not self.recipe.data.longest_first:
             return super()._get_train_sampler(train_dataset)
-        lengths = [len(ids) for ids in (train_dataset or self.train_dataset)["input_ids"]]
-        return LongestFirstSampler(lengths, self.args.per_device_train_batch_size, self.args.seed)
+        return LongestFirstSampler(self._train_lengths(train_dataset), self.args.per_device_train_batch_size,
+                                   self.args.seed)
+
+    def _train_lengths(self, train_dataset=None) -> list[int]:
+        return [len(ids) for ids in (train_dataset or self.train_dataset)["input_ids"]]
 
     def create_optimizer(self, model=None):
         t = self.recipe.train

@@ -74,6 +74,17 @@ def write_jsonl(folder: Path, split: str, rows: list[dict], raw_lines: list[str]
     return p
 
 
+# A short training run that writes no logs, checkpoints or model and skips the memory preflight.
+QUIET_RUN = ["train.report_to=[]", "train.disable_tqdm=true", "train.logging_steps=1", "train.save_strategy=no",
+             "train.save_model=false", "memory.preflight=false"]
+
+
+def varied_rows(n: int) -> list[dict]:
+    """Dialogues from 3 to 42 words: batches of them are mostly padding when padded."""
+    return [{"id": str(i), "dialogue": "Ann: " + "so " * (3 + (i * 11) % 40), "summary": f"Ann talks {i}."}
+            for i in range(n)]
+
+
 def synthetic_rows(n: int, offset: int = 0) -> list[dict]:
     return [{"id": str(offset + i), "dialogue": f"Ann: hello {i}\r\nBob: hi, see you at {i % 12 + 1} pm",
              "summary": f"Ann and Bob meet at {i % 12 + 1} pm."} for i in range(n)]

@@ -12,7 +12,7 @@ from samsum_tuner.data import DataConfig, tokenize_row
 from samsum_tuner.evaluation import GenerationConfig, evaluate, generate, rouge
 from samsum_tuner.trainer import build_collator
 
-from .conftest import tiny_llama
+from .conftest import QUIET_RUN, tiny_llama
 
 
 def test_rouge_is_rouge_score_with_stemmer():
@@ -96,9 +96,7 @@ def test_rouge_at_every_evaluation_when_asked(tiny_model_dir, tiny_data, tmp_pat
     r = st.load_recipe(None, [f"model.name={tiny_model_dir}", f"data.source={tiny_data}", "--use_peft",
                               f"train.output_dir={tmp_path / 'run'}", "train.num_train_epochs=2",
                               "train.per_device_train_batch_size=8", "train.gradient_accumulation_steps=1",
-                              "train.eval_rouge_rows=3", "train.report_to=[]", "train.disable_tqdm=true",
-                              "train.save_strategy=no", "train.save_model=false", "data.max_length=128",
-                              "memory.preflight=false"])
+                              "train.eval_rouge_rows=3", "data.max_length=128", *QUIET_RUN])
     trainer = st.build_trainer(r)
     metrics = st.train(r, trainer=trainer)
     scored = [h for h in trainer.state.log_history if "eval_rouge1" in h]

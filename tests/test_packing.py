@@ -9,7 +9,7 @@ from samsum_tuner.config import build_recipe
 from samsum_tuner.data import IGNORE_INDEX
 from samsum_tuner.trainer import build_collator
 
-from .conftest import tiny_llama
+from .conftest import QUIET_RUN, tiny_llama, varied_rows, write_jsonl
 
 
 def _samples(n=4, vocab=256, seed=0):
@@ -80,8 +80,6 @@ def test_packed_and_padded_training_follow_the_same_loss_curve(tiny_model_dir, t
     LoRA dropout is off: its random masks are drawn per layout, so with it the curves differ by design."""
     import samsum_tuner as st
 
-    from .conftest import write_jsonl
-
     # Lengths that vary a lot, so the padded batches are mostly padding.
     rows = [{"id": str(i), "dialogue": "Ann: " + "so " * (3 + (i * 11) % 40) + f"\nBob: ok {i}",
              "summary": f"Ann and Bob talk {i % 5} times."} for i in range(40)]
@@ -92,9 +90,7 @@ def test_packed_and_padded_training_follow_the_same_loss_curve(tiny_model_dir, t
                                   f"train.output_dir={tmp_path / str(packing)}", f"data.packing={packing}",
                                   "data.eval_split=null", "train.max_steps=20", "train.per_device_train_batch_size=4",
                                   "train.gradient_accumulation_steps=2", "train.learning_rate=1e-3",
-                                  "train.lr_scheduler_type=constant", "--use_peft", "lora.dropout=0", "train.logging_steps=1",
-                                  "train.report_to=[]", "train.disable_tqdm=true", "train.save_strategy=no",
-                                  "train.save_model=false", "memory.preflight=false"])
+                                  "train.lr_scheduler_type=constant", "--use_peft", "lora.dropout=0", *QUIET_RUN])
         trainer = st.build_trainer(r)
         st.train(r, trainer=trainer)
         curves[packing] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -128,17 +124,11 @@ def test_token_budget_trains_and_bounds_the_plan(tiny_model_dir, tmp_path):
     import samsum_tuner as st
     from samsum_tuner.planner import plan
 
-    from .conftest import write_jsonl
-
-    rows = [{"id": str(i), "dialogue": "Ann: " + "so " * (3 + (i * 11) % 40), "summary": f"Ann talks {i}."}
-            for i in range(30)]
-    write_jsonl(tmp_path / "d", "train", rows)
+    write_jsonl(tmp_path / "d", "train", varied_rows(30))
     r = st.load_recipe(None, [f"model.name={tiny_model_dir}", f"data.source={tmp_path / 'd'}", "data.eval_split=null",
                               f"train.output_dir={tmp_path / 'run'}", "data.packing=true", "data.max_length=128",
                               "data.max_tokens_per_batch=256", "train.gradient_accumulation_steps=1", "--use_peft",
-                              "train.num_train_epochs=1", "train.report_to=[]", "train.disable_tqdm=true",
-                              "train.save_strategy=no", "train.save_model=false", "memory.preflight=false",
-                              "train.logging_steps=1"])
+                              "train.num_train_epochs=1", *QUIET_RUN])
     trainer = st.build_trainer(r)
     sizes = [b["input_ids"].shape[1] for b in trainer.get_train_dataloader()]
     assert max(sizes) <= 256 and sum(sizes) == sum(len(x) for x in trainer.train_dataset["input_ids"])
@@ -176,10 +166,7 @@ def test_supervised_logits_only_is_the_same_loss_and_gradients(tokenizer, packin
 def test_trainer_with_and_without_supervised_logits_only_logs_the_same_losses(tiny_model_dir, tmp_path):
     import samsum_tuner as st
 
-    from .conftest import write_jsonl
-
-    rows = [{"id": str(i), "dialogue": "Ann: " + "so " * (3 + (i * 11) % 40), "summary": f"Ann talks {i}."}
-            for i in range(16)]
+    rows = varied_rows(16)
     write_jsonl(tmp_path / "d", "train", rows)
     write_jsonl(tmp_path / "d", "validation", rows[:4])
     curves = {}
@@ -188,9 +175,7 @@ def test_trainer_with_and_without_supervised_logits_only_logs_the_same_losses(ti
                                   f"train.output_dir={tmp_path / str(flag)}", f"train.supervised_logits_only={flag}",
                                   "train.max_steps=4", "train.per_device_train_batch_size=2", "lora.dropout=0",
                                   "train.gradient_accumulation_steps=2", "train.learning_rate=1e-3",
-                                  "train.report_to=[]", "train.disable_tqdm=true", "train.logging_steps=1",
-                                  "train.save_strategy=no", "train.save_model=false", "memory.preflight=false",
-                                  "data.max_length=128"])
+                                  "data.max_length=128", *QUIET_RUN])
         trainer = st.build_trainer(r)
         metrics = st.train(r, trainer=trainer)
         curves[flag] = [h["loss"] for h in trainer.state.log_history if "loss" in h] + [metrics["eval_loss"]]
