@@ -470,9 +470,10 @@ def _verdict(e: _Estimate, gpu_fits, host_fits, gpu_cap, host_cap, suggestion) -
 
 
 # ---------------------------------------------------------------- nearest configuration that fits
-def _candidates(recipe: Recipe) -> list[tuple[str, Any]]:
+def _candidates(recipe: Recipe, device: str = "cuda") -> list[tuple[str, Any]]:
     """(label, change) in a fixed order, mildest first. A change edits a copy of the recipe in place and
-    returns the GPU count to plan for, or None where it does not apply (nothing to change)."""
+    returns the GPU count to plan for, or None where it does not apply (nothing to change). On the CPU,
+    offload and more GPUs do not apply."""
 
     def batch1(r, g):
         b = r.train.per_device_train_batch_size
@@ -504,14 +505,14 @@ def _candidates(recipe: Recipe) -> list[tuple[str, Any]]:
         return g
 
     def offload(r, g):
-        if r.fsdp.cpu_offload:
+        if r.fsdp.cpu_offload or device == "cpu":
             return None
         r.fsdp.enabled = r.fsdp.cpu_offload = True
         return g
 
     def more_gpus(k):
         def change(r, g):
-            if k < g or (k == g and r.fsdp.enabled):
+            if k < g or (k == g and r.fsdp.enabled) or device == "cpu":
                 return None
             r.fsdp.enabled = True
             return k
@@ -534,9 +535,7 @@ def _candidates(recipe: Recipe) -> list[tuple[str, Any]]:
 
 def _nearest_fit(recipe, gpus, gpu_gib, host_gib, token_lengths, shape, device="cuda") -> str | None:
     """First single change, then first pair of changes, in `_candidates` order, whose plan fits."""
-    cands = _candidates(recipe)
-    if device == "cpu":  # FSDP, offload and GPU counts need GPUs
-        cands = [c for c in cands if "GPU" not in c[0] and "offload" not in c[0]]
+    cands = _candidates(recipe, device)
     for combo in itertools.chain(((c,) for c in cands), itertools.combinations(cands, 2)):
         r, g = copy.deepcopy(recipe), gpus
         for _, change in combo:
