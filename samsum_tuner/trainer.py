@@ -33,6 +33,8 @@ class SamsumTrainer(Trainer):
         if recipe.train.supervised_logits_only:
             kwargs.setdefault("compute_loss_func", supervised_loss)
         super().__init__(*args, **kwargs)
+        if recipe.data.max_tokens_per_batch:
+            self.add_callback(BatchSamplerEpoch())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.compute_loss_func is supervised_loss and "labels" in inputs:
@@ -248,6 +250,23 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return len(self.batches)
+
+
+class BatchSamplerEpoch(TrainerCallback):
+    """Sets the epoch on every batch sampler the train loader wraps, however deep, before each epoch.
+
+    Resuming mid-epoch, the Trainer iterates accelerate's skip_first_batches copy of the loader, whose
+    SkipBatchSampler neither has set_epoch nor passes it on; the Trainer's own reach goes one level down only,
+    so with two or more processes (SkipBatchSampler -> BatchSamplerShard -> TokenBudgetBatchSampler) the
+    resumed epoch replayed epoch 0's order. The epoch comes from the state (its integer part is the epoch under
+    way, a resumed one included), not from whatever wrapper the Trainer happens to call set_epoch on."""
+
+    def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        sampler = getattr(train_dataloader, "batch_sampler", None)
+        while sampler is not None:
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(int(state.epoch or 0))
+            sampler = getattr(sampler, "batch_sampler", None)
 
 
 class ThroughputCallback(TrainerCallback):

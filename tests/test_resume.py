@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import samsum_tuner as st
 from samsum_tuner import checkpoint as ck
 
-from .conftest import ROOT, synthetic_rows, write_jsonl
+from .conftest import QUIET_RUN, ROOT, synthetic_rows, varied_rows, write_jsonl
 
 FAST = ["train.report_to=[]", "train.disable_tqdm=true", "train.logging_steps=1", "memory.preflight=false",
         "data.max_length=128", "train.eval_strategy=no", "train.per_device_train_batch_size=4",
@@ -78,6 +78,56 @@ def test_resume_equals_an_uninterrupted_run(kind, tiny_model_dir, small_data, tm
     curve = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
     assert [(h["step"], h["loss"]) for h in t2.state.log_history if "loss" in h] == curve
     assert m2["last_loss"] == metrics["last_loss"]
+
+
+# ---------------------------------------------------------------- token-budget batches on resume
+def _budget_run(model_dir, data_dir, out, packing: bool, resume=None) -> list[list[list[int]]]:
+    """Two epochs of data.max_tokens_per_batch batches, a checkpoint every step; the input_ids this process
+    trained on, step by step."""
+    r = st.load_recipe(None, [f"model.name={model_dir}", f"data.source={data_dir}", f"train.output_dir={out}",
+                              f"data.packing={packing}", "data.max_length=128", "data.max_tokens_per_batch=256",
+                              "data.eval_split=null", "--use_peft", "train.gradient_accumulation_steps=1",
+                              "train.num_train_epochs=2", *QUIET_RUN, "train.save_strategy=steps",
+                              "train.save_steps=1", "train.save_total_limit=null",
+                              *([f"train.resume_from_checkpoint={resume}"] if resume else [])])
+    trainer = st.build_trainer(r)
+    seen, step = [], trainer.training_step
+
+    def recording(model, inputs, *args, **kwargs):
+        seen.append(inputs["input_ids"].tolist())
+        return step(model, inputs, *args, **kwargs)
+
+    trainer.training_step = recording
+    st.train(r, trainer=trainer)
+    return seen
+
+
+def budget_resumes(model_dir, data_dir, root: Path, packing: bool) -> dict[str, list]:
+    """The uninterrupted run's batches, and those of runs resumed from its checkpoints mid epoch 0 and mid epoch 1."""
+    runs = {"straight": _budget_run(model_dir, data_dir, root / "straight", packing)}
+    per_epoch = len(runs["straight"]) // 2
+    for k in (per_epoch // 2, per_epoch + per_epoch // 2):
+        runs[str(k)] = _budget_run(model_dir, data_dir, root / f"resumed-{k}", packing,
+                                   resume=root / "straight" / f"checkpoint-{k}")
+    return runs
+
+
+def _assert_resumes_see_the_straight_batches(runs: dict[str, list]) -> None:
+    straight = runs.pop("straight")
+    per_epoch = len(straight) // 2
+    # Each epoch visits the batches in its own order, or the test could not tell the epochs apart.
+    assert per_epoch >= 3 and straight[per_epoch:] != straight[:per_epoch]
+    assert sorted(map(int, runs)) == [per_epoch // 2, per_epoch + per_epoch // 2]
+    for k, resumed in runs.items():
+        assert resumed == straight[int(k):], f"resumed from checkpoint-{k} of {len(straight)} steps"
+
+
+@pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
+def test_token_budget_resume_sees_the_uninterrupted_batches(packing, tiny_model_dir, tmp_path):
+    """data.max_tokens_per_batch: a run resumed mid epoch 0 or mid epoch 1 trains on the uninterrupted run's
+    batches, in its order (the resumed epoch must not replay epoch 0's order)."""
+    write_jsonl(tmp_path / "d", "train", varied_rows(24))
+    _assert_resumes_see_the_straight_batches(budget_resumes(tiny_model_dir, tmp_path / "d", tmp_path, packing))
 
 
 # ---------------------------------------------------------------- kill -9
@@ -238,6 +288,33 @@ def test_two_process_fsdp2_sharded_checkpoint_survives_kill_9(tiny_model_dir, tm
     _assert_same_weights(load_file(straight / "final.safetensors"), load_file(killed / "final.safetensors"))
     assert _loss_by_step(killed) == _loss_by_step(straight) and len(_loss_by_step(straight)) == 7
     assert [c.name for c in ck.complete_checkpoints(killed)] == ["checkpoint-4", "checkpoint-6"]
+
+
+BUDGET_WORKER = """
+import json, os, sys
+from pathlib import Path
+from tests.test_resume import budget_resumes
+
+model_dir, data_dir, root = sys.argv[1:]
+runs = {p: budget_resumes(model_dir, data_dir, Path(root) / p, p == "packed") for p in ("packed", "padded")}
+Path(root, f"batches-{os.environ['RANK']}.json").write_text(json.dumps(runs))
+"""
+
+
+@pytest.mark.slow
+def test_two_process_token_budget_resume_sees_the_uninterrupted_batches(tiny_model_dir, tmp_path):
+    """The same under torchrun (2 ranks, DDP over gloo): each rank's resumed batches are its uninterrupted ones."""
+    write_jsonl(tmp_path / "d", "train", varied_rows(48))
+    (tmp_path / "worker.py").write_text(BUDGET_WORKER)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(tmp_path / "worker.py"), str(tiny_model_dir), str(tmp_path / "d"), str(tmp_path / "runs")],
+                       env=_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    ranks = [json.loads((tmp_path / "runs" / f"batches-{rank}.json").read_text()) for rank in (0, 1)]
+    for packing in ("packed", "padded"):
+        assert ranks[0][packing]["straight"] != ranks[1][packing]["straight"]  # each rank its own share
+        for runs in ranks:
+            _assert_resumes_see_the_straight_batches(runs[packing])
 
 
 @pytest.mark.parametrize("optim", ["adamw", "sgd", "sgd_no_momentum"])
