@@ -56,7 +56,9 @@ INT8_BYTES = 1.0
 CPU_ACTIVATION_FACTOR = 2.1
 # The process on the CPU before training: interpreter, torch, tokenizer, data (measured 1.2 GiB for the demo).
 HOST_BASELINE_CPU_GIB = 1.2
-# FSDP2 prefetch: the layer being computed plus the next one are unsharded at once.
+# FSDP2 over several ranks: the layer being computed plus the one prefetched are unsharded at once. With one
+# rank there is no all-gather (torch >= 2.9, pytorch#160135): a layer is copied into its unsharded buffer only
+# when it runs, so nothing is prefetched (see _estimate).
 FSDP_LAYERS_IN_FLIGHT = 2
 # SAMSum train split with the original prompt ("Summarize this dialog: ... Summary:"), Llama-2 tokenizer,
 # prompt + summary + EOS: mean 201 tokens, 99th percentile 599, longest ~1150. Used when the caller does not
@@ -107,7 +109,7 @@ class ModelShape:
 
     @property
     def embedding_params(self) -> int:
-        """Embeddings, final norm and lm_head: FSDP's root unit, kept unsharded through forward and backward."""
+        """Embeddings, final norm and lm_head (one matrix when tied)."""
         return self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2) + self.hidden_size
 
     @property
@@ -174,6 +176,9 @@ class Plan:
     gpus: int = 1
     gpu_fits: bool | None = None
     host_fits: bool | None = None
+    # What torch.cuda.max_memory_allocated would read at the peak: gpu_peak_gib less the allocator's fragmentation
+    # and the CUDA context (neither of which the caching allocator counts), and less any loading peak.
+    gpu_allocated_gib: float = 0.0
 
     def table(self) -> str:
         width = max(len(r[0]) for r in self.rows + [("component", 0, 0)])
@@ -291,7 +296,7 @@ def plan(recipe: Recipe, *, gpus: int = 1, gpu_memory_gib: float | None = None,
     verdict = _verdict(e, gpu_fits, host_fits, gpu_memory_gib, host_memory_gib, suggestion)
     rows = [(name, g, 0.0) for name, g in e.gpu_rows] + [(name, 0.0, x) for name, x in e.host_rows]
     return Plan(rows, e.gpu_peak, e.host_peak, gpu_memory_gib, host_memory_gib, fits, verdict, suggestion,
-                e.notes, gpus, gpu_fits, host_fits)
+                e.notes, gpus, gpu_fits, host_fits, e.allocated / GIB if e.gpu_rows else 0.0)
 
 
 def _on_the_cpu(e: _Estimate) -> _Estimate:
@@ -343,12 +348,32 @@ def _estimate(recipe: Recipe, gpus: int, token_lengths: list[int] | None, s: Mod
         gpu.append((f"weights ({label}{shard})", weights / n, True))
         if lora_n:
             gpu.append(("LoRA adapters (fp32)", lora_n * 4 / n, True))
+    tokens, how = _worst_batch_tokens(recipe, token_lengths)
+    # Every position's logits: train.supervised_logits_only (the default) keeps only the summary's, so for
+    # SAMSum this term is an upper bound (the supervised share of a batch is not known from lengths alone).
+    logits = tokens * (LOGITS_BYTES_PER_VOCAB * V + 8 * h)  # + final norm and lm_head input
     if fsdp:
-        layers = L if f.sharding_strategy == "SHARD_GRAD_OP" else FSDP_LAYERS_IN_FLIGHT
-        # FSDP2 keeps the root unit (embeddings, final norm, lm_head) unsharded from forward to backward.
-        root = s.embedding_params * (c if mp else 4 if q.bits else wb)
-        gpu.append((f"FSDP all-gathered: {layers} layer(s) + embeddings/lm_head ({'half' if mp else 'as stored'})",
-                    layers * layer_bytes + root, False))
+        # What FSDP2 holds unsharded at the peak (the loss, every layer's activations alive). accelerate's
+        # fsdp2_prepare_model (accelerate#4015, in 1.15) gives the input embedding a unit of its own, resharded
+        # after its forward like each decoder layer (and not gathered again before the end of backward); only
+        # lm_head (with the tied embedding, if tied) keeps reshard_after_forward=False, and the final norm sits
+        # with it or in the root, which never reshards: both stay unsharded from the end of forward into backward.
+        tail = (V * h + h) * (c if mp else 4 if q.bits else wb)
+        if f.sharding_strategy == "SHARD_GRAD_OP":  # no reshard after forward: every layer waits for backward
+            layers, unsharded = L, L * layer_bytes + tail
+        elif gpus > 1:
+            layers, unsharded = FSDP_LAYERS_IN_FLIGHT, FSDP_LAYERS_IN_FLIGHT * layer_bytes + tail
+        else:
+            # One rank: no all-gather and no prefetch; a layer is unsharded only while it runs. The first layer
+            # of backward is unsharded after the tail is resharded and the logits freed, so the peak is the
+            # larger of tail + logits and one layer. (Checked on an H200, torch 2.11, accelerate 1.15: at the loss
+            # only final norm + lm_head are unsharded, inside the last layer's backward only that layer.)
+            layers, unsharded = 0, max(tail, layer_bytes - logits)
+        if layers:
+            held = f"{layers} layer(s) + final norm/lm_head"
+        else:
+            held = f"{'final norm/lm_head' if unsharded == tail else 'one layer'} (1 rank, no prefetch)"
+        gpu.append((f"FSDP unsharded ({'half' if mp else 'as stored'}): {held}", unsharded, False))
     if half_train and not mp and wb == 4 and not q.bits:
         # Autocast casts each fp32 weight to half per use, and autograd keeps the copies until backward.
         gpu.append(("autocast half copies of fp32 weights", (lin + V * h + lora_n) * 2, False))
@@ -364,13 +389,9 @@ def _estimate(recipe: Recipe, gpus: int, token_lengths: list[int] | None, s: Mod
         if gpus > 1 and not fsdp:
             gpu.append(("DDP gradient buckets", grads, True))
 
-    tokens, how = _worst_batch_tokens(recipe, token_lengths)
     per_layer = layer_activation_bytes(s, full=full, compute=c, stream=stream, autocast=half_train, quant_bits=q.bits,
                                        lora_targets=lo.target_modules if lo.enabled else (), lora_r=lo.r,
                                        lora_dropout=lo.dropout)
-    # Every position's logits: train.supervised_logits_only (the default) keeps only the summary's, so for
-    # SAMSum this term is an upper bound (the supervised share of a batch is not known from lengths alone).
-    logits = tokens * (LOGITS_BYTES_PER_VOCAB * V + 8 * h)  # + final norm and lm_head input
     if m.gradient_checkpointing:
         # Each layer keeps only its input; backward recomputes one layer at a time, after the loss is freed.
         acts = L * stream * h * tokens + max(0, per_layer * tokens - logits)
