@@ -26,6 +26,9 @@ M7, M13 = "model.name=random:llama2-7b", "model.name=random:llama2-13b"
 CAP32 = "memory.gpu_limit_gib=32"
 # An H200 capped to what an H100 80GB shows (79.2 GiB): the H100 verdicts on the machine that is lent.
 CAP80 = "memory.gpu_limit_gib=79.2"
+PARITY = ["data.split_slice=[:2000]", "data.eval_slice=[:200]", "train.num_train_epochs=1", "train.max_steps=-1",
+          "train.per_device_train_batch_size=16", "data.max_tokens_per_batch=null", "data.pad_to_multiple_of=null",
+          "model.attn_implementation=sdpa", "train.warmup_steps=10", "train.logging_steps=5", "train.eval_on_start=true"]
 
 # name: (launcher prefix or None, recipe, overrides, expect)
 RUNS: dict[str, tuple[list[str] | None, str, list[str], str]] = {
@@ -65,6 +68,14 @@ RUNS: dict[str, tuple[list[str] | None, str, list[str], str]] = {
                                                      "memory.gpu_limit_gib={probe_cap}", "--force"], "ok"),
     # The embedded SmolLM2 (real weights): one epoch of the whole train split, eval on the whole validation
     # split before and after. Runner overrides that bound steps are replaced by the ones here.
+    # samsum_tuner's recipe for the embedded model, as committed (3 epochs of the whole train split, eval on
+    # the whole validation split); its ROUGE comes from `samsum-tuner eval` on the saved model afterwards.
+    "smollm2_gpu": (None, R + "smollm2_gpu.yaml", ["train.max_steps=-1", "train.save_model=true", "data.eval_slice=null",
+                                                   "train.logging_steps=20"], "ok"),
+    # Packed and padded training learn the same: one epoch of 2,000 train rows, 16 rows per step either way
+    # (the Trainer's sampler, same seed), sdpa for both; eval_loss on 200 validation rows.
+    "parity_padded": (None, R + "smollm2_gpu.yaml", PARITY + ["data.packing=false"], "ok"),
+    "parity_packed": (None, R + "smollm2_gpu.yaml", PARITY + ["data.packing=true"], "ok"),
     "smollm2_epoch": (None, R + "demo_cpu.yaml", ["data.split_slice=null", "train.max_steps=-1",
                                                   "train.num_train_epochs=1", "train.bf16=true",
                                                   "train.per_device_train_batch_size=16",
@@ -108,8 +119,11 @@ def run_one(name: str, steps: int, slice_rows: int, timeout: int, out: Path, ext
     memory = []
     if (run_dir / "memory.jsonl").is_file():
         memory = [json.loads(x) for x in (run_dir / "memory.jsonl").read_text().splitlines() if x.strip()]
+    history = []
+    if (run_dir / "log_history.json").is_file():
+        history = json.loads((run_dir / "log_history.json").read_text())
     record = {"name": name, "status": status, "expected": expect, "exit_code": code, "wall_s": round(time.time() - t0, 1),
-              "command": " ".join(cmd), "summary": summary, "memory": memory,
+              "command": " ".join(cmd), "summary": summary, "memory": memory, "log_history": history,
               "stdout_tail": stdout[-3000:], "stderr_tail": stderr[-3000:]}
     # One JSONL for the whole call: the device tool brings back at most 8 files.
     with open(out / "results.jsonl", "a", encoding="utf-8") as f:

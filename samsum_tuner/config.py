@@ -71,6 +71,10 @@ class DataConfig:
     # Batches by tokens instead of rows: as many samples as fit the budget (packed: their sum; padded: rows x
     # the longest), so memory is bounded by the budget, not the longest sample. Replaces the train batch size.
     max_tokens_per_batch: int | None = None
+    # Rows padded to a multiple of N tokens (packed: the one row, with a tail that is its own sample and never
+    # supervised). Compiled kernels such as flex_attention compile once per shape: N = max_tokens_per_batch
+    # gives every step the same shape, where varying packed lengths recompile again and again.
+    pad_to_multiple_of: int | None = None
     num_proc: int | None = None
 
 
@@ -433,6 +437,7 @@ def validate(recipe: Recipe) -> None:
         "train.num_train_epochs": t.num_train_epochs,
         "train.logging_steps": t.logging_steps,
         "data.max_length": d.max_length,
+        "data.pad_to_multiple_of": 1 if d.pad_to_multiple_of is None else d.pad_to_multiple_of,
         "lora.r": lo.r,
         "lora.alpha": lo.alpha,
         "memory.sample_interval_s": recipe.memory.sample_interval_s,

@@ -292,12 +292,38 @@ class ThroughputCallback(TrainerCallback):
 
 
 def build_collator(recipe: Recipe, tokenizer):
+    multiple = recipe.data.pad_to_multiple_of
     if recipe.data.packing:
         # Padding-free: one row, position ids restart per sample; attention stays per sample only
         # because load_model sets use_cache=False (see DESIGN.md).
-        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+        flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+        return PackedCollator(flatten, tokenizer.pad_token_id, multiple) if multiple else flatten
     # Pads labels with -100 by position, so EOS stays supervised even when pad == eos.
-    return DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
+    return DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX, return_tensors="pt",
+                                  pad_to_multiple_of=multiple)
+
+
+class PackedCollator:
+    """A packed row padded to a multiple of `multiple` tokens. The tail is one more sample to the model (its
+    position ids restart at 0, so the block-diagonal mask keeps it apart), unsupervised, made of the pad id so
+    the Trainer's non-padding token count leaves it out."""
+
+    def __init__(self, flatten, pad_token_id: int, multiple: int):
+        self.flatten, self.pad_token_id, self.multiple = flatten, pad_token_id, multiple
+
+    def __call__(self, features):
+        batch = self.flatten(features)
+        n = batch["input_ids"].shape[1]
+        tail = -n % self.multiple
+        if tail:
+            fills = {"input_ids": self.pad_token_id, "labels": IGNORE_INDEX}
+            for key, value in batch.items():
+                if key == "position_ids":
+                    extra = torch.arange(tail, dtype=value.dtype).unsqueeze(0)
+                else:
+                    extra = torch.full((1, tail), fills.get(key, 0), dtype=value.dtype)
+                batch[key] = torch.cat([value, extra], dim=1)
+        return batch
 
 
 def training_arguments(recipe: Recipe, launch: Launch, layer_cls: list[str], has_eval: bool) -> TrainingArguments:

