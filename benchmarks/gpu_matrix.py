@@ -68,7 +68,7 @@ RUNS: dict[str, tuple[list[str] | None, str, list[str], str]] = {
                                                      "memory.gpu_limit_gib={probe_cap}", "--force"], "ok"),
     # The embedded SmolLM2 (real weights): one epoch of the whole train split, eval on the whole validation
     # split before and after. Runner overrides that bound steps are replaced by the ones here.
-    # samsum_tuner's recipe for the embedded model, as committed (3 epochs of the whole train split, eval on
+    # samsum_tuner's recipe for the embedded model, as committed (2 epochs of the whole train split, eval on
     # the whole validation split); its ROUGE comes from `samsum-tuner eval` on the saved model afterwards.
     "smollm2_gpu": (None, R + "smollm2_gpu.yaml", ["train.max_steps=-1", "train.save_model=true", "data.eval_slice=null",
                                                    "train.logging_steps=20"], "ok"),
