@@ -27,6 +27,18 @@ NOTES = {
     "cap32_full_fp16": "log: OOM; as full fp32 plus autocast copies",
     "fsdp1_lora_fp16": "finished 12 steps and its eval (figures from its memory.jsonl), then hit the runner's "
                        "150 s limit: the fp32 7B is built on rank 0's host before FSDP moves it (slow on CPU)",
+    "2026-11-29b-h200/fsdp1_lora_fp16": "not finished: started late in its device call (after the GPU tests) and "
+                                        "stopped by the call's deadline while rank 0 still built the fp32 7B on the host",
+    "gpu_13b_lora_bf16_mixed": "refused by the planner before loading: 52 GB of fp32 weights + bf16 autocast copies "
+                               "+ activations > 79.2 GiB; it names bf16 weights, which gpu_13b_lora_bf16 runs",
+    "retries_capped": "cap = probe's peak allocated + 0.1 GiB left no room for the allocator's block rounding: "
+                      "OOM at step 0 instead of retries (the runner now caps between the probe's allocated and "
+                      "reserved peaks)",
+    "smollm2_gpu": "stopped at 330 s by the runner: ~230 s went to the first 20 steps (flex_attention compilation "
+                   "under fp32 weights + bf16 autocast, not yet diagnosed), then ~80,000 tokens/s; eval_loss 2.23 "
+                   "(start) -> 1.545 after epoch 1 (and 1.546 after epoch 2 of the 3-epoch run of call 2, whose "
+                   "train loss fell to 0.88 in epoch 3: the recipe now trains 2 epochs)",
+    "parity_padded": "stopped by its device call's deadline",
     "smollm2_epoch": "cut off at 39% of the epoch when the session's device time ran out (~9,500 tokens/s "
                      "at batch 16); the logged train loss went 1.85 (epoch 0.09) to 1.67 (epoch 0.39); no eval yet",
 }
@@ -39,24 +51,28 @@ def _args(command: str) -> tuple[str | None, list[str]]:
     return path, [a for a in rest[1 if path else 0:] if a != "--force"]
 
 
-def _predict(command: str, cache: dict) -> dict:
+def _predict(command: str, cache: dict, extra: list[str]) -> dict:
     """The planner's GPU peak for the run's own recipe and the real token lengths of its train split."""
-    from samsum_tuner.api import train_token_lengths
+    from samsum_tuner.api import train_lengths
     from samsum_tuner.config import build_recipe
     from samsum_tuner.planner import plan
 
     from samsum_tuner.errors import ConfigError
 
     path, overrides = _args(command)
+    overrides += extra
     try:
         recipe = build_recipe(str(ROOT / path) if path else None, overrides)
     except ConfigError:  # a recipe that validation refuses has no memory verdict
         return {"predicted_gpu_peak_gib": None, "planner": "refused by validation"}
     key = (recipe.model.name.startswith("random:"), json.dumps(recipe.data.__dict__, sort_keys=True, default=str))
     if key not in cache:
-        cache[key] = train_token_lengths(recipe)
-    p = plan(recipe, gpus=1, gpu_memory_gib=recipe.memory.gpu_limit_gib, token_lengths=cache[key])
-    return {"predicted_gpu_peak_gib": round(p.gpu_peak_gib, 2), "predicted_host_peak_gib": round(p.host_peak_gib, 2),
+        cache[key] = train_lengths(recipe)
+    lengths, supervised = cache[key]
+    p = plan(recipe, gpus=1, gpu_memory_gib=recipe.memory.gpu_limit_gib, token_lengths=lengths,
+             supervised_lengths=supervised)
+    return {"predicted_gpu_peak_gib": round(p.gpu_peak_gib, 2), "predicted_allocated_gib": round(p.gpu_allocated_gib, 2),
+            "predicted_host_peak_gib": round(p.host_peak_gib, 2),
             "planner": "fits" if p.fits is not False else "will not fit"}
 
 
@@ -64,7 +80,7 @@ def _losses(stdout: str) -> list[float]:
     return [float(x) for x in re.findall(r"\{'loss': '([0-9.]+)'", stdout)]
 
 
-def row(record: dict, device: str, versions: dict, session: str, cache: dict) -> dict:
+def row(record: dict, device: str, versions: dict, session: str, cache: dict, extra: list[str]) -> dict:
     s, name = record["summary"], record["name"]
     epochs = [m for m in record["memory"] if m.get("event") == "epoch" and m.get("rank") == 0]
     mem = dict(s.get("memory") or {})
@@ -89,11 +105,13 @@ def row(record: dict, device: str, versions: dict, session: str, cache: dict) ->
         "eval_ppl": m.get("eval_ppl"), "logged_losses": _losses(record["stdout_tail"]),
         "error": s.get("error") or ([ln for ln in record["stderr_tail"].splitlines() if "samsum-tuner: error" in ln]
                                     or [None])[-1],
-        "note": NOTES.get(name), "command": record["command"], "versions": versions,
+        "note": NOTES.get(f"{session}/{name}", NOTES.get(name)), "command": record["command"], "versions": versions,
     }
-    out.update(_predict(record["command"], cache))
-    measured, predicted = out["gpu_peak_allocated_gib"], out["predicted_gpu_peak_gib"]
-    if status == "ok" and measured and predicted:
+    out.update(_predict(record["command"], cache, extra))
+    # Like for like: the planner's allocated figure (its peak less allocator fragmentation and the CUDA
+    # context, which max_memory_allocated never counts) against the measured peak allocated.
+    measured, predicted = out["gpu_peak_allocated_gib"], out.get("predicted_allocated_gib")
+    if status in ("ok", "cut off") and measured and predicted:
         out["predicted_over_measured"] = round(predicted / measured, 3)
     return out
 
@@ -115,10 +133,13 @@ def markdown(rows: list[dict]) -> str:
              "random init, SmolLM2 vocabulary) on real SAMSum tokens, the whole train split with its longest "
              "batch first, 12 optimizer steps, eval_loss on the first 64 validation rows; figures from the "
              "project's memory callback. `cap32_*` runs cap the GPU at 32 GiB (a V100-32GB), `gpu_*` at 79.2 GiB "
-             "(an H100 80GB) on the H200. *Planner* is the memory planner's GPU peak for the same recipe "
-             "(real token lengths), *ratio* predicted/measured peak allocated.", ""]
+             "(an H100 80GB) on the H200. Session 2026-11-29b ran 6 steps with eval on 32 rows, two runs at a time on "
+             "the one GPU after its benchmark (memory per process is unaffected; s/step and tokens/s there are "
+             "shared-GPU figures). *Planner* is the memory planner's GPU peak for the same recipe (real token "
+             "lengths), *ratio* its allocated estimate (the peak less fragmentation and CUDA context) over the "
+             "measured peak allocated.", ""]
     head = ["run", "status", "s/step", "real tok/s", "GPU alloc / reserved / active GiB", "retries (epoch/total)",
-            "host peak GiB", "loss first→last", "eval_loss (ppl)", "planner GiB", "ratio", "note"]
+            "host peak GiB", "loss first→last", "eval_loss (ppl)", "planner peak / alloc GiB", "ratio", "note"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         mem = f"{_fmt(r['gpu_peak_allocated_gib'])} / {_fmt(r['gpu_peak_reserved_gib'])} / {_fmt(r['gpu_peak_active_gib'])}"
@@ -131,7 +152,7 @@ def markdown(rows: list[dict]) -> str:
         note = r["note"] or (r["error"] or "")
         lines.append("| " + " | ".join([r["run"], status, _fmt(r["s_per_step"]), _fmt(r["real_tokens_per_s"], 0), mem,
                                         retries, _fmt(r["host_peak_rss_gib"]), loss, ev,
-                                        f"{_fmt(r['predicted_gpu_peak_gib'])} ({r['planner']})",
+                                        f"{_fmt(r['predicted_gpu_peak_gib'])} / {_fmt(r.get('predicted_allocated_gib'))} ({r['planner']})",
                                         _fmt(r.get("predicted_over_measured"), 3), note.replace("|", "/")]) + " |")
     sessions = sorted({(r["session"], r["device"], json.dumps(r["versions"], sort_keys=True)) for r in rows})
     lines += ["", "## Sessions", ""]
@@ -147,9 +168,13 @@ def main() -> None:
     for folder in sorted(p for p in RESULTS.iterdir() if p.is_dir()):
         device = (folder / "device.csv").read_text().splitlines()[1].strip() if (folder / "device.csv").is_file() else "?"
         versions = ast.literal_eval((folder / "versions.txt").read_text().strip()) if (folder / "versions.txt").is_file() else {}
-        for call in sorted(folder.glob("call*.jsonl")):
-            for line in call.read_text().splitlines():
-                rows.append(row(json.loads(line), device, versions, folder.name, cache))
+        records = [json.loads(line) for call in sorted(folder.glob("call*.jsonl")) for line in call.read_text().splitlines()]
+        # Runs made before train.supervised_logits_only existed computed every position's logits: the planner
+        # predicts them as they ran.
+        legacy = any("supervised_logits_only" not in r["summary"]["recipe"]["train"]
+                     for r in records if r["summary"].get("recipe"))
+        extra = ["train.supervised_logits_only=false"] if legacy else []
+        rows += [row(r, device, versions, folder.name, cache, extra) for r in records]
     DOCS.mkdir(exist_ok=True)
     (DOCS / "gpu_results.json").write_text(json.dumps(rows, indent=1) + "\n")
     (DOCS / "gpu_results.md").write_text(markdown(rows))

@@ -98,9 +98,11 @@ def _tokenized(recipe: Recipe, data: DataConfig):
     return tokenizer, tokenize_splits(data, tokenizer, raw)
 
 
-def train_token_lengths(recipe: Recipe) -> list[int]:
-    """Per-sample token counts of the train split as training would see them: data and tokenizer, no model."""
-    return _tokenized(recipe, replace(recipe.data, eval_split=None))[1]["train"].lengths
+def train_lengths(recipe: Recipe) -> tuple[list[int], list[int]]:
+    """Per-sample token counts of the train split as training would see them, and their supervised (summary)
+    tokens: data and tokenizer, no model."""
+    split = _tokenized(recipe, replace(recipe.data, eval_split=None))[1]["train"]
+    return split.lengths, split.supervised
 
 
 def _preflight(prepared: Prepared, enforce: bool):
@@ -124,7 +126,8 @@ def _preflight(prepared: Prepared, enforce: bool):
 
         host_gib = psutil.virtual_memory().total / 2**30
     result = plan(r, gpus=prepared.launch.world_size, gpu_memory_gib=gpu_gib, host_memory_gib=host_gib,
-                  token_lengths=prepared.splits["train"].lengths, device="cuda" if cuda else "cpu")
+                  token_lengths=prepared.splits["train"].lengths, supervised_lengths=prepared.splits["train"].supervised,
+                  device="cuda" if cuda else "cpu")
     if enforce and result.fits is False:
         raise WontFitError(f"{result.verdict} (memory.preflight=false or --force runs it anyway)")
     return result

@@ -103,9 +103,10 @@ def main_plan(argv: list[str], prog: str = "samsum-tuner plan") -> int:
             raise ConfigError(f"--gpus must be positive, got {opts.gpus}")
         path, overrides = _split_recipe(rest)
         recipe = api.load_recipe(path, overrides)
-        lengths = api.train_token_lengths(recipe) if opts.lengths == "data" else None
+        lengths, supervised = api.train_lengths(recipe) if opts.lengths == "data" else (None, None)
         result = plan(recipe, gpus=opts.gpus, gpu_memory_gib=gib(opts.gpu_memory, "--gpu-memory"),
                       host_memory_gib=gib(opts.host_memory, "--host-memory"), token_lengths=lengths,
+                      supervised_lengths=supervised,
                       device="cpu" if opts.cpu else "cuda")
         print(result.table())
         print(result.verdict)

@@ -252,6 +252,7 @@ class PreparedSplit:
     dataset: Any  # datasets.Dataset with input_ids, labels
     report: CleanReport
     lengths: list[int] = field(default_factory=list)
+    supervised: list[int] = field(default_factory=list)  # per row: tokens with a label (the summary)
 
     def stats(self) -> dict[str, float]:
         return length_stats(self.lengths)
@@ -315,7 +316,32 @@ def tokenize_split(cfg: DataConfig, tokenizer, name: str, rows: list[dict[str, s
     if len(ds) == 0:
         raise DataError(f"{origin}: split '{name}' has no rows that fit data.max_length={cfg.max_length}")
     ds = ds.remove_columns(["id", "n_prompt", "truncated", "dropped"])  # the collators take input_ids + labels
-    return PreparedSplit(name=name, origin=origin, dataset=ds, report=report, lengths=[len(x) for x in ds["input_ids"]])
+    labels = ds["labels"]
+    return PreparedSplit(name=name, origin=origin, dataset=ds, report=report, lengths=[len(x) for x in labels],
+                         supervised=[sum(t != IGNORE_INDEX for t in x) for x in labels])
+
+
+def token_budget_batches(lengths: list[int], budget: int, packed: bool, seed: int) -> list[list[int]]:
+    """Sample indices grouped, in a seeded order, into batches whose cost stays within `budget` tokens: the sum
+    of lengths when packed, rows x the longest when padded. The training sampler and the memory planner both
+    use it, so the planner sees the batches training will run."""
+    import torch
+
+    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
+    batches: list[list[int]] = []
+    current: list[int] = []
+    total = longest = 0
+    for i in order:
+        n = lengths[i]
+        cost = total + n if packed else (len(current) + 1) * max(longest, n)
+        if current and cost > budget:
+            batches.append(current)
+            current, total, longest = [], 0, 0
+        current.append(i)
+        total, longest = total + n, max(longest, n)
+    if current:
+        batches.append(current)
+    return batches
 
 
 def read_splits(cfg: DataConfig) -> dict[str, tuple[list[dict[str, str]], CleanReport, str]]:

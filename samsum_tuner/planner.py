@@ -250,6 +250,37 @@ def _worst_batch_tokens(recipe: Recipe, token_lengths: list[int] | None) -> tupl
     return b * longest, f"padded: {b} x the longest sample ({src})"
 
 
+class _Lengths(list):
+    """Token lengths of the train split, with the supervised (summary) tokens of each sample beside them."""
+
+    def __init__(self, lengths: list[int], supervised: list[int] | None):
+        super().__init__(lengths)
+        self.supervised = supervised
+
+
+def _logit_positions(recipe: Recipe, lengths, tokens: int) -> int:
+    """Positions whose logits the worst batch computes: all `tokens`, or with train.supervised_logits_only those
+    predicting a label (packed: the batch's summary tokens; padded: the union of the rows' summary spans)."""
+    supervised = getattr(lengths, "supervised", None)
+    if not recipe.train.supervised_logits_only or not supervised:
+        return tokens
+    from .data import token_budget_batches
+
+    d = recipe.data
+    n = [min(x, d.max_length) for x in lengths]
+    if d.max_tokens_per_batch:
+        batches = token_budget_batches(n, d.max_tokens_per_batch, d.packing, recipe.train.seed)
+    else:  # the batch _worst_batch_tokens plans for: the longest samples together
+        batches = [sorted(range(len(n)), key=lambda i: -n[i])[:recipe.train.per_device_train_batch_size]]
+
+    def positions(batch: list[int]) -> int:
+        if d.packing:
+            return sum(supervised[i] for i in batch)
+        return max(n[i] for i in batch) - min(n[i] - supervised[i] for i in batch)
+
+    return min(tokens, max(positions(b) for b in batches))
+
+
 def _optimizer(recipe: Recipe, trainable: int, state_bytes: int) -> tuple[float, float, str]:
     """(optimizer state bytes, step workspace bytes, name) for the trainable parameters."""
     t = recipe.train
@@ -278,11 +309,13 @@ class _Estimate:
 
 def plan(recipe: Recipe, *, gpus: int = 1, gpu_memory_gib: float | None = None,
          host_memory_gib: float | None = None, token_lengths: list[int] | None = None,
-         shape: ModelShape | None = None, device: str = "cuda") -> Plan:
+         shape: ModelShape | None = None, device: str = "cuda", supervised_lengths: list[int] | None = None) -> Plan:
     """Predict peak GPU memory per rank and host memory per node; verdict and nearest fitting change.
 
-    device="cpu": a run without CUDA, where all of it is host memory."""
+    device="cpu": a run without CUDA, where all of it is host memory. `supervised_lengths` (per sample, aligned
+    with `token_lengths`: the tokens with a label) size the logits when train.supervised_logits_only is on."""
     shape = shape or _shape_or_config(recipe.model.name)
+    token_lengths = _Lengths(token_lengths, supervised_lengths) if token_lengths else token_lengths
     e = _estimate(recipe, gpus, token_lengths, shape)
     if device == "cpu":
         e, gpu_memory_gib = _on_the_cpu(e), None
@@ -349,9 +382,9 @@ def _estimate(recipe: Recipe, gpus: int, token_lengths: list[int] | None, s: Mod
         if lora_n:
             gpu.append(("LoRA adapters (fp32)", lora_n * 4 / n, True))
     tokens, how = _worst_batch_tokens(recipe, token_lengths)
-    # Every position's logits: train.supervised_logits_only (the default) keeps only the summary's, so for
-    # SAMSum this term is an upper bound (the supervised share of a batch is not known from lengths alone).
-    logits = tokens * (LOGITS_BYTES_PER_VOCAB * V + 8 * h)  # + final norm and lm_head input
+    # The vocabulary-wide tensors exist at every position, or with train.supervised_logits_only only where a
+    # summary token is predicted; the final norm and lm_head input exist at every position either way.
+    logits = _logit_positions(recipe, token_lengths, tokens) * LOGITS_BYTES_PER_VOCAB * V + tokens * 8 * h
     if fsdp:
         # What FSDP2 holds unsharded at the peak (the loss, every layer's activations alive). accelerate's
         # fsdp2_prepare_model (accelerate#4015, in 1.15) gives the input embedding a unit of its own, resharded

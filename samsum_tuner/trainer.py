@@ -17,7 +17,7 @@ from transformers import (DataCollatorForSeq2Seq, DataCollatorWithFlattening, Tr
 
 from .checkpoint import atomic_checkpoint, rotate
 from .config import Recipe
-from .data import IGNORE_INDEX
+from .data import IGNORE_INDEX, token_budget_batches
 from .guards import NonFiniteGuard
 from .launch import Launch, fsdp_training_args
 from .memory import MemoryCallback
@@ -33,7 +33,7 @@ class SamsumTrainer(Trainer):
         if recipe.train.supervised_logits_only:
             kwargs.setdefault("compute_loss_func", supervised_loss)
         super().__init__(*args, **kwargs)
-        if recipe.data.max_tokens_per_batch:
+        if recipe.data.max_tokens_per_batch or recipe.data.longest_first:
             self.add_callback(BatchSamplerEpoch())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -220,23 +220,10 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler):
     def __init__(self, lengths: list[int], budget: int, packed: bool, seed: int, longest_first: bool = False):
         self.lengths, self.budget, self.packed, self.seed, self.longest_first = lengths, budget, packed, seed, longest_first
         self.epoch = 0
-        order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
-        self.batches: list[list[int]] = []
-        current: list[int] = []
-        for i in order:
-            if current and self._cost(current + [i]) > budget:
-                self.batches.append(current)
-                current = []
-            current.append(i)
-        if current:
-            self.batches.append(current)
+        self.batches = token_budget_batches(lengths, budget, packed, seed)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-
-    def _cost(self, batch: list[int]) -> int:
-        sizes = [self.lengths[i] for i in batch]
-        return sum(sizes) if self.packed else len(sizes) * max(sizes)
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed + 1 + self.epoch)
@@ -253,19 +240,21 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler):
 
 
 class BatchSamplerEpoch(TrainerCallback):
-    """Sets the epoch on every batch sampler the train loader wraps, however deep, before each epoch.
+    """Sets the epoch on every sampler the train loader wraps, however deep, before each epoch.
 
     Resuming mid-epoch, the Trainer iterates accelerate's skip_first_batches copy of the loader, whose
     SkipBatchSampler neither has set_epoch nor passes it on; the Trainer's own reach goes one level down only,
     so with two or more processes (SkipBatchSampler -> BatchSamplerShard -> TokenBudgetBatchSampler) the
-    resumed epoch replayed epoch 0's order. The epoch comes from the state (its integer part is the epoch under
+    resumed epoch replayed epoch 0's order (LongestFirstSampler, one level further under a BatchSampler, likewise).
+    The epoch comes from the state (its integer part is the epoch under
     way, a resumed one included), not from whatever wrapper the Trainer happens to call set_epoch on."""
 
     def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
         sampler = getattr(train_dataloader, "batch_sampler", None)
         while sampler is not None:
-            if hasattr(sampler, "set_epoch"):
-                sampler.set_epoch(int(state.epoch or 0))
+            for s in (sampler, getattr(sampler, "sampler", None)):
+                if hasattr(s, "set_epoch"):
+                    s.set_epoch(int(state.epoch or 0))
             sampler = getattr(sampler, "batch_sampler", None)
 
 

@@ -477,3 +477,26 @@ def test_cpu_plan_suggests_only_what_a_cpu_can_do():
     # Two CPU ranks (torchrun, DDP over gloo): each holds everything, plus DDP's gradient buckets.
     one, two = (plan(r, gpus=n, token_lengths=[512] * 8, device="cpu").host_peak_gib for n in (1, 2))
     assert 2 * one < two < 2.2 * one
+
+
+def test_supervised_logits_only_plans_the_summary_positions_only():
+    """With train.supervised_logits_only (the default) lm_head runs where a summary token is predicted: the
+    logits row follows the worst batch's summary tokens (packed: their sum; padded: the union of the rows'
+    summary spans); off, every position of the batch."""
+    lengths, supervised = [1000, 600, 300, 200], [50, 400, 20, 10]
+    base = ["lora.enabled=true", "train.per_device_train_batch_size=2"]
+
+    def logits(*extra, sup=supervised):
+        p = plan(recipe(*base, *extra), token_lengths=lengths, supervised_lengths=sup)
+        return next(g for name, g, _ in p.rows if name.startswith("logits"))
+
+    all_positions = logits("train.supervised_logits_only=false")
+    assert logits(sup=None) == all_positions  # no label counts: the upper bound
+    padded = logits()  # rows 1000 and 600: summary spans [950, 1000) and [200, 600) -> 800 positions of 2000
+    packed = logits("data.packing=true")  # 50 + 400 of 1600 packed positions
+    h = 4096
+    V = (all_positions * GIB - 2000 * 8 * h) / (2000 * 12)  # the shape's vocabulary, from the full row
+    assert V == pytest.approx(round(V)) and V > 30000
+    assert padded * GIB == pytest.approx(800 * 12 * V + 2000 * 8 * h, rel=1e-9)
+    assert packed * GIB == pytest.approx(450 * 12 * V + 1600 * 8 * h, rel=1e-9)
+    assert packed < padded < all_positions

@@ -81,12 +81,16 @@ def test_resume_equals_an_uninterrupted_run(kind, tiny_model_dir, small_data, tm
 
 
 # ---------------------------------------------------------------- token-budget batches on resume
-def _budget_run(model_dir, data_dir, out, packing: bool, resume=None) -> list[list[list[int]]]:
-    """Two epochs of data.max_tokens_per_batch batches, a checkpoint every step; the input_ids this process
-    trained on, step by step."""
+# How batches form, for the resume tests: by token budget (packed or padded), or rows with the longest first.
+BATCHING = {"packed": ["data.packing=true", "data.max_tokens_per_batch=256"],
+            "padded": ["data.packing=false", "data.max_tokens_per_batch=256"],
+            "longest_first": ["data.longest_first=true", "train.per_device_train_batch_size=2"]}
+
+
+def _budget_run(model_dir, data_dir, out, batching: str, resume=None) -> list[list[list[int]]]:
+    """Two epochs, a checkpoint every step; the input_ids this process trained on, step by step."""
     r = st.load_recipe(None, [f"model.name={model_dir}", f"data.source={data_dir}", f"train.output_dir={out}",
-                              f"data.packing={packing}", "data.max_length=128", "data.max_tokens_per_batch=256",
-                              "data.eval_split=null", "--use_peft", "train.gradient_accumulation_steps=1",
+                              *BATCHING[batching], "data.max_length=128", "data.eval_split=null", "--use_peft", "train.gradient_accumulation_steps=1",
                               "train.num_train_epochs=2", *QUIET_RUN, "train.save_strategy=steps",
                               "train.save_steps=1", "train.save_total_limit=null",
                               *([f"train.resume_from_checkpoint={resume}"] if resume else [])])
@@ -102,12 +106,12 @@ def _budget_run(model_dir, data_dir, out, packing: bool, resume=None) -> list[li
     return seen
 
 
-def budget_resumes(model_dir, data_dir, root: Path, packing: bool) -> dict[str, list]:
+def budget_resumes(model_dir, data_dir, root: Path, batching: str) -> dict[str, list]:
     """The uninterrupted run's batches, and those of runs resumed from its checkpoints mid epoch 0 and mid epoch 1."""
-    runs = {"straight": _budget_run(model_dir, data_dir, root / "straight", packing)}
+    runs = {"straight": _budget_run(model_dir, data_dir, root / "straight", batching)}
     per_epoch = len(runs["straight"]) // 2
     for k in (per_epoch // 2, per_epoch + per_epoch // 2):
-        runs[str(k)] = _budget_run(model_dir, data_dir, root / f"resumed-{k}", packing,
+        runs[str(k)] = _budget_run(model_dir, data_dir, root / f"resumed-{k}", batching,
                                    resume=root / "straight" / f"checkpoint-{k}")
     return runs
 
@@ -122,12 +126,12 @@ def _assert_resumes_see_the_straight_batches(runs: dict[str, list]) -> None:
         assert resumed == straight[int(k):], f"resumed from checkpoint-{k} of {len(straight)} steps"
 
 
-@pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
-def test_token_budget_resume_sees_the_uninterrupted_batches(packing, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("batching", ["packed", "padded"])
+def test_token_budget_resume_sees_the_uninterrupted_batches(batching, tiny_model_dir, tmp_path):
     """data.max_tokens_per_batch: a run resumed mid epoch 0 or mid epoch 1 trains on the uninterrupted run's
     batches, in its order (the resumed epoch must not replay epoch 0's order)."""
     write_jsonl(tmp_path / "d", "train", varied_rows(24))
-    _assert_resumes_see_the_straight_batches(budget_resumes(tiny_model_dir, tmp_path / "d", tmp_path, packing))
+    _assert_resumes_see_the_straight_batches(budget_resumes(tiny_model_dir, tmp_path / "d", tmp_path, batching))
 
 
 # ---------------------------------------------------------------- kill -9
@@ -296,14 +300,15 @@ from pathlib import Path
 from tests.test_resume import budget_resumes
 
 model_dir, data_dir, root = sys.argv[1:]
-runs = {p: budget_resumes(model_dir, data_dir, Path(root) / p, p == "packed") for p in ("packed", "padded")}
+runs = {b: budget_resumes(model_dir, data_dir, Path(root) / b, b) for b in ("packed", "padded", "longest_first")}
 Path(root, f"batches-{os.environ['RANK']}.json").write_text(json.dumps(runs))
 """
 
 
 @pytest.mark.slow
 def test_two_process_token_budget_resume_sees_the_uninterrupted_batches(tiny_model_dir, tmp_path):
-    """The same under torchrun (2 ranks, DDP over gloo): each rank's resumed batches are its uninterrupted ones."""
+    """The same under torchrun (2 ranks, DDP over gloo): each rank's resumed batches are its uninterrupted ones,
+    also for data.longest_first batches of rows (LongestFirstSampler sits under a BatchSampler there)."""
     write_jsonl(tmp_path / "d", "train", varied_rows(48))
     (tmp_path / "worker.py").write_text(BUDGET_WORKER)
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -311,10 +316,10 @@ def test_two_process_token_budget_resume_sees_the_uninterrupted_batches(tiny_mod
                        env=_env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     ranks = [json.loads((tmp_path / "runs" / f"batches-{rank}.json").read_text()) for rank in (0, 1)]
-    for packing in ("packed", "padded"):
-        assert ranks[0][packing]["straight"] != ranks[1][packing]["straight"]  # each rank its own share
+    for batching in ("packed", "padded", "longest_first"):
+        assert ranks[0][batching]["straight"] != ranks[1][batching]["straight"]  # each rank its own share
         for runs in ranks:
-            _assert_resumes_see_the_straight_batches(runs[packing])
+            _assert_resumes_see_the_straight_batches(runs[batching])
 
 
 @pytest.mark.parametrize("optim", ["adamw", "sgd", "sgd_no_momentum"])
