@@ -89,11 +89,19 @@ def test_full_4bit_recipe_refused_with_reason():
         build_recipe(ROOT / "recipes" / "full_4bit.yaml")
 
 
+FAST_PATH = {"lora_fast.yaml", "qlora_fast.yaml", "smollm2_gpu.yaml"}
+
+
 @pytest.mark.parametrize("path", [p for p in RECIPES if p.name != "full_4bit.yaml"], ids=lambda p: p.name)
 def test_every_recipe_loads(path):
     r = build_recipe(path)
     assert r.description
-    assert (r.train.per_device_train_batch_size * r.train.gradient_accumulation_steps == 4) or path.name == "demo_cpu.yaml"
+    if path.name not in FAST_PATH | {"demo_cpu.yaml"}:  # the original's samples per step and batching
+        assert r.train.per_device_train_batch_size * r.train.gradient_accumulation_steps == 4
+        assert not r.data.packing and r.data.max_tokens_per_batch is None
+    elif path.name in FAST_PATH:  # one packed row of a fixed token budget per step
+        assert r.data.packing and r.data.pad_to_multiple_of == r.data.max_tokens_per_batch
+        assert r.model.attn_implementation == "flex_attention" and r.train.supervised_logits_only
 
 
 def test_precision_means_what_the_original_meant():
