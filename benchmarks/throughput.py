@@ -93,17 +93,17 @@ class Timer:
                 "real_tokens_per_s": (self.tok1 - self.tok0) / dt, "real_tokens_per_step": (self.tok1 - self.tok0) / self.steps}
 
 
-def _hf_args(out: str, steps: int, batch: int, **kw):
+def _hf_args(out: str, steps: int, batch: int):
     from transformers import TrainingArguments
 
     return TrainingArguments(output_dir=out, max_steps=steps, per_device_train_batch_size=batch, bf16=DEVICE == "cuda",
                              use_cpu=DEVICE == "cpu",
                              learning_rate=1e-4, logging_steps=1000, save_strategy="no", report_to=[],
                              disable_tqdm=True, include_num_input_tokens_seen="non_padding",
-                             remove_unused_columns=False, **kw)
+                             remove_unused_columns=False)
 
 
-def _random_7b(attn: str, dtype=torch.bfloat16):
+def _random_7b(attn: str):
     from transformers import AutoModelForCausalLM
 
     from samsum_tuner.model import load_model_config
@@ -112,7 +112,7 @@ def _random_7b(attn: str, dtype=torch.bfloat16):
     config._attn_implementation = attn
     config.use_cache = False
     with torch.device(DEVICE):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
 
 
 def _lora(model):
@@ -122,7 +122,7 @@ def _lora(model):
                                             task_type="CAUSAL_LM"))
 
 
-def _padded_trainer_run(model, tokenizer, dataset, batch: int, steps: int, warmup: int, collator=None) -> dict:
+def _trainer_run(model, tokenizer, dataset, batch: int, steps: int, warmup: int, collator=None) -> dict:
     from transformers import DataCollatorForSeq2Seq, Trainer
 
     timer = Timer(warmup)
@@ -140,7 +140,7 @@ def naive_lora(a) -> dict:
     recipe = _recipe(None, [f"model.name={MODEL}"])
     dataset, tokenizer = _stream(recipe, a.rows)
     model = _lora(_random_7b("sdpa"))
-    return _padded_trainer_run(model, tokenizer, dataset, 8, a.steps, a.warmup)
+    return _trainer_run(model, tokenizer, dataset, 8, a.steps, a.warmup)
 
 
 def flex_lora_b16(a) -> dict:
@@ -150,7 +150,7 @@ def flex_lora_b16(a) -> dict:
     recipe = _recipe(None, [f"model.name={MODEL}"])
     dataset, tokenizer = _stream(recipe, a.rows)
     model = _lora(_random_7b(FLEX))
-    return _padded_trainer_run(model, tokenizer, dataset, 16, a.steps, a.warmup,
+    return _trainer_run(model, tokenizer, dataset, 16, a.steps, a.warmup,
                                collator=DataCollatorWithFlattening(return_position_ids=True, separator_id=-100))
 
 
@@ -165,7 +165,7 @@ def naive_qlora(a) -> dict:
     model = _random_7b("sdpa")
     quantize_linears(model, recipe, torch.bfloat16, fsdp=False)
     model = _lora(prepare_model_for_kbit_training(model, use_gradient_checkpointing=False))
-    return _padded_trainer_run(model, tokenizer, dataset, 8, a.steps, a.warmup)
+    return _trainer_run(model, tokenizer, dataset, 8, a.steps, a.warmup)
 
 
 def _ours(a, path: str, overrides: list[str]) -> dict:

@@ -98,10 +98,9 @@ def load_for_eval(run_or_model: str, overrides: list[str] | None = None):
     from .model import EMBEDDED, embedded_model_dir, load_tokenizer
 
     path = Path(run_or_model)
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     # Generation runs one padded batch at a time with a KV cache: sdpa, whatever attention the run trained with
     # (flex_attention would compile again for every new prompt width).
-    attn = {"attn_implementation": "sdpa"}
+    load = {"dtype": torch.bfloat16 if torch.cuda.is_available() else torch.float32, "attn_implementation": "sdpa"}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if (path / "recipe.yaml").is_file():
         recipe = build_recipe(path / "recipe.yaml", overrides)
@@ -110,17 +109,17 @@ def load_for_eval(run_or_model: str, overrides: list[str] | None = None):
             from peft import PeftModel
 
             base_name = embedded_model_dir() if recipe.model.name == EMBEDDED else recipe.model.name
-            base = AutoModelForCausalLM.from_pretrained(base_name, dtype=dtype, **attn)
+            base = AutoModelForCausalLM.from_pretrained(base_name, **load)
             model = PeftModel.from_pretrained(base, path)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **attn)
+            model = AutoModelForCausalLM.from_pretrained(path, **load)
     elif path.is_dir() and not (path / "config.json").is_file():
         raise ConfigError(f"{path}: neither a run directory (recipe.yaml) nor a model folder (config.json)")
     else:
         recipe = build_recipe(None, [f"model.name={run_or_model}", *(overrides or [])])
         tokenizer = load_tokenizer(recipe)
         name = embedded_model_dir() if recipe.model.name == EMBEDDED else recipe.model.name
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **attn)
+        model = AutoModelForCausalLM.from_pretrained(name, **load)
     tokenizer.padding_side = "left"
     return model.to(device), tokenizer, recipe
 

@@ -250,19 +250,10 @@ def _worst_batch_tokens(recipe: Recipe, token_lengths: list[int] | None) -> tupl
     return b * longest, f"padded: {b} x the longest sample ({src})"
 
 
-class _Lengths(list):
-    """Token lengths of the train split, with the supervised (summary) tokens of each sample beside them."""
-
-    def __init__(self, lengths: list[int], supervised: list[int] | None):
-        super().__init__(lengths)
-        self.supervised = supervised
-
-
-def _logit_positions(recipe: Recipe, lengths, tokens: int) -> int:
+def _logit_positions(recipe: Recipe, lengths: list[int] | None, supervised: list[int] | None, tokens: int) -> int:
     """Positions whose logits the worst batch computes: all `tokens`, or with train.supervised_logits_only those
     predicting a label (packed: the batch's summary tokens; padded: the union of the rows' summary spans)."""
-    supervised = getattr(lengths, "supervised", None)
-    if not recipe.train.supervised_logits_only or not supervised:
+    if not recipe.train.supervised_logits_only or not lengths or not supervised:
         return tokens
     from .data import token_budget_batches
 
@@ -315,8 +306,7 @@ def plan(recipe: Recipe, *, gpus: int = 1, gpu_memory_gib: float | None = None,
     device="cpu": a run without CUDA, where all of it is host memory. `supervised_lengths` (per sample, aligned
     with `token_lengths`: the tokens with a label) size the logits when train.supervised_logits_only is on."""
     shape = shape or _shape_or_config(recipe.model.name)
-    token_lengths = _Lengths(token_lengths, supervised_lengths) if token_lengths else token_lengths
-    e = _estimate(recipe, gpus, token_lengths, shape)
+    e = _estimate(recipe, gpus, token_lengths, shape, supervised_lengths)
     if device == "cpu":
         e, gpu_memory_gib = _on_the_cpu(e), None
     gpu_fits = None if gpu_memory_gib is None else e.gpu_peak <= gpu_memory_gib
@@ -325,7 +315,8 @@ def plan(recipe: Recipe, *, gpus: int = 1, gpu_memory_gib: float | None = None,
     fits = all(known) if known else None
     suggestion = None
     if fits is False:
-        suggestion = _nearest_fit(recipe, gpus, gpu_memory_gib, host_memory_gib, token_lengths, shape, device)
+        suggestion = _nearest_fit(recipe, gpus, gpu_memory_gib, host_memory_gib, token_lengths, shape, device,
+                                  supervised_lengths)
     verdict = _verdict(e, gpu_fits, host_fits, gpu_memory_gib, host_memory_gib, suggestion)
     rows = [(name, g, 0.0) for name, g in e.gpu_rows] + [(name, 0.0, x) for name, x in e.host_rows]
     return Plan(rows, e.gpu_peak, e.host_peak, gpu_memory_gib, host_memory_gib, fits, verdict, suggestion,
@@ -343,7 +334,8 @@ def _on_the_cpu(e: _Estimate) -> _Estimate:
     return _Estimate([], rows, 0.0, e.ranks * (HOST_BASELINE_CPU_GIB + cpu), e.ranks, notes)
 
 
-def _estimate(recipe: Recipe, gpus: int, token_lengths: list[int] | None, s: ModelShape) -> _Estimate:
+def _estimate(recipe: Recipe, gpus: int, token_lengths: list[int] | None, s: ModelShape,
+              supervised_lengths: list[int] | None = None) -> _Estimate:
     m, q, lo, t, f = recipe.model, recipe.quantization, recipe.lora, recipe.train, recipe.fsdp
     L, V, h = s.num_hidden_layers, s.vocab_size, s.hidden_size
     P, lin = s.n_params, s.linear_params()
@@ -384,7 +376,8 @@ def _estimate(recipe: Recipe, gpus: int, token_lengths: list[int] | None, s: Mod
     tokens, how = _worst_batch_tokens(recipe, token_lengths)
     # The vocabulary-wide tensors exist at every position, or with train.supervised_logits_only only where a
     # summary token is predicted; the final norm and lm_head input exist at every position either way.
-    logits = _logit_positions(recipe, token_lengths, tokens) * LOGITS_BYTES_PER_VOCAB * V + tokens * 8 * h
+    logits = (_logit_positions(recipe, token_lengths, supervised_lengths, tokens) * LOGITS_BYTES_PER_VOCAB * V
+              + tokens * 8 * h)
     if fsdp:
         # What FSDP2 holds unsharded at the peak (the loss, every layer's activations alive). accelerate's
         # fsdp2_prepare_model (accelerate#4015, in 1.15) gives the input embedding a unit of its own, resharded
@@ -587,7 +580,8 @@ def _candidates(recipe: Recipe, device: str = "cuda") -> list[tuple[str, Any]]:
     ]
 
 
-def _nearest_fit(recipe, gpus, gpu_gib, host_gib, token_lengths, shape, device="cuda") -> str | None:
+def _nearest_fit(recipe, gpus, gpu_gib, host_gib, token_lengths, shape, device="cuda",
+                 supervised_lengths=None) -> str | None:
     """First single change, then first pair of changes, in `_candidates` order, whose plan fits."""
     cands = _candidates(recipe, device)
     for combo in itertools.chain(((c,) for c in cands), itertools.combinations(cands, 2)):
@@ -600,7 +594,7 @@ def _nearest_fit(recipe, gpus, gpu_gib, host_gib, token_lengths, shape, device="
             validate(r)
         except ConfigError:
             continue
-        e = _estimate(r, g, token_lengths, shape)
+        e = _estimate(r, g, token_lengths, shape, supervised_lengths)
         if device == "cpu":
             e = _on_the_cpu(e)
         if (gpu_gib is None or e.gpu_peak <= gpu_gib) and (host_gib is None or e.host_peak <= host_gib):

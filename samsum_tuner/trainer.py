@@ -218,8 +218,7 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler):
     them in a new seeded order, with longest_first the batch holding the longest sample first."""
 
     def __init__(self, lengths: list[int], budget: int, packed: bool, seed: int, longest_first: bool = False):
-        self.lengths, self.budget, self.packed, self.seed, self.longest_first = lengths, budget, packed, seed, longest_first
-        self.epoch = 0
+        self.lengths, self.seed, self.longest_first, self.epoch = lengths, seed, longest_first, 0
         self.batches = token_budget_batches(lengths, budget, packed, seed)
 
     def set_epoch(self, epoch: int) -> None:
@@ -245,9 +244,9 @@ class BatchSamplerEpoch(TrainerCallback):
     Resuming mid-epoch, the Trainer iterates accelerate's skip_first_batches copy of the loader, whose
     SkipBatchSampler neither has set_epoch nor passes it on; the Trainer's own reach goes one level down only,
     so with two or more processes (SkipBatchSampler -> BatchSamplerShard -> TokenBudgetBatchSampler) the
-    resumed epoch replayed epoch 0's order (LongestFirstSampler, one level further under a BatchSampler, likewise).
-    The epoch comes from the state (its integer part is the epoch under
-    way, a resumed one included), not from whatever wrapper the Trainer happens to call set_epoch on."""
+    resumed epoch replayed epoch 0's order (LongestFirstSampler, one level further under a BatchSampler,
+    likewise). The epoch comes from the state (its integer part is the epoch under way, a resumed one
+    included), not from whatever wrapper the Trainer happens to call set_epoch on."""
 
     def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
         sampler = getattr(train_dataloader, "batch_sampler", None)
