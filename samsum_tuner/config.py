@@ -69,7 +69,8 @@ class DataConfig:
     packing: bool = False  # padding-free batches (DataCollatorWithFlattening)
     longest_first: bool = False  # the longest batch trains first: an out-of-memory shows at step 1, not hours in
     # Batches by tokens instead of rows: as many samples as fit the budget (packed: their sum; padded: rows x
-    # the longest), so memory is bounded by the budget, not the longest sample. Replaces the train batch size.
+    # the longest), so memory is bounded by the budget, not the longest sample. Replaces the train and eval
+    # batch sizes.
     max_tokens_per_batch: int | None = None
     # Rows padded to a multiple of N tokens (packed: the one row, with a tail that is its own sample and never
     # supervised). Compiled kernels such as flex_attention compile once per shape: N = max_tokens_per_batch

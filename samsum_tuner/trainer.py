@@ -113,6 +113,21 @@ class SamsumTrainer(Trainer):
                                              pin_memory=self.args.dataloader_pin_memory)
         return self.accelerator.prepare(loader)
 
+    def get_eval_dataloader(self, eval_dataset=None):
+        budget = self.recipe.data.max_tokens_per_batch
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if not budget or isinstance(dataset, (str, dict)):
+            return super().get_eval_dataloader(eval_dataset)
+        # Evaluation batches cut by the training budget: with pad_to_multiple_of every batch has the training
+        # shape, so flex_attention compiles one shape for both (fixed-count eval batches gave it several, and
+        # each new shape recompiled its kernels: minutes on the GPU before the first training step).
+        batches = TokenBudgetBatchSampler(self._train_lengths(dataset), budget, packed=self.recipe.data.packing,
+                                          seed=self.args.seed)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=self.data_collator,
+                                             num_workers=self.args.dataloader_num_workers,
+                                             pin_memory=self.args.dataloader_pin_memory)
+        return self.accelerator.prepare(loader)
+
     def _get_train_sampler(self, train_dataset=None):
         if not self.recipe.data.longest_first:
             return super()._get_train_sampler(train_dataset)

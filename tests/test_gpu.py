@@ -52,18 +52,22 @@ def test_capped_run_reports_oom_cleanly(tiny_model_dir, tiny_data, tmp_path, cap
     assert summary["status"] == "oom" and summary["memory"]["gpu_peak_allocated_gib"] > 0
 
 
+@pytest.mark.parametrize("nproc", [pytest.param(n, id=f"{n}proc", marks=pytest.mark.skipif(
+    torch.cuda.device_count() < n, reason=f"needs {n} GPUs")) for n in (1, 2)])
 @pytest.mark.parametrize("recipe_extra", [["--use_peft", "--use_fp16"],
                                           ["--use_peft", "--quantization", "True", "--use_fp16"]],
                          ids=["fsdp_lora", "fsdp_qlora"])
-def test_one_process_fsdp_step_through_accelerate(tiny_model_dir, tiny_data, tmp_path, recipe_extra):
+def test_fsdp_step_through_accelerate(tiny_model_dir, tiny_data, tmp_path, recipe_extra, nproc):
+    """One process, and two on two GPUs: FSDP + QLoRA with the second rank on its own GPU is where the
+    original's "Inconsistent compute_device and device_id" came from."""
     out = tmp_path / "fsdp"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
-    cmd = ["accelerate", "launch", "--config_file", "accelerate_configs/fsdp4.yaml", "--num_processes", "1",
+    cmd = ["accelerate", "launch", "--config_file", "accelerate_configs/fsdp4.yaml", "--num_processes", str(nproc),
            "-m", "samsum_tuner.train", "--enable_fsdp", *recipe_extra, f"model.name={tiny_model_dir}",
            f"data.source={tiny_data}", f"train.output_dir={out}", *FAST, "train.max_steps=3"]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-4000:]
-    assert "FSDP FULL_SHARD" in p.stdout
+    assert f"accelerate, {nproc} process(es), FSDP FULL_SHARD" in p.stdout
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["status"] == "ok" and summary["metrics"]["last_loss"] > 0
     assert (out / "adapter_model.safetensors").is_file()

@@ -24,9 +24,13 @@ FAST = ["train.report_to=[]", "train.disable_tqdm=true", "train.logging_steps=1"
         "train.save_strategy=steps", "train.save_steps=2", "train.save_total_limit=5", "train.max_steps=6"]
 
 
-def _launch(model_dir, data, out, *extra):
+NPROCS = [pytest.param(n, id=f"{n}proc", marks=pytest.mark.skipif(
+    torch.cuda.device_count() < n, reason=f"needs {n} GPUs")) for n in (1, 2)]
+
+
+def _launch(model_dir, data, out, *extra, nproc=1):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_", "SAMSUM_DATA_DIR"))}
-    cmd = ["accelerate", "launch", "--config_file", "accelerate_configs/fsdp4.yaml", "--num_processes", "1",
+    cmd = ["accelerate", "launch", "--config_file", "accelerate_configs/fsdp4.yaml", "--num_processes", str(nproc),
            "-m", "samsum_tuner.train", "--enable_fsdp", "--use_peft", "--use_fp16", f"model.name={model_dir}",
            f"data.source={data}", f"train.output_dir={out}", *FAST, *extra]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -39,10 +43,11 @@ def _curve(run) -> list[tuple[int, float]]:
     return [(h["step"], h["loss"]) for h in state["log_history"] if "loss" in h]
 
 
-def test_fsdp_through_accelerate_resumes_from_its_sharded_checkpoint(tiny_model_dir, tiny_data, tmp_path):
+@pytest.mark.parametrize("nproc", NPROCS)
+def test_fsdp_through_accelerate_resumes_from_its_sharded_checkpoint(tiny_model_dir, tiny_data, tmp_path, nproc):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    p = _launch(tiny_model_dir, tiny_data, straight)
-    assert "FSDP FULL_SHARD" in p.stdout
+    p = _launch(tiny_model_dir, tiny_data, straight, nproc=nproc)
+    assert f"accelerate, {nproc} process(es), FSDP FULL_SHARD" in p.stdout
     ckpt = straight / "checkpoint-2"
     names = {x.name for x in ckpt.iterdir()}
     assert any(n.startswith("pytorch_model_fsdp") for n in names), names  # sharded model (DCP folder)
@@ -50,7 +55,7 @@ def test_fsdp_through_accelerate_resumes_from_its_sharded_checkpoint(tiny_model_
     assert not (straight / ck.STAGING).exists()
     resumed.mkdir()
     shutil.copytree(ckpt, resumed / "checkpoint-2")
-    p = _launch(tiny_model_dir, tiny_data, resumed, "resume=auto")
+    p = _launch(tiny_model_dir, tiny_data, resumed, "resume=auto", nproc=nproc)
     assert f"resuming from {resumed / 'checkpoint-2'}" in p.stdout
     want, got = _curve(straight), _curve(resumed)
     assert [s for s, _ in got] == [s for s, _ in want] == list(range(1, 7))

@@ -139,6 +139,30 @@ def test_token_budget_trains_and_bounds_the_plan(tiny_model_dir, tmp_path):
         st.load_recipe(None, ["data.max_tokens_per_batch=64", "data.max_length=128"])
 
 
+def test_eval_batches_take_the_training_shape(tiny_model_dir, tmp_path):
+    """With a token budget and pad_to_multiple_of, evaluation runs in the training shape (one compile of
+    flex_attention for both), covers every eval sample once, and reports the loss of those samples."""
+    import samsum_tuner as st
+
+    rows = varied_rows(40)
+    write_jsonl(tmp_path / "d", "train", rows)
+    write_jsonl(tmp_path / "d", "validation", rows[:25])
+    base = [f"model.name={tiny_model_dir}", f"data.source={tmp_path / 'd'}", "data.max_length=128",
+            "train.max_steps=1", "train.per_device_eval_batch_size=5", *QUIET_RUN]
+    fixed = st.build_trainer(st.load_recipe(None, base + [f"train.output_dir={tmp_path / 'a'}", "data.packing=true",
+                                                        "data.max_tokens_per_batch=256",
+                                                        "data.pad_to_multiple_of=256"]))
+    loader = fixed.get_eval_dataloader()
+    batches = list(loader)
+    assert {tuple(b["input_ids"].shape) for b in batches} == {(1, 256)}
+    supervised = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
+    assert supervised == sum(sum(x != IGNORE_INDEX for x in lab) for lab in fixed.eval_dataset["labels"])
+    plain = st.build_trainer(st.load_recipe(None, base + [f"train.output_dir={tmp_path / 'b'}"]))
+    assert len({b["input_ids"].shape[1] for b in plain.get_eval_dataloader()}) > 1  # the shapes it replaces
+    # Packed rows average per-row losses, padded batches per-batch ones: the same model, nearly the same mean.
+    assert fixed.evaluate()["eval_loss"] == pytest.approx(plain.evaluate()["eval_loss"], rel=0.02)
+
+
 @pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
 def test_supervised_logits_only_is_the_same_loss_and_gradients(tokenizer, packing):
     """lm_head on the summary positions only: equal loss and gradients to the model's own full-logits loss."""
