@@ -38,7 +38,28 @@ NOTES = {
                    "under fp32 weights + bf16 autocast, not yet diagnosed), then ~80,000 tokens/s; eval_loss 2.23 "
                    "(start) -> 1.545 after epoch 1 (and 1.546 after epoch 2 of the 3-epoch run of call 2, whose "
                    "train loss fell to 0.88 in epoch 3: the recipe now trains 2 epochs)",
-    "parity_padded": "stopped by its device call's deadline",
+    "2026-11-29b-h200/parity_padded": "stopped by its device call's deadline",
+    "parity_padded": "the packed/padded pair: 2,000 train rows, 16 rows per step, one epoch, sdpa, bf16: eval_loss "
+                     "1.6470 padded vs 1.6456 packed (0.09% apart), train_loss 1.8194 both (docs/parity.md)",
+    "parity_packed": "see parity_padded",
+    "2026-11-29c-h200x2/smollm2_gpu": "2 epochs of the whole train split, ~106,000 tokens/s; eval_loss 2.253 "
+                                      "(start) -> 1.505; the start-of-run evaluation took 177 s: the first, cold "
+                                      "compilation of flex_attention on the machine (later evaluations 0.6 s, "
+                                      "the training graph 6.5 s); test ROUGE-1/2/L 47.04/21.36/38.59, 99.76% at EOS",
+    "h200_full_bf16_mixed_adamw": "fits the H200 with 1 malloc retry at its limit (fp32 weights, gradients and "
+                                  "AdamW states: 108 GB before activations); AdamW at lr 1e-4 on random weights "
+                                  "raises the loss in 6 steps",
+    "2026-11-29c-h200x2/fsdp1_offload_sgd_fp32": "completed 3 steps and its eval, then did not exit (fixed: the "
+                                                 "CLI closes the process group); host peak vs planner in its column",
+    "2026-11-29c-h200x2/retries_capped": "cap (alloc + reserved) / 2 = 30.96 GiB: one malloc retry, then out of "
+                                         "memory at step 4; the retries with a per-epoch count are shown by "
+                                         "h200_full_bf16_mixed_adamw's single epoch only",
+    "lora_fp16_smollm2": "stopped by the runner's 75 s limit during training: the plain LoRA curve for the "
+                         "comparison comes from the same command on a CPU (docs/fsdp_lora_parity.md)",
+    "fsdp1_lora_fp16_smollm2": "60 steps, eval_loss 1.805; did not exit after 'done' (fixed since); its loss curve "
+                               "against plain LoRA in docs/fsdp_lora_parity.md",
+    "fsdp2_full_sgd": "the mission's command (full_sgd.yaml) on 2 GPUs",
+    "fsdp2_qlora": "FSDP + QLoRA, the second rank on its own GPU: no 'Inconsistent compute_device and device_id'",
     "smollm2_epoch": "cut off at 39% of the epoch when the session's device time ran out (~9,500 tokens/s "
                      "at batch 16); the logged train loss went 1.85 (epoch 0.09) to 1.67 (epoch 0.39); no eval yet",
 }
@@ -69,7 +90,9 @@ def _predict(command: str, cache: dict, extra: list[str]) -> dict:
     if key not in cache:
         cache[key] = train_lengths(recipe)
     lengths, supervised = cache[key]
-    p = plan(recipe, gpus=1, gpu_memory_gib=recipe.memory.gpu_limit_gib, token_lengths=lengths,
+    argv = shlex.split(command)
+    gpus = int(argv[argv.index("--num_processes") + 1]) if "--num_processes" in argv else 1
+    p = plan(recipe, gpus=gpus, gpu_memory_gib=recipe.memory.gpu_limit_gib, token_lengths=lengths,
              supervised_lengths=supervised)
     return {"predicted_gpu_peak_gib": round(p.gpu_peak_gib, 2), "predicted_allocated_gib": round(p.gpu_allocated_gib, 2),
             "predicted_host_peak_gib": round(p.host_peak_gib, 2),
@@ -82,18 +105,24 @@ def _losses(stdout: str) -> list[float]:
 
 def row(record: dict, device: str, versions: dict, session: str, cache: dict, extra: list[str]) -> dict:
     s, name = record["summary"], record["name"]
-    epochs = [m for m in record["memory"] if m.get("event") == "epoch" and m.get("rank") == 0]
+    every = [m for m in record["memory"] if m.get("event") == "epoch"]
+    epochs = [m for m in every if m.get("rank") == 0]
     mem = dict(s.get("memory") or {})
-    if epochs:  # per-epoch peaks and the first epoch's retries, from the callback's own file
+    ranks = sorted({m.get("rank") for m in every})
+    if epochs:  # per-epoch peaks and the first epoch's retries, from the callback's own file (the busiest rank)
         last = epochs[-1]
         for k in ("gpu_peak_allocated_gib", "gpu_peak_reserved_gib", "gpu_peak_active_gib", "host_peak_rss_gib"):
-            mem[k] = max(e.get(k) or 0 for e in epochs)
+            mem[k] = max(e.get(k) or 0 for e in every)
         mem["gpu_malloc_retries_per_epoch"] = [e.get("gpu_malloc_retries") for e in epochs]
         mem["gpu_malloc_retries_total"] = last.get("gpu_malloc_retries_total")
+    nodes = [m.get("host_peak_rss_node_gib") for m in record["memory"] if m.get("event") == "node"]
+    per_rank = {r: max(e.get("gpu_peak_allocated_gib") or 0 for e in every if e.get("rank") == r) for r in ranks}
     m = s.get("metrics", {})
     status = record["status"]
     if status.startswith("failed(-9)"):
-        status = "cut off"
+        # "done" printed and its summary written, then the process did not exit (an open NCCL process group, see
+        # cli._close_process_group): the run itself completed.
+        status = "ok, hung at exit" if "samsum_tuner: done" in record["stdout_tail"] and s else "cut off"
     out = {
         "run": name, "session": session, "device": device, "status": status, "expected": record["expected"],
         "s_per_step": m.get("s_per_step"), "real_tokens_per_s": m.get("real_tokens_per_s"),
@@ -101,6 +130,8 @@ def row(record: dict, device: str, versions: dict, session: str, cache: dict, ex
         "gpu_peak_active_gib": mem.get("gpu_peak_active_gib"), "gpu_limit_gib": mem.get("gpu_limit_gib"),
         "gpu_malloc_retries_per_epoch": mem.get("gpu_malloc_retries_per_epoch"),
         "gpu_malloc_retries_total": mem.get("gpu_malloc_retries_total"), "host_peak_rss_gib": mem.get("host_peak_rss_gib"),
+        "processes": len(ranks) or None, "per_rank_gpu_peak_allocated_gib": list(per_rank.values()) if len(ranks) > 1 else None,
+        "host_peak_node_gib": max((n for n in nodes if n is not None), default=None),
         "first_loss": m.get("first_loss"), "last_loss": m.get("last_loss"), "eval_loss": m.get("eval_loss"),
         "eval_ppl": m.get("eval_ppl"), "logged_losses": _losses(record["stdout_tail"]),
         "error": s.get("error") or ([ln for ln in record["stderr_tail"].splitlines() if "samsum-tuner: error" in ln]
@@ -111,8 +142,10 @@ def row(record: dict, device: str, versions: dict, session: str, cache: dict, ex
     # Like for like: the planner's allocated figure (its peak less allocator fragmentation and the CUDA
     # context, which max_memory_allocated never counts) against the measured peak allocated.
     measured, predicted = out["gpu_peak_allocated_gib"], out.get("predicted_allocated_gib")
-    if status in ("ok", "cut off") and measured and predicted:
+    if status in ("ok", "cut off", "ok, hung at exit") and measured and predicted:
         out["predicted_over_measured"] = round(predicted / measured, 3)
+    if out["host_peak_node_gib"] and out.get("predicted_host_peak_gib"):
+        out["host_predicted_over_measured"] = round(out["predicted_host_peak_gib"] / out["host_peak_node_gib"], 3)
     return out
 
 
@@ -135,23 +168,33 @@ def markdown(rows: list[dict]) -> str:
              "project's memory callback. `cap32_*` runs cap the GPU at 32 GiB (a V100-32GB), `gpu_*` at 79.2 GiB "
              "(an H100 80GB) on the H200. Session 2026-11-29b ran 6 steps with eval on 32 rows, two runs at a time on "
              "the one GPU after its benchmark (memory per process is unaffected; s/step and tokens/s there are "
-             "shared-GPU figures). *Planner* is the memory planner's GPU peak for the same recipe (real token "
+             "shared-GPU figures). Session 2026-11-29c ran on two H200s: single-GPU runs on one GPU each, two "
+             "lanes at once; `fsdp2_*` runs one process per GPU (GPU figures of the busiest rank, host figures of "
+             "the node). *Planner* is the memory planner's GPU peak for the same recipe (real token "
              "lengths), *ratio* its allocated estimate (the peak less fragmentation and CUDA context) over the "
              "measured peak allocated.", ""]
     head = ["run", "status", "s/step", "real tok/s", "GPU alloc / reserved / active GiB", "retries (epoch/total)",
-            "host peak GiB", "loss first→last", "eval_loss (ppl)", "planner peak / alloc GiB", "ratio", "note"]
+            "host peak GiB (planner)", "loss first→last", "eval_loss (ppl)", "planner peak / alloc GiB", "ratio",
+            "note"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         mem = f"{_fmt(r['gpu_peak_allocated_gib'])} / {_fmt(r['gpu_peak_reserved_gib'])} / {_fmt(r['gpu_peak_active_gib'])}"
         if r["gpu_limit_gib"]:
             mem += f" (cap {r['gpu_limit_gib']:g})"
+        if r.get("per_rank_gpu_peak_allocated_gib"):
+            mem += f"; alloc per rank {_fmt(r['per_rank_gpu_peak_allocated_gib'])}"
+        host = _fmt(r.get("host_peak_node_gib") or r["host_peak_rss_gib"])
+        if r.get("processes", 1) and (r.get("processes") or 1) > 1:
+            host += f" (node, {r['processes']} ranks)"
+        if r.get("host_predicted_over_measured") and (r.get("host_peak_node_gib") or 0) > 10:
+            host += f" ({_fmt(r['predicted_host_peak_gib'])}: x{r['host_predicted_over_measured']:.3f})"
         retries = f"{_fmt(r['gpu_malloc_retries_per_epoch'])} / {_fmt(r['gpu_malloc_retries_total'])}"
         loss = f"{_fmt(r['first_loss'], 3)}→{_fmt(r['last_loss'], 3)}" if r["first_loss"] is not None else "–"
         ev = f"{_fmt(r['eval_loss'], 3)} ({_fmt(r['eval_ppl'], 0)})" if r["eval_loss"] is not None else "–"
         status = r["status"] + ("" if r["status"] == r["expected"] else f" (expected {r['expected']})")
         note = r["note"] or (r["error"] or "")
         lines.append("| " + " | ".join([r["run"], status, _fmt(r["s_per_step"]), _fmt(r["real_tokens_per_s"], 0), mem,
-                                        retries, _fmt(r["host_peak_rss_gib"]), loss, ev,
+                                        retries, host, loss, ev,
                                         f"{_fmt(r['predicted_gpu_peak_gib'])} / {_fmt(r.get('predicted_allocated_gib'))} ({r['planner']})",
                                         _fmt(r.get("predicted_over_measured"), 3), note.replace("|", "/")]) + " |")
     sessions = sorted({(r["session"], r["device"], json.dumps(r["versions"], sort_keys=True)) for r in rows})

@@ -1,7 +1,8 @@
 """Real (non-pad) tokens/s of samsum_tuner against the baselines of the throughput issue, in one invocation,
-on the same GPU and the same SAMSum token stream (the first --rows rows of the train split).
+on the same GPU(s) and the same SAMSum token stream (the first --rows rows of the train split).
 
     python benchmarks/throughput.py --suite 7b,qlora,smollm2 --out results_dir [--cap 79.2]
+    python benchmarks/throughput.py --suite fsdp --nproc 2 [--model random:llama2-13b] --out results_dir
 
 Each configuration runs in its own process (no compile cache, allocator state or flex-attention singleton
 carries over) for --warmup + --steps optimizer steps; the timed window is the last --steps. Suites:
@@ -12,13 +13,23 @@ carries over) for --warmup + --steps optimizer steps; the timed window is the la
   qlora    the same shape in NF4: naive padded batch 8 / samsum_tuner recipes/qlora_fast.yaml
   smollm2  the embedded SmolLM2-135M, full fine-tune (6·N): TRL SFTTrainer defaults / a plain loop over the
            flattening collator with flex attention and a 16k-token budget / samsum_tuner recipes/smollm2_gpu.yaml
-MFU counts against 794 TFLOP/s (dense bf16 measured on an H100; the H200 has the same chip).
+  fsdp     full fine-tune of the random 7B shape (--model random:llama2-13b for 13B; 6·N FLOPs per token) on
+           --nproc GPUs, each configuration under `accelerate launch --config_file accelerate_configs/fsdp4.yaml`
+           (FSDP2 full shard of each LlamaDecoderLayer), fp32 weights + bf16 mixed precision, lr 1e-5:
+           naive_fsdp_adamw / naive_fsdp_sgd: a plain Trainer, padded batches of 4 per GPU, sdpa, AdamW resp.
+           HF's optim="sgd" (no momentum) / ours_fsdp_adamw / ours_fsdp_sgd: samsum_tuner packed rows with flex
+           attention, the token budget per GPU whose batches hold as many real tokens as the naive run's 4 rows,
+           the same optimizer (SGD without momentum: not recipes/full_sgd.yaml's 0.9) / ours_fsdp_adamw_big: 8,192
+           tokens per GPU with gradient checkpointing, ours at its best (more tokens per step than the anchor).
+           Each ours configuration compares with the naive run of its optimizer; no --cap unless given.
+MFU counts against 794 TFLOP/s per GPU (dense bf16 measured on an H100; the H200 has the same chip).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -29,6 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 PEAK_FLOPS = 794e12
+DEFAULT_CAP = 79.2
 # BENCH_MODEL=<a tiny model folder> runs the whole script on a CPU in seconds (a check of the script itself).
 MODEL = os.environ.get("BENCH_MODEL", "random:llama2-7b")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -44,9 +56,15 @@ SUITES = {
     "7b": ["naive_lora", "flex_lora_b16", "ours_lora", "ours_lora_2k"],
     "qlora": ["naive_qlora", "ours_qlora"],
     "smollm2": ["trl_default", "flex_loop_16k", "ours_smollm2"],
+    # Pairs first: a run cut short by its deadline still has something to compare.
+    "fsdp": ["naive_fsdp_adamw", "ours_fsdp_adamw", "naive_fsdp_sgd", "ours_fsdp_sgd", "ours_fsdp_adamw_big"],
 }
 BASELINE = {"7b": ("naive_lora", "flex_lora_b16"), "qlora": ("naive_qlora", None),
-            "smollm2": ("trl_default", "flex_loop_16k")}
+            "smollm2": ("trl_default", "flex_loop_16k"), "fsdp": ("naive_fsdp_adamw", None)}
+# Like with like: configurations whose naive anchor is not their suite's (the same optimizer).
+NAIVE_OF = {"naive_fsdp_sgd": "naive_fsdp_sgd", "ours_fsdp_sgd": "naive_fsdp_sgd"}
+# Configurations of these suites run under accelerate launch, one process per GPU.
+MULTI_GPU_SUITES = {"fsdp"}
 
 
 # ---------------------------------------------------------------- shared pieces
@@ -93,17 +111,17 @@ class Timer:
                 "real_tokens_per_s": (self.tok1 - self.tok0) / dt, "real_tokens_per_step": (self.tok1 - self.tok0) / self.steps}
 
 
-def _hf_args(out: str, steps: int, batch: int):
+def _hf_args(out: str, steps: int, batch: int, **overrides):
     from transformers import TrainingArguments
 
-    return TrainingArguments(output_dir=out, max_steps=steps, per_device_train_batch_size=batch, bf16=DEVICE == "cuda",
-                             use_cpu=DEVICE == "cpu",
-                             learning_rate=1e-4, logging_steps=1000, save_strategy="no", report_to=[],
-                             disable_tqdm=True, include_num_input_tokens_seen="non_padding",
-                             remove_unused_columns=False)
+    return TrainingArguments(**{**dict(output_dir=out, max_steps=steps, per_device_train_batch_size=batch,
+                                       bf16=DEVICE == "cuda", use_cpu=DEVICE == "cpu", learning_rate=1e-4,
+                                       logging_steps=1000, save_strategy="no", report_to=[], disable_tqdm=True,
+                                       include_num_input_tokens_seen="non_padding", remove_unused_columns=False),
+                                **overrides})
 
 
-def _random_7b(attn: str):
+def _random_7b(attn: str, dtype: torch.dtype = torch.bfloat16):
     from transformers import AutoModelForCausalLM
 
     from samsum_tuner.model import load_model_config
@@ -112,7 +130,14 @@ def _random_7b(attn: str):
     config._attn_implementation = attn
     config.use_cache = False
     with torch.device(DEVICE):
-        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def _fsdp_units(trainer) -> int:
+    """FSDP-wrapped modules in the model the Trainer trained (0: no sharding): the proof that FSDP engaged."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return sum(isinstance(m, FSDPModule) for m in trainer.model_wrapped.modules())
 
 
 def _lora(model):
@@ -122,16 +147,17 @@ def _lora(model):
                                             task_type="CAUSAL_LM"))
 
 
-def _trainer_run(model, tokenizer, dataset, batch: int, steps: int, warmup: int, collator=None) -> dict:
+def _trainer_run(model, tokenizer, dataset, batch: int, steps: int, warmup: int, collator=None, **args) -> dict:
     from transformers import DataCollatorForSeq2Seq, Trainer
 
     timer = Timer(warmup)
     collator = collator or DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100,
                                                   return_tensors="pt")
-    trainer = Trainer(model=model, args=_hf_args("/tmp/bench_run", warmup + steps, batch), train_dataset=dataset,
-                      data_collator=collator, processing_class=tokenizer, callbacks=[timer.callback])
+    trainer = Trainer(model=model, args=_hf_args("/tmp/bench_run", warmup + steps, batch, **args),
+                      train_dataset=dataset, data_collator=collator, processing_class=tokenizer,
+                      callbacks=[timer.callback])
     trainer.train()
-    return timer.result()
+    return {**timer.result(), "fsdp_units": _fsdp_units(trainer)}
 
 
 # ---------------------------------------------------------------- configurations
@@ -180,7 +206,7 @@ def _ours(a, path: str, overrides: list[str]) -> dict:
     if a.profile:
         _profile_last_steps(trainer, a)
     trainer.train()
-    return timer.result()
+    return {**timer.result(), "fsdp_units": _fsdp_units(trainer)}
 
 
 def _profile_last_steps(trainer, a) -> None:
@@ -221,6 +247,84 @@ def ours_qlora(a) -> dict:
 
 def ours_smollm2(a) -> dict:
     return _ours(a, "recipes/smollm2_gpu.yaml", [])
+
+
+# The multi-GPU issue's anchor: full fine-tune, fp32 weights + bf16 mixed precision, lr 1e-5, 4 padded rows per GPU.
+FSDP_LR = 1e-5
+NAIVE_ROWS_PER_GPU = 4
+# FSDP comes from the accelerate launch (the Accelerator reads ACCELERATE_USE_FSDP and FSDP_*, the Trainer keeps
+# its plugin), as for a user who runs `accelerate launch train.py`; samsum_tuner's recipe must agree (launch.py).
+FSDP_ON = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+
+
+def _naive_fsdp(a, optim: str) -> dict:
+    """A plain Trainer: fp32 weights on the host of every rank (as from_pretrained leaves them), bf16 mixed
+    precision, DataCollatorForSeq2Seq padding to the longest of 4 rows per GPU, sdpa, HF's `optim`."""
+    recipe = _recipe(None, [f"model.name={MODEL}"])
+    dataset, tokenizer = _stream(recipe, a.rows)
+    # Random fp32 7-13B weights take minutes to draw on the host and seconds on the GPU. A checkpoint load has no
+    # such GPU transient, so the peak counters restart once the weights are on the host.
+    model = _random_7b("sdpa", torch.float32).to("cpu")
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    return _trainer_run(model, tokenizer, dataset, NAIVE_ROWS_PER_GPU, a.steps, a.warmup, optim=optim,
+                        learning_rate=FSDP_LR)
+
+
+def naive_fsdp_adamw(a) -> dict:
+    return _naive_fsdp(a, "adamw_torch")
+
+
+def naive_fsdp_sgd(a) -> dict:
+    return _naive_fsdp(a, "sgd")
+
+
+def _matching_budget(lengths: list[int], seed: int) -> int:
+    """The packed token budget per GPU whose batches, as samsum_tuner forms them, hold on average as many real
+    tokens as the naive run's padded batches (4 x the mean sample): the same real tokens per optimizer step.
+    From the longest sample up, so that no sample is cut, in steps of 16 tokens (tensor-core friendly shapes)."""
+    from samsum_tuner.data import token_budget_batches
+
+    total, target = sum(lengths), NAIVE_ROWS_PER_GPU * sum(lengths) / len(lengths)
+    first = -(-max(lengths) // 16) * 16
+    # Every sample is in exactly one batch: the mean real tokens per batch is the total over the batch count.
+    return min(range(first, max(first, int(2 * target)) + 16, 16),
+               key=lambda b: abs(total / len(token_budget_batches(lengths, b, True, seed)) - target))
+
+
+def _ours_fsdp(a, optim: list[str], budget: int | None = None, extra: tuple[str, ...] = ()) -> dict:
+    """samsum_tuner's full fine-tune fast path under the same launch: fp32 weights + bf16 mixed precision,
+    padding-free packed rows padded to the budget (flex_attention compiles one shape), logits only where a
+    summary token is predicted (train.supervised_logits_only, on by default)."""
+    recipe = _recipe(None, [f"model.name={MODEL}"])
+    if budget is None:
+        lengths = [len(ids) for ids in _stream(recipe, a.rows)[0]["input_ids"]]
+        budget = _matching_budget(lengths, recipe.train.seed)
+    out = _ours(a, None, [f"model.name={MODEL}", f"fsdp.enabled={str(FSDP_ON).lower()}", "train.bf16=true",
+                          f"model.attn_implementation={FLEX}", "data.packing=true",
+                          f"data.max_tokens_per_batch={budget}", f"data.pad_to_multiple_of={budget}",
+                          # A budget must hold the longest sample allowed (data.max_length, 2048 by default).
+                          f"data.max_length={min(budget, recipe.data.max_length)}",
+                          "train.gradient_accumulation_steps=1", f"train.learning_rate={FSDP_LR}",
+                          "train.max_grad_norm=1.0",  # the Trainer's default, which the naive run clips with
+                          *optim, *extra])
+    return {**out, "token_budget_per_gpu": budget}
+
+
+def ours_fsdp_adamw(a) -> dict:
+    return _ours_fsdp(a, ["train.optim=adamw_torch"])
+
+
+def ours_fsdp_sgd(a) -> dict:
+    return _ours_fsdp(a, ["train.optim=sgd", "train.momentum=0"])
+
+
+def ours_fsdp_adamw_big(a) -> dict:
+    """Ours at its best: 8,192 tokens per GPU, about 10x the anchor's real tokens per step (not like for like).
+    Gradient checkpointing keeps the activations (about 40 GiB without it on 7B) under the naive run's peak."""
+    out = _ours_fsdp(a, ["train.optim=adamw_torch"], budget=8192, extra=("model.gradient_checkpointing=true",))
+    return {**out, "note": "ours at its best: more real tokens per optimizer step than the naive anchor"}
 
 
 def trl_default(a) -> dict:
@@ -290,13 +394,25 @@ def flex_loop_16k(a) -> dict:
 
 
 CONFIGS = {f.__name__: f for f in (naive_lora, flex_lora_b16, naive_qlora, ours_lora, ours_lora_2k, ours_qlora,
-                                   trl_default, flex_loop_16k, ours_smollm2)}
+                                   trl_default, flex_loop_16k, ours_smollm2, naive_fsdp_adamw, naive_fsdp_sgd,
+                                   ours_fsdp_adamw, ours_fsdp_sgd, ours_fsdp_adamw_big)}
 FLOPS_PER_TOKEN = {"7b": 4 * 6.74e9, "qlora": 4 * 6.74e9, "smollm2": 6 * 134.5e6}
+# Llama-2's parameter counts (the issue's N) for the fsdp suite's 6·N; another --model gets no MFU.
+FULL_PARAMS = {"random:llama2-7b": 6.74e9, "random:llama2-13b": 13.0e9}
+
+
+def _flops_per_token(suite: str, model: str) -> float | None:
+    if suite == "fsdp":
+        return 6 * FULL_PARAMS[model] if model in FULL_PARAMS else None
+    return FLOPS_PER_TOKEN[suite]
 
 
 # ---------------------------------------------------------------- driver
 def run_config(a) -> None:
     cuda = DEVICE == "cuda"
+    if cuda:
+        # Before anything touches CUDA: otherwise every rank would also open a context on GPU 0.
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if a.cap and cuda:
         torch.cuda.set_per_process_memory_fraction(min(1.0, a.cap * 2**30 / torch.cuda.get_device_properties(0).total_memory))
     if cuda:
@@ -307,10 +423,56 @@ def run_config(a) -> None:
         result["status"] = "ok"
     except torch.OutOfMemoryError as e:
         result = {"status": "oom", "error": str(e).splitlines()[0][:300]}
-    result.update(config=a.config, wall_s=round(time.time() - t, 1),
-                  peak_allocated_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-                  peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None)
-    Path(a.json_out).write_text(json.dumps(result, default=str))
+    result.update(config=a.config, wall_s=round(time.time() - t, 1), gpus=int(os.environ.get("WORLD_SIZE", 1)),
+                  device=torch.cuda.get_device_name() if cuda else "cpu", **_peaks(result["status"] == "ok"))
+    if int(os.environ.get("RANK", 0)) == 0:
+        Path(a.json_out).write_text(json.dumps(result, default=str))
+
+
+def _peaks(gather: bool) -> dict:
+    """Peak allocated and reserved GiB: the largest over the ranks, and each rank's. After a failure only this
+    rank's: another rank may be stuck in a collective and never answer."""
+    if DEVICE != "cuda":
+        return {"peak_allocated_gib": None, "peak_reserved_gib": None}
+    ranks = [(round(torch.cuda.max_memory_allocated() / 2**30, 2), round(torch.cuda.max_memory_reserved() / 2**30, 2))]
+    dist = torch.distributed
+    if gather and dist.is_available() and dist.is_initialized():
+        mine, ranks = ranks[0], [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, mine)
+        dist.destroy_process_group()
+    allocated, reserved = zip(*ranks)
+    return {"peak_allocated_gib": max(allocated), "peak_reserved_gib": max(reserved),
+            "per_rank_peak_allocated_gib": list(allocated), "per_rank_peak_reserved_gib": list(reserved)}
+
+
+def _command(a, suite: str, name: str, target: Path, cap: float) -> list[str]:
+    args = [__file__, "--config", name, "--json-out", str(target), "--out", str(a.out), "--rows", str(a.rows),
+            "--warmup", str(a.warmup), "--steps", str(a.steps), "--cap", str(cap), "--profile", a.profile]
+    if suite not in MULTI_GPU_SUITES or (DEVICE == "cpu" and a.nproc == 1):
+        # Without CUDA accelerate does not engage FSDP and samsum_tuner refuses an FSDP launch (launch.py): the
+        # check of the script on a CPU runs its one process without the launcher.
+        return [sys.executable, *args]
+    # accelerate's module rather than its console script, which a --target install leaves off PATH. The launcher
+    # would pin each rank to one CPU thread; host-side work (ours draws rank 0's fp32 weights there) gets a share.
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/fsdp4.yaml",
+            "--num_processes", str(a.nproc), "--num_cpu_threads_per_process",
+            str(max(1, (os.cpu_count() or 1) // a.nproc)), *args]
+
+
+def _run(cmd: list[str], env: dict, timeout: float) -> tuple[int | None, str]:
+    """(exit status, stderr) of one configuration; None at the timeout. It gets its own session, killed whole:
+    the ranks under accelerate launch would otherwise outlive the launcher and hold their GPUs."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        err = proc.communicate(timeout=timeout)[1]
+        return proc.returncode, err
+    except subprocess.TimeoutExpired:
+        return None, ""
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
 
 
 def main() -> None:
@@ -318,10 +480,14 @@ def main() -> None:
     p.add_argument("--suite", default="7b,qlora,smollm2")
     p.add_argument("--only", default="", help="comma-separated configurations instead of whole suites")
     p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    p.add_argument("--model", default=MODEL, help="the random shape or model folder of the 7b, qlora and fsdp suites")
+    p.add_argument("--nproc", type=int, default=torch.cuda.device_count() or 1,
+                   help="processes (GPUs) of the fsdp suite's accelerate launch")
     p.add_argument("--rows", type=int, default=4096, help="train rows in the token stream")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--cap", type=float, default=79.2, help="GiB per process (an H100 80GB on an H200); 0 = none")
+    p.add_argument("--cap", type=float, default=None,
+                   help=f"GiB per process; 0 = none; default {DEFAULT_CAP} (an H100 80GB on an H200), none for fsdp")
     p.add_argument("--profile", default="ours_lora", help="configurations that also write a profiler table")
     p.add_argument("--timeout", type=int, default=400, help="per configuration")
     p.add_argument("--deadline", type=float, default=0,
@@ -332,9 +498,12 @@ def main() -> None:
     if a.config:
         a.profile = a.config in a.profile.split(",")
         return run_config(a)
+    if a.nproc > 1 and DEVICE == "cpu":
+        p.error("--nproc above 1 needs CUDA GPUs (FSDP does not run on a CPU)")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     plan = [(s, c) for s in a.suite.split(",") for c in SUITES[s] if not a.only or c in a.only.split(",")]
+    env = {**os.environ, "BENCH_MODEL": a.model}
     results: list[dict] = []
     start = time.time()
     for suite, name in plan:
@@ -343,44 +512,49 @@ def main() -> None:
             results.append({"config": name, "suite": suite, "status": "not run (deadline)"})
             continue
         target = out / f"_{name}.json"
-        cmd = [sys.executable, __file__, "--config", name, "--json-out", str(target), "--out", str(out),
-               "--rows", str(a.rows), "--warmup", str(a.warmup), "--steps", str(a.steps), "--cap", str(a.cap),
-               "--profile", a.profile]
-        try:
-            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=min(a.timeout, left))
-            r = json.loads(target.read_text()) if target.is_file() else {
-                "config": name, "status": f"failed({proc.returncode})", "stderr_tail": proc.stderr[-1500:]}
-        except subprocess.TimeoutExpired:
-            r = {"config": name, "status": "timeout"}
-        r["suite"] = suite
-        if r.get("real_tokens_per_s"):
-            r["mfu_pct"] = round(100 * FLOPS_PER_TOKEN[suite] * r["real_tokens_per_s"] / PEAK_FLOPS, 1)
+        target.unlink(missing_ok=True)  # a result left by an earlier call is not this one's
+        # The cap imitates an 80 GB card; the multi-GPU suite is about the H200s themselves.
+        cap = a.cap if a.cap is not None else 0 if suite in MULTI_GPU_SUITES else DEFAULT_CAP
+        code, stderr = _run(_command(a, suite, name, target, cap), env, min(a.timeout, left))
+        if target.is_file():
+            r = json.loads(target.read_text())
+        else:
+            r = {"config": name, "status": "timeout" if code is None else f"failed({code})",
+                 "stderr_tail": stderr[-1500:]}
+        r.update(suite=suite, cap_gib=cap)
+        flops = _flops_per_token(suite, a.model)
+        if r.get("real_tokens_per_s") and flops:
+            r["mfu_pct"] = round(100 * flops * r["real_tokens_per_s"] / (PEAK_FLOPS * r.get("gpus", 1)), 1)
         results.append(r)
         print(json.dumps({k: r.get(k) for k in ("suite", "config", "status", "real_tokens_per_s", "mfu_pct",
-                                                 "peak_allocated_gib", "s_per_step", "real_tokens_per_step",
+                                                 "peak_allocated_gib", "per_rank_peak_allocated_gib", "s_per_step",
+                                                 "real_tokens_per_step", "token_budget_per_gpu", "fsdp_units",
                                                  "wall_s", "stderr_tail")}), flush=True)
         _ratios(results)
         # Written after every configuration: a call cut short keeps what it measured.
         (out / "throughput.json").write_text(json.dumps({
-            "command": " ".join(sys.argv), "cap_gib": a.cap, "model": MODEL, "rows": a.rows, "warmup": a.warmup,
-            "steps": a.steps, "device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu",
+            "command": " ".join(sys.argv), "cap_gib": a.cap, "model": a.model, "rows": a.rows, "warmup": a.warmup,
+            "steps": a.steps, "nproc": a.nproc, "device": next((r["device"] for r in results if r.get("device")), None),
             "results": results}, indent=1, default=str))
     for r in results:
-        print(f"{r['suite']:8s} {r['config']:15s} {r['status']:8s} tok/s {r.get('real_tokens_per_s') or 0:>9.0f}  "
-              f"MFU {r.get('mfu_pct', 0):>5}%  peak {r.get('peak_allocated_gib')} GiB  "
-              f"x naive {r.get('x_naive')}  x off-the-shelf {r.get('x_offshelf')}  peak/naive {r.get('peak_vs_naive')}")
+        print(f"{r['suite']:8s} {r['config']:20s} {r['status']:8s} tok/s {r.get('real_tokens_per_s') or 0:>9.0f}  "
+              f"tok/step {r.get('real_tokens_per_step') or 0:>7.0f}  MFU {r.get('mfu_pct', 0):>5}%  "
+              f"peak {r.get('peak_allocated_gib')} GiB  x {r.get('naive', 'naive')} {r.get('x_naive')}  "
+              f"x off-the-shelf {r.get('x_offshelf')}  peak/naive {r.get('peak_vs_naive')}")
 
 
 def _ratios(results: list[dict]) -> None:
-    """Each configuration against its suite's naive and off-the-shelf baselines (tokens/s; peak memory)."""
-    for suite, (naive, offshelf) in BASELINE.items():
-        by = {r["config"]: r for r in results if r["suite"] == suite}
-        for r in by.values():
-            for base, key in ((naive, "x_naive"), (offshelf, "x_offshelf")):
-                if base and by.get(base, {}).get("real_tokens_per_s") and r.get("real_tokens_per_s"):
-                    r[key] = round(r["real_tokens_per_s"] / by[base]["real_tokens_per_s"], 2)
-            if by.get(naive, {}).get("peak_allocated_gib") and r.get("peak_allocated_gib"):
-                r["peak_vs_naive"] = round(r["peak_allocated_gib"] / by[naive]["peak_allocated_gib"], 2)
+    """Each configuration against its naive anchor and its suite's off-the-shelf baseline (tokens/s; peak memory)."""
+    for r in results:
+        naive, offshelf = BASELINE[r["suite"]]
+        naive = NAIVE_OF.get(r["config"], naive)
+        by = {x["config"]: x for x in results if x["suite"] == r["suite"]}
+        r["naive"] = naive
+        for base, key in ((naive, "x_naive"), (offshelf, "x_offshelf")):
+            if base and by.get(base, {}).get("real_tokens_per_s") and r.get("real_tokens_per_s"):
+                r[key] = round(r["real_tokens_per_s"] / by[base]["real_tokens_per_s"], 2)
+        if by.get(naive, {}).get("peak_allocated_gib") and r.get("peak_allocated_gib"):
+            r["peak_vs_naive"] = round(r["peak_allocated_gib"] / by[naive]["peak_allocated_gib"], 2)
 
 
 if __name__ == "__main__":

@@ -66,9 +66,21 @@ def main_train(argv: list[str], prog: str = "samsum-tuner train") -> int:
         if prepared.launch.is_main:
             shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
             print(f"samsum_tuner: done: {shown}; saved in {recipe.train.output_dir}", flush=True)
+        _close_process_group()
         return EXIT_OK
 
     return _guard(run)
+
+
+def _close_process_group() -> None:
+    """A launched run left with its process group open could hang after its last line: on an H200, 1-process FSDP
+    runs printed "done", then NCCL's heartbeat thread kept calling the launcher's store, gone by then, and the
+    process never exited. Closed on success only: after an error another rank may still wait in a collective."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def main_plan(argv: list[str], prog: str = "samsum-tuner plan") -> int:

@@ -106,3 +106,29 @@ def test_torchrun_two_processes_on_cpu(tiny_model_dir, tiny_data, tmp_path):
     assert {m["rank"] for m in epoch} == {0, 1} and node["ranks"] == [0, 1]
     assert node["host_peak_rss_node_bytes"] == sum(m["host_peak_rss_bytes"] for m in epoch if m["step"] == node["step"])
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_a_launched_run_closes_its_process_group(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
+    """A run that exits with its process group open could hang after "done" (NCCL on an H200): the CLI closes it."""
+    import socket
+
+    import torch.distributed as dist
+
+    from samsum_tuner import cli
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0",
+                 "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(k, v)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        code = cli.main_train(["--use_peft", f"model.name={tiny_model_dir}", f"data.source={tiny_data}",
+                               f"train.output_dir={tmp_path / 'run'}", "train.max_steps=1", "train.report_to=[]",
+                               "train.disable_tqdm=true", "train.save_strategy=no", "data.max_length=128",
+                               "data.eval_split=null", "train.save_model=false"])
+        assert code == 0 and not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

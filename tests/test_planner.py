@@ -232,11 +232,24 @@ def test_log_fsdp_full_adamw_fp32_cpu_offload_fits_gpus_not_host():
     # Log: 17 GB peak. This gives 16.9 GiB at the default longest sample (1150 tokens) but 11.3 GiB at ~650 tokens,
     # the length the two SGD peaks point to: the log's three peaks fit no single length under this model.
     assert p.gpu_fits is True and 11 < p.gpu_peak_gib < 19
-    # Host: fp32 params + grads + AdamW states = 16 bytes/param / 4 = 25.1 GiB per rank, on each of 4 ranks.
-    assert row(p, "CPU offload")[2] == pytest.approx(25.10, abs=0.01)
+    # Host, per rank: AdamW's two fp32 states (8 bytes/param / 4 = 12.55 GiB) plus fp32 params and grads pinned,
+    # each 1/4 shard rounded up to a power of two: per layer 4 x 16 MiB (attention) + 3 x 64 MiB (MLP shards of
+    # 43 MiB) = 256 MiB, embeddings and lm_head 128 MiB each (125 MiB): 8.25 GiB, where raw sizes give 6.27.
+    assert row(p, "CPU offload")[2] == pytest.approx(2 * 8.25 + 12.55, abs=0.01)
     assert p.host_fits is False and p.fits is False and p.host_peak_gib > 100
     assert "host needs" in p.verdict
-    assert any("lower bound" in n and "40 GB" in n for n in p.notes)
+    assert any("95.7 GiB" in n and "40 GB" in n for n in p.notes)
+
+
+def test_pinned_shards_round_up_to_powers_of_two():
+    from samsum_tuner.planner import pinned_shard_bytes
+
+    shape = ModelShape(vocab_size=49152, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32)
+    # One rank, fp32: 25.63 GiB of weights occupy 34 GiB pinned (MLP 172 MiB -> 256, embeddings 768 MiB -> 1 GiB).
+    assert shape.n_params * 4 / 2**30 == pytest.approx(25.63, abs=0.01)
+    assert pinned_shard_bytes(shape, 1, 4) / 2**30 == pytest.approx(34.0, abs=0.01)
+    assert pinned_shard_bytes(shape, 2, 4) / 2**30 == pytest.approx(17.0, abs=0.01)
 
 
 def test_log_fsdp_full_sgd_fp16_fits_the_gpus():

@@ -9,7 +9,7 @@ import torch
 
 import samsum_tuner as st
 
-from .conftest import synthetic_rows, write_jsonl
+from .conftest import write_jsonl
 
 ALL_LINEAR = "lora.target_modules=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 FAST = ["train.report_to=[]", "train.disable_tqdm=true", "train.logging_steps=1", "memory.preflight=false"]
