@@ -41,7 +41,9 @@ NOTES = {
     "2026-11-29b-h200/parity_padded": "stopped by its device call's deadline",
     "parity_padded": "the packed/padded pair: 2,000 train rows, 16 rows per step, one epoch, sdpa, bf16: eval_loss "
                      "1.6470 padded vs 1.6456 packed (0.09% apart), train_loss 1.8194 both (docs/parity.md)",
-    "parity_packed": "see parity_padded",
+    "parity_packed": "see parity_padded; the planner misses this one (ratio 0.68). Likely cause, not verified: sdpa over "
+                     "a packed row takes a block-diagonal mask, and the planner's activation model assumes "
+                     "kernels that keep no scores",
     "2026-11-29c-h200x2/smollm2_gpu": "2 epochs of the whole train split, ~106,000 tokens/s; eval_loss 2.253 "
                                       "(start) -> 1.505; the start-of-run evaluation took 177 s: the first, cold "
                                       "compilation of flex_attention on the machine (later evaluations 0.6 s, "
@@ -50,7 +52,10 @@ NOTES = {
                                   "AdamW states: 108 GB before activations); AdamW at lr 1e-4 on random weights "
                                   "raises the loss in 6 steps",
     "2026-11-29c-h200x2/fsdp1_offload_sgd_fp32": "completed 3 steps and its eval, then did not exit (fixed: the "
-                                                 "CLI closes the process group); host peak vs planner in its column",
+                                                 "CLI closes the process group). Host: planner 96.13 GiB with "
+                                                 "pinned shards rounded to powers of two (79.38 before), measured "
+                                                 "95.71. GPU: planner misses (13.0 vs 30.4 GiB allocated), cause "
+                                                 "not established",
     "2026-11-29c-h200x2/retries_capped": "cap (alloc + reserved) / 2 = 30.96 GiB: one malloc retry, then out of "
                                          "memory at step 4; the retries with a per-epoch count are shown by "
                                          "h200_full_bf16_mixed_adamw's single epoch only",
@@ -58,7 +63,8 @@ NOTES = {
                          "comparison comes from the same command on a CPU (docs/fsdp_lora_parity.md)",
     "fsdp1_lora_fp16_smollm2": "60 steps, eval_loss 1.805; did not exit after 'done' (fixed since); its loss curve "
                                "against plain LoRA in docs/fsdp_lora_parity.md",
-    "fsdp2_full_sgd": "the mission's command (full_sgd.yaml) on 2 GPUs",
+    "fsdp2_full_sgd": "the mission's command (full_sgd.yaml) on 2 GPUs; the planner is 13% under rank 0's "
+                      "allocated peak (53.0 vs 61.0 GiB; rank 1 58.1): not yet explained",
     "fsdp2_qlora": "FSDP + QLoRA, the second rank on its own GPU: no 'Inconsistent compute_device and device_id'",
     "smollm2_epoch": "cut off at 39% of the epoch when the session's device time ran out (~9,500 tokens/s "
                      "at batch 16); the logged train loss went 1.85 (epoch 0.09) to 1.67 (epoch 0.39); no eval yet",
