@@ -299,7 +299,9 @@ def _ours_fsdp(a, optim: list[str], budget: int | None = None, extra: tuple[str,
     summary token is predicted (train.supervised_logits_only, on by default)."""
     recipe = _recipe(None, [f"model.name={MODEL}"])
     if budget is None:
-        lengths = [len(ids) for ids in _stream(recipe, a.rows)[0]["input_ids"]]
+        from samsum_tuner.api import train_lengths
+
+        lengths = train_lengths(_recipe(None, [f"model.name={MODEL}", f"data.split_slice=[:{a.rows}]"]))[0]
         budget = _matching_budget(lengths, recipe.train.seed)
     out = _ours(a, None, [f"model.name={MODEL}", f"fsdp.enabled={str(FSDP_ON).lower()}", "train.bf16=true",
                           f"model.attn_implementation={FLEX}", "data.packing=true",

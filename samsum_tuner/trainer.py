@@ -103,26 +103,23 @@ class SamsumTrainer(Trainer):
         return loss
 
     def get_train_dataloader(self):
-        budget = self.recipe.data.max_tokens_per_batch
-        if not budget:
+        if not self.recipe.data.max_tokens_per_batch:
             return super().get_train_dataloader()
-        batches = TokenBudgetBatchSampler(self._train_lengths(), budget, packed=self.recipe.data.packing, seed=self.args.seed,
-                                          longest_first=self.recipe.data.longest_first)
-        loader = torch.utils.data.DataLoader(self.train_dataset, batch_sampler=batches, collate_fn=self.data_collator,
-                                             num_workers=self.args.dataloader_num_workers,
-                                             pin_memory=self.args.dataloader_pin_memory)
-        return self.accelerator.prepare(loader)
+        return self._token_budget_loader(self.train_dataset, longest_first=self.recipe.data.longest_first)
 
     def get_eval_dataloader(self, eval_dataset=None):
-        budget = self.recipe.data.max_tokens_per_batch
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if not budget or isinstance(dataset, (str, dict)):
+        if not self.recipe.data.max_tokens_per_batch or isinstance(dataset, (str, dict)):
             return super().get_eval_dataloader(eval_dataset)
         # Evaluation batches cut by the training budget: with pad_to_multiple_of every batch has the training
         # shape, so flex_attention compiles one shape for both (fixed-count eval batches gave it several, and
         # each new shape recompiled its kernels: minutes on the GPU before the first training step).
-        batches = TokenBudgetBatchSampler(self._train_lengths(dataset), budget, packed=self.recipe.data.packing,
-                                          seed=self.args.seed)
+        return self._token_budget_loader(dataset)
+
+    def _token_budget_loader(self, dataset, longest_first: bool = False):
+        batches = TokenBudgetBatchSampler(self._lengths(dataset), self.recipe.data.max_tokens_per_batch,
+                                          packed=self.recipe.data.packing, seed=self.args.seed,
+                                          longest_first=longest_first)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=self.data_collator,
                                              num_workers=self.args.dataloader_num_workers,
                                              pin_memory=self.args.dataloader_pin_memory)
@@ -131,11 +128,12 @@ class SamsumTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         if not self.recipe.data.longest_first:
             return super()._get_train_sampler(train_dataset)
-        return LongestFirstSampler(self._train_lengths(train_dataset), self.args.per_device_train_batch_size,
-                                   self.args.seed)
+        return LongestFirstSampler(self._lengths(train_dataset or self.train_dataset),
+                                   self.args.per_device_train_batch_size, self.args.seed)
 
-    def _train_lengths(self, train_dataset=None) -> list[int]:
-        return [len(ids) for ids in (train_dataset or self.train_dataset)["input_ids"]]
+    @staticmethod
+    def _lengths(dataset) -> list[int]:
+        return [len(ids) for ids in dataset["input_ids"]]
 
     def create_optimizer(self, model=None):
         t = self.recipe.train
