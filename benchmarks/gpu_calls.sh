@@ -33,6 +33,44 @@ gguf() {  # the second half joins the first; the SmolLM2 safetensors folder is w
 }
 
 case $1 in
+s4call1)  # cold, carry .whl .gpudata .sm/part-aa: two processes, one per GPU (issue 17): the FSDP benchmark's SGD
+          # pair (never run on GPUs before, so first), then the matrix's 7B FSDP runs not yet measured
+  mkdir -p /tmp/gg && cp .sm/part-aa /tmp/gg/
+  env_txt
+  python benchmarks/throughput.py --suite fsdp --nproc 2 --only naive_fsdp_sgd,ours_fsdp_sgd --out /tmp/bf \
+    --timeout 180 --deadline 250 > "$OUT/bench_fsdp_sgd.log" 2>&1
+  cp /tmp/bf/throughput.json "$OUT/throughput_fsdp_sgd_2gpu.json"
+  matrix "$OUT" fsdp2_full_adamw_bf16,fsdp2_full_sgd_fp16,fsdp2_offload_adamw_fp32,fsdp2_full_adamw_fp32,fsdp2_full_adamw_fp16
+  ;;
+s4call2)  # warm, carry .whl .gpudata .sm/part-ab: one GPU each. GPU 1: malloc retries over epochs (issue 13), then
+          # the FSDP benchmark on one GPU (scaling efficiency); GPU 0: SmolLM2 and 7B LoRA with compiled layers and
+          # profiler tables (issue 14). Everything but the matrix JSONL comes back in one archive (8 files at most).
+  gguf
+  env_txt
+  mkdir -p "$OUT/c" /tmp/b
+  ( lane 1 python benchmarks/gpu_matrix.py --out "$OUT/c" --deadline 270 --timeout 130 --steps 6 --rows 32 \
+      --only retries_probe,retries_capped
+    lane 1 python benchmarks/throughput.py --suite fsdp --nproc 1 --only ours_fsdp_sgd,ours_fsdp_adamw --out /tmp/b/f1 \
+      --timeout 150 --deadline $(($(left) - 30)) > /tmp/b/bench_fsdp_1gpu.log 2>&1 ) &
+  lane 0 python benchmarks/throughput.py --suite smollm2 --only ours_smollm2,ours_smollm2_compiled,flex_loop_16k \
+    --profile ours_smollm2,ours_smollm2_compiled --out /tmp/b/s --timeout 200 --deadline 260 > /tmp/b/bench_smollm2.log 2>&1
+  lane 0 python benchmarks/throughput.py --suite 7b --only ours_lora_compiled,ours_lora --profile ours_lora_compiled \
+    --out /tmp/b/l --timeout 150 --deadline $(($(left) - 30)) > /tmp/b/bench_7b.log 2>&1
+  wait
+  tar czf "$OUT/bench.tgz" -C /tmp b
+  ;;
+s4call3)  # warm, carry .whl .gpudata: two processes again: the AdamW pair of the FSDP benchmark, 13B in the matrix
+          # and the 13B SGD pair
+  env_txt
+  python benchmarks/throughput.py --suite fsdp --nproc 2 --only naive_fsdp_adamw,ours_fsdp_adamw --out /tmp/bf \
+    --timeout 180 --deadline 200 > "$OUT/bench_fsdp_adamw.log" 2>&1
+  cp /tmp/bf/throughput.json "$OUT/throughput_fsdp_adamw_2gpu.json"
+  python benchmarks/gpu_matrix.py --out "$OUT" --deadline $(($(left) - 200)) --timeout 200 --steps 6 --rows 32 \
+    --only fsdp2_13b_full_sgd,fsdp2_13b_offload_sgd_fp32
+  python benchmarks/throughput.py --suite fsdp --nproc 2 --model random:llama2-13b --only naive_fsdp_sgd,ours_fsdp_sgd \
+    --out /tmp/bf13 --timeout 180 --deadline $(($(left) - 20)) > "$OUT/bench_fsdp13_sgd.log" 2>&1
+  cp /tmp/bf13/throughput.json "$OUT/throughput_fsdp13_sgd_2gpu.json"
+  ;;
 s3call1)  # cold, carry .whl .gpudata .sm/part-aa: the single-GPU runs still missing, two lanes
   mkdir -p /tmp/gg && cp .sm/part-aa /tmp/gg/
   env_txt

@@ -72,7 +72,7 @@ RUNS: dict[str, tuple[list[str] | None, str, list[str], str]] = {
     "retries_capped": (None, R + "lora_fp32.yaml", [M7, "data.split_slice=[:16]", "train.max_steps=-1",
                                                      "memory.gpu_limit_gib={probe_cap}", "--force"], "ok"),
     # FSDP LoRA against plain LoRA on the real SmolLM2: the same pretrained weights and LoRA init either way (a
-    # random 7B is drawn on the GPU without FSDP and on rank 0's host with it: different weights).
+    # random 7B's values depend on which process draws them and in what order).
     "fsdp1_lora_fp16_smollm2": (FSDP1, R + "fsdp_lora_fp16.yaml", ["model.name=smollm2-135m"], "ok"),
     "lora_fp16_smollm2": (None, R + "lora_fp16.yaml", ["model.name=smollm2-135m"], "ok"),
     # Two GPUs, FSDP2 full shard over 2 processes.

@@ -9,10 +9,12 @@ carries over) for --warmup + --steps optimizer steps; the timed window is the la
   7b       random Llama-2-7B shape, LoRA r=8 on q_proj,v_proj, bf16 weights (4·N FLOPs per token for MFU):
            naive Trainer + peft, padded batches of 8, sdpa / Trainer + DataCollatorWithFlattening + flex
            batch 16 / samsum_tuner recipes/lora_fast.yaml / the same at 2,048 tokens per step (memory at
-           about the naive run's real tokens per step)
+           about the naive run's real tokens per step) / lora_fast.yaml with model.compile (each decoder layer
+           compiled)
   qlora    the same shape in NF4: naive padded batch 8 / samsum_tuner recipes/qlora_fast.yaml
   smollm2  the embedded SmolLM2-135M, full fine-tune (6·N): TRL SFTTrainer defaults / a plain loop over the
-           flattening collator with flex attention and a 16k-token budget / samsum_tuner recipes/smollm2_gpu.yaml
+           flattening collator with flex attention and a 16k-token budget / samsum_tuner recipes/smollm2_gpu.yaml,
+           without and with model.compile
   fsdp     full fine-tune of the random 7B shape (--model random:llama2-13b for 13B; 6·N FLOPs per token) on
            --nproc GPUs, each configuration under `accelerate launch --config_file accelerate_configs/fsdp4.yaml`
            (FSDP2 full shard of each LlamaDecoderLayer), fp32 weights + bf16 mixed precision, lr 1e-5:
@@ -53,9 +55,9 @@ def _sync() -> None:
     if DEVICE == "cuda":
         torch.cuda.synchronize()
 SUITES = {
-    "7b": ["naive_lora", "flex_lora_b16", "ours_lora", "ours_lora_2k"],
+    "7b": ["naive_lora", "flex_lora_b16", "ours_lora", "ours_lora_2k", "ours_lora_compiled"],
     "qlora": ["naive_qlora", "ours_qlora"],
-    "smollm2": ["trl_default", "flex_loop_16k", "ours_smollm2"],
+    "smollm2": ["trl_default", "flex_loop_16k", "ours_smollm2", "ours_smollm2_compiled"],
     # Pairs first: a run cut short by its deadline still has something to compare.
     "fsdp": ["naive_fsdp_adamw", "ours_fsdp_adamw", "naive_fsdp_sgd", "ours_fsdp_sgd", "ours_fsdp_adamw_big"],
 }
@@ -241,12 +243,20 @@ def ours_lora_2k(a) -> dict:
                                                "data.pad_to_multiple_of=2048"])
 
 
+def ours_lora_compiled(a) -> dict:
+    return _ours(a, "recipes/lora_fast.yaml", [f"model.name={MODEL}", "model.compile=true"])
+
+
 def ours_qlora(a) -> dict:
     return _ours(a, "recipes/qlora_fast.yaml", [f"model.name={MODEL}"])
 
 
 def ours_smollm2(a) -> dict:
     return _ours(a, "recipes/smollm2_gpu.yaml", [])
+
+
+def ours_smollm2_compiled(a) -> dict:
+    return _ours(a, "recipes/smollm2_gpu.yaml", ["model.compile=true"])
 
 
 # The multi-GPU issue's anchor: full fine-tune, fp32 weights + bf16 mixed precision, lr 1e-5, 4 padded rows per GPU.
@@ -395,8 +405,9 @@ def flex_loop_16k(a) -> dict:
             "real_tokens_per_step": tok / a.steps}
 
 
-CONFIGS = {f.__name__: f for f in (naive_lora, flex_lora_b16, naive_qlora, ours_lora, ours_lora_2k, ours_qlora,
-                                   trl_default, flex_loop_16k, ours_smollm2, naive_fsdp_adamw, naive_fsdp_sgd,
+CONFIGS = {f.__name__: f for f in (naive_lora, flex_lora_b16, naive_qlora, ours_lora, ours_lora_2k, ours_lora_compiled,
+                                   ours_qlora, trl_default, flex_loop_16k, ours_smollm2, ours_smollm2_compiled,
+                                   naive_fsdp_adamw, naive_fsdp_sgd,
                                    ours_fsdp_adamw, ours_fsdp_sgd, ours_fsdp_adamw_big)}
 FLOPS_PER_TOKEN = {"7b": 4 * 6.74e9, "qlora": 4 * 6.74e9, "smollm2": 6 * 134.5e6}
 # Llama-2's parameter counts (the issue's N) for the fsdp suite's 6·N; another --model gets no MFU.

@@ -31,6 +31,9 @@ class ModelConfig:
     dtype: str | None = None
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
+    # torch.compile each decoder layer in place (one compiled graph serves every layer): fuses the
+    # elementwise chains (RMSNorm, RoPE, SiLU x up, casts) that eager mode launches one kernel at a time.
+    compile: bool = False
     trust_remote_code: bool = False
     revision: str | None = None
 

@@ -8,6 +8,7 @@ import glob
 import importlib.util
 import os
 import shutil
+import time
 import tempfile
 from pathlib import Path
 
@@ -220,6 +221,20 @@ def _build_context(recipe: Recipe, fsdp: bool):
     return init_empty_weights(include_buffers=False)
 
 
+def _draw_device(context, config, dtype: torch.dtype):
+    """Where the random values are drawn. Rank 0 of an FSDP run keeps its copy on the host, but drawing 7-13B
+    values there takes minutes (torch's default init, then transformers' normal_); on the GPU it takes a
+    second, and the copy down costs seconds. Peak GPU figures start at the first epoch, so the transient
+    does not reach them; it needs the whole model free on the card, otherwise the host draws."""
+    if not (isinstance(context, torch.device) and context.type == "cpu" and torch.cuda.is_available()):
+        return context
+    from .planner import shape_from_config
+
+    gpu = _local_device()
+    need = shape_from_config(config).n_params * torch.finfo(dtype).bits // 8
+    return gpu if torch.cuda.mem_get_info(gpu)[0] > 1.1 * need else context
+
+
 def _local_device() -> torch.device:
     if not torch.cuda.is_available():
         return torch.device("cpu")
@@ -236,7 +251,21 @@ def load_model(recipe: Recipe, *, fsdp: bool = False):
         model = _load_pretrained(recipe, fsdp)
     model.config.use_cache = False  # training; also required for correct padding-free attention
     _materialize_meta_parameters(model)
-    return apply_adapters(recipe, model)
+    model = apply_adapters(recipe, model)
+    if recipe.model.compile:
+        compile_layers(model, layers_to_wrap(recipe))
+    return model
+
+
+def compile_layers(model, layer_classes: list[str]) -> int:
+    """Regional compilation, as accelerate's compile_regions_fsdp2 and torchtitan do it: Module.compile() in
+    place keeps each layer's identity, so PEFT's wrappers, gradient checkpointing and FSDP's per-layer hooks
+    (installed later) still see the same modules; the lm_head and the loss stay eager, so the supervised
+    positions (a different count every step) never reach a compiled graph as a dynamic shape."""
+    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+    for layer in layers:
+        layer.compile()
+    return len(layers)
 
 
 def _materialize_meta_parameters(model) -> None:
@@ -301,9 +330,16 @@ def _build_random(recipe: Recipe, dtype: torch.dtype, fsdp: bool):
 
     config = load_model_config(recipe)
     config._attn_implementation = recipe.model.attn_implementation
-    with _build_context(recipe, fsdp):
+    start = time.perf_counter()
+    context = _build_context(recipe, fsdp)
+    draw_on = _draw_device(context, config, dtype)
+    with draw_on:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if draw_on is not context:
+        model.to(context)
+        torch.cuda.empty_cache()
     n = sum(p.numel() for p in model.parameters())
+    print(f"samsum_tuner: weights drawn on {draw_on} in {time.perf_counter() - start:.1f} s", flush=True)
     if recipe.quantization.bits:
         quantize_linears(model, recipe, compute_dtype(recipe), fsdp)
     print(f"samsum_tuner: {recipe.model.name} built with random weights ({n / 1e9:.2f}B parameters): "
