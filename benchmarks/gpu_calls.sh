@@ -12,8 +12,14 @@
 set -u
 LIMIT=${LIMIT:-585}
 left() { echo $((LIMIT - SECONDS)); }
+reap() {  # a call stopped at its limit leaves its runs behind (each in its own session, out of the kill's reach):
+          # in session 2026-11-29d one held 41.7 GiB of a GPU and the CPUs through the next two calls
+  nvidia-smi --query-compute-apps=pid --format=csv,noheader | xargs -r kill -9 2>/dev/null
+  pkill -9 -f "samsum_tuner.train|benchmarks/throughput.py|accelerate.commands.launch" 2>/dev/null
+  sleep 2
+}
 env_txt() {
-  { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  { nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv
     python -c "import torch, transformers, accelerate, peft, trl, bitsandbytes, datasets
 print({m.__name__: m.__version__ for m in (torch, transformers, accelerate, peft, trl, bitsandbytes, datasets)})"
   } > "$OUT/env.txt" 2>&1
@@ -32,6 +38,7 @@ gguf() {  # the second half joins the first; the SmolLM2 safetensors folder is w
   python -c "from samsum_tuner.model import embedded_model_dir; embedded_model_dir()" > /dev/null 2>&1
 }
 
+reap
 case $1 in
 s4call1)  # cold, carry .whl .gpudata .sm/part-aa: two processes, one per GPU (issue 17): the FSDP benchmark's SGD
           # pair (never run on GPUs before, so first), then the matrix's 7B FSDP runs not yet measured

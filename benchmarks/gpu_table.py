@@ -66,6 +66,19 @@ NOTES = {
     "fsdp2_full_sgd": "the mission's command (full_sgd.yaml) on 2 GPUs; the planner is 13% under rank 0's "
                       "allocated peak (53.0 vs 61.0 GiB; rank 1 58.1): not yet explained",
     "fsdp2_qlora": "FSDP + QLoRA, the second rank on its own GPU: no 'Inconsistent compute_device and device_id'",
+    "2026-11-29d-h200x2/fsdp2_full_adamw_bf16": "AdamW at lr 1e-4 on random weights raises the loss in 6 steps, as on "
+                                                "one GPU (h200_full_bf16_mixed_adamw)",
+    "2026-11-29d-h200x2/fsdp2_13b_full_sgd": "not a verdict: out of memory with 43.7 GiB of the 139.8 GiB card outside "
+                                             "this run. The killed call 1's fsdp2_offload_adamw_fp32 outlived it (its "
+                                             "ranks run in their own session) and held 41.7 GiB of a GPU (named by "
+                                             "the 1-GPU benchmark's OOM in the next call: 'Process 1672 has 41.70 GiB'). "
+                                             "Planner: 102.3 GiB per rank, fits. The device calls now kill leftovers first",
+    "2026-11-29d-h200x2/retries_probe": "3 epochs of the same 16 rows, uncapped: 0 retries; the capped run takes "
+                                        "its reserved peak less 0.1 GiB as its cap",
+    "2026-11-29d-h200x2/retries_capped": "cap 31.28 GiB: retries per epoch 0, 2, 0 (total 2): the count is per epoch, "
+                                         "not cumulative (epoch 3 prints 0 while the total stays 2), but the first "
+                                         "epoch had none (its reserved peak, 31.26, fit under the cap); the issue "
+                                         "asks for retries in epoch 1: next cap just under 31.26",
     "smollm2_epoch": "cut off at 39% of the epoch when the session's device time ran out (~9,500 tokens/s "
                      "at batch 16); the logged train loss went 1.85 (epoch 0.09) to 1.67 (epoch 0.39); no eval yet",
 }

@@ -173,7 +173,7 @@ def train(recipe: Recipe, *, trainer=None) -> dict[str, Any]:
 
     A CUDA out-of-memory is caught and reported with the peak reached (TrainingOutOfMemory, exit 3).
     """
-    from .memory import is_cuda_oom, snapshot
+    from .memory import held_outside_gib, is_cuda_oom, snapshot
     from .model import parameter_counts
     from .trainer import ThroughputCallback
 
@@ -205,12 +205,16 @@ def train(recipe: Recipe, *, trainer=None) -> dict[str, Any]:
         if not is_cuda_oom(e):
             raise
         peak = snapshot(recipe.memory.gpu_limit_gib)
+        outside = held_outside_gib()
+        peak["gpu_held_outside_gib"] = outside
         summary.update(status="oom", step=trainer.state.global_step, memory=peak, error=str(e).splitlines()[0])
         _write_summary(trainer, recipe, summary)
         raise TrainingOutOfMemory(
             f"out of GPU memory at step {trainer.state.global_step}: peak allocated "
             f"{peak.get('gpu_peak_allocated_gib')} GiB, reserved {peak.get('gpu_peak_reserved_gib')} GiB"
             f"{' of a %s GiB cap' % recipe.memory.gpu_limit_gib if recipe.memory.gpu_limit_gib else ''}"
+            # The CUDA context and NCCL take about a GiB; more than that is another process on the card.
+            f"{'; %.2f GiB of the card held outside this process (other processes?)' % outside if (outside or 0) > 4 else ''}"
         ) from None
     for cb in trainer.callback_handler.callbacks:
         if isinstance(cb, ThroughputCallback):

@@ -93,6 +93,15 @@ def _gpu_raw(use_cuda: bool = True) -> dict[str, int] | None:
             "active": s.get("active_bytes.all.peak", 0), "retries": s.get("num_alloc_retries", 0)}
 
 
+def held_outside_gib() -> float | None:
+    """GPU memory this process's allocator does not hold: the CUDA context, NCCL buffers, and other processes
+    on the same card. After an out-of-memory error a large figure means the card was shared, not too small."""
+    if not torch.cuda.is_available():
+        return None
+    free, total = torch.cuda.mem_get_info()
+    return _gib(total - free - torch.cuda.memory_reserved())
+
+
 def _lifetime_peak_rss() -> int | None:
     try:
         import resource  # Unix only; Linux reports KiB (VmHWM: the kernel's own peak, nothing missed)

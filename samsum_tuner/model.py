@@ -339,7 +339,8 @@ def _build_random(recipe: Recipe, dtype: torch.dtype, fsdp: bool):
         model.to(context)
         torch.cuda.empty_cache()
     n = sum(p.numel() for p in model.parameters())
-    print(f"samsum_tuner: weights drawn on {draw_on} in {time.perf_counter() - start:.1f} s", flush=True)
+    where = draw_on if isinstance(draw_on, torch.device) else "no device (shapes only: rank 0's values are broadcast)"
+    print(f"samsum_tuner: weights drawn on {where} in {time.perf_counter() - start:.1f} s", flush=True)
     if recipe.quantization.bits:
         quantize_linears(model, recipe, compute_dtype(recipe), fsdp)
     print(f"samsum_tuner: {recipe.model.name} built with random weights ({n / 1e9:.2f}B parameters): "

@@ -50,6 +50,8 @@ def test_capped_run_reports_oom_cleanly(tiny_model_dir, tiny_data, tmp_path, cap
     assert "out of GPU memory at step 0: peak allocated" in err and "0.3 GiB cap" in err
     summary = json.loads((tmp_path / "oom" / "run_summary.json").read_text())
     assert summary["status"] == "oom" and summary["memory"]["gpu_peak_allocated_gib"] > 0
+    # Alone on its card (the cap is a fraction, not another process): only the CUDA context is outside.
+    assert 0 < summary["memory"]["gpu_held_outside_gib"] < 4 and "outside this process" not in err
 
 
 @pytest.mark.parametrize("nproc", [pytest.param(n, id=f"{n}proc", marks=pytest.mark.skipif(
