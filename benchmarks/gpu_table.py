@@ -189,8 +189,9 @@ def markdown(rows: list[dict]) -> str:
              "the one GPU after its benchmark (memory per process is unaffected; s/step and tokens/s there are "
              "shared-GPU figures). Session 2026-11-29c ran on two H200s: single-GPU runs on one GPU each, two "
              "lanes at once; `fsdp2_*` runs one process per GPU (GPU figures of the busiest rank, host figures of "
-             "the node). In session 2026-11-29d the second and third calls ran beside a run left behind by the first (41.7 GiB of
-one GPU, the host CPUs busy): their memory verdicts say so in the notes, their s/step are not clean. *Planner* is the memory planner's GPU peak for the same recipe (real token "
+             "the node). In session 2026-11-29d the second and third calls ran beside a run left behind by the "
+             "first (41.7 GiB of one GPU, the host CPUs busy): their memory verdicts say so in the notes, their "
+             "s/step are not clean. *Planner* is the memory planner's GPU peak for the same recipe (real token "
              "lengths), *ratio* its allocated estimate (the peak less fragmentation and CUDA context) over the "
              "measured peak allocated.", ""]
     head = ["run", "status", "s/step", "real tok/s", "GPU alloc / reserved / active GiB", "retries (epoch/total)",
