@@ -17,8 +17,10 @@ import sys
 import time
 from pathlib import Path
 
+from proctree import run
+
 ROOT = Path(__file__).resolve().parents[1]
-PROBED: dict[str, str] = {"probe_cap": "0"}  # figures measured by an earlier run of this call
+PROBED: dict[str, str] = {"probe_cap": "0", "probe_cap_lo": "0"}  # figures measured by an earlier run of this call
 R = "recipes/"
 ACC = ["accelerate", "launch", "--num_processes", "1"]
 FSDP1 = ACC + ["--config_file", "accelerate_configs/fsdp4.yaml"]
@@ -66,11 +68,14 @@ RUNS: dict[str, tuple[list[str] | None, str, list[str], str]] = {
     # H200 only (141 GB).
     "h200_full_bf16_mixed_adamw": (None, R + "full_fp32.yaml", [M7, "train.bf16=true"], "ok"),
     "h200_full_sgd_fsdp1": (FSDP1, R + "full_sgd.yaml", [M7], "ok"),
-    # Malloc retries: 3 epochs of 16 rows, longest batch first in each; the probe measures the peak, the
-    # capped run sets its cap just above it ("{probe_cap}"), so the cache must be flushed and retried.
+    # Malloc retries: 3 epochs of 16 rows, longest batch first in each; the probe measures the peaks, the
+    # capped runs set their caps just under its first epoch's reserved peak ("{probe_cap}", 0.1 GiB lower
+    # "{probe_cap_lo}"), so the cache must be flushed and retried.
     "retries_probe": (None, R + "lora_fp32.yaml", [M7, "data.split_slice=[:16]", "train.max_steps=-1"], "ok"),
     "retries_capped": (None, R + "lora_fp32.yaml", [M7, "data.split_slice=[:16]", "train.max_steps=-1",
                                                      "memory.gpu_limit_gib={probe_cap}", "--force"], "ok"),
+    "retries_capped_lo": (None, R + "lora_fp32.yaml", [M7, "data.split_slice=[:16]", "train.max_steps=-1",
+                                                        "memory.gpu_limit_gib={probe_cap_lo}", "--force"], "ok"),
     # FSDP LoRA against plain LoRA on the real SmolLM2: the same pretrained weights and LoRA init either way (a
     # random 7B's values depend on which process draws them and in what order).
     "fsdp1_lora_fp16_smollm2": (FSDP1, R + "fsdp_lora_fp16.yaml", ["model.name=smollm2-135m"], "ok"),
@@ -129,19 +134,8 @@ def run_one(name: str, steps: int, slice_rows: int, timeout: int, out: Path, ext
     t0 = time.time()
     # faulthandler: a run stopped at its timeout prints every thread's stack (SIGABRT) before it is killed, so
     # a hang says where it hung.
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env={**os.environ, "PYTHONFAULTHANDLER": "1"})
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-        code = proc.returncode
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGABRT)
-        try:
-            stdout, stderr = proc.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            stdout, stderr = proc.communicate()
-        code = -9
+    code, stdout, stderr = run(cmd, timeout, signal.SIGABRT, cwd=ROOT, env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+    code = -9 if code is None else code
     status = {0: "ok", 2: "refused", 3: "oom"}.get(code, f"failed({code})")
     summary = {}
     if (run_dir / "run_summary.json").is_file():
@@ -162,12 +156,14 @@ def run_one(name: str, steps: int, slice_rows: int, timeout: int, out: Path, ext
     with open(out / "results.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(record, default=str) + "\n")
     if name == "retries_probe" and status == "ok":
-        # Just under the probe's peak reserved: the peak fits only once the allocator has freed its cached blocks
-        # and retried. Lower caps ran out of memory: allocated + 0.1 GiB at step 0 (block rounding), and
-        # (allocated + reserved) / 2 = 30.96 GiB after one retry, in epoch 2 (fragmentation it cannot free).
+        # Just under the first epoch's reserved peak: that epoch fits only once the allocator has freed its cached
+        # blocks and retried. Caps tried: allocated + 0.1 GiB, OOM at step 0 (block rounding); (allocated +
+        # reserved) / 2 = 30.96 GiB, one retry, then OOM in epoch 2 (fragmentation it cannot free); the run's
+        # overall reserved peak - 0.1 = 31.28 GiB, retries 0/2/0 (epoch 1's 31.26 fit under it).
         alloc = max(r["gpu_peak_allocated_gib"] for r in memory if r.get("gpu_peak_allocated_gib") is not None)
-        reserved = max(r["gpu_peak_reserved_gib"] for r in memory if r.get("gpu_peak_reserved_gib") is not None)
-        PROBED["probe_cap"] = f"{max(alloc + 0.5, reserved - 0.1):.2f}"
+        first = next(r["gpu_peak_reserved_gib"] for r in memory if r.get("event") == "epoch" and r.get("epoch") == 1)
+        PROBED["probe_cap"] = f"{max(alloc + 0.5, first - 0.1):.2f}"
+        PROBED["probe_cap_lo"] = f"{max(alloc + 0.45, first - 0.2):.2f}"
     line = [l for l in (stderr + stdout).splitlines() if "samsum-tuner: error" in l or "samsum_tuner: done" in l]
     print(f"[{name}] {status} (expected {expect}) in {record['wall_s']} s: {line[-1][:300] if line else stderr[-400:]}",
           flush=True)

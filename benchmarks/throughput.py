@@ -22,7 +22,8 @@ carries over) for --warmup + --steps optimizer steps; the timed window is the la
            HF's optim="sgd" (no momentum) / ours_fsdp_adamw / ours_fsdp_sgd: samsum_tuner packed rows with flex
            attention, the token budget per GPU whose batches hold as many real tokens as the naive run's 4 rows,
            the same optimizer (SGD without momentum: not recipes/full_sgd.yaml's 0.9) / ours_fsdp_adamw_big: 8,192
-           tokens per GPU with gradient checkpointing, ours at its best (more tokens per step than the anchor).
+           tokens per GPU with gradient checkpointing, ours at its best (more tokens per step than the anchor) /
+           ours_fsdp_sgd_compiled: ours_fsdp_sgd with model.compile.
            Each ours configuration compares with the naive run of its optimizer; no --cap unless given.
 MFU counts against 794 TFLOP/s per GPU (dense bf16 measured on an H100; the H200 has the same chip).
 """
@@ -31,13 +32,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from proctree import run
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -60,12 +61,13 @@ SUITES = {
     # The flex loop last: it compiles again for every new packed length and can take a call's whole deadline.
     "smollm2": ["trl_default", "ours_smollm2", "ours_smollm2_compiled", "flex_loop_16k"],
     # Pairs first: a run cut short by its deadline still has something to compare.
-    "fsdp": ["naive_fsdp_adamw", "ours_fsdp_adamw", "naive_fsdp_sgd", "ours_fsdp_sgd", "ours_fsdp_adamw_big"],
+    "fsdp": ["naive_fsdp_adamw", "ours_fsdp_adamw", "naive_fsdp_sgd", "ours_fsdp_sgd", "ours_fsdp_adamw_big",
+             "ours_fsdp_sgd_compiled"],
 }
 BASELINE = {"7b": ("naive_lora", "flex_lora_b16"), "qlora": ("naive_qlora", None),
             "smollm2": ("trl_default", "flex_loop_16k"), "fsdp": ("naive_fsdp_adamw", None)}
 # Like with like: configurations whose naive anchor is not their suite's (the same optimizer).
-NAIVE_OF = {"naive_fsdp_sgd": "naive_fsdp_sgd", "ours_fsdp_sgd": "naive_fsdp_sgd"}
+NAIVE_OF = {"naive_fsdp_sgd": "naive_fsdp_sgd", "ours_fsdp_sgd": "naive_fsdp_sgd", "ours_fsdp_sgd_compiled": "naive_fsdp_sgd"}
 # Configurations of these suites run under accelerate launch, one process per GPU.
 MULTI_GPU_SUITES = {"fsdp"}
 
@@ -229,8 +231,9 @@ def _profile_last_steps(trainer, a) -> None:
 
         def on_train_end(self, *args, **kw):
             prof.stop()
-            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
-            Path(a.out, f"profile_{a.config}.txt").write_text(table)
+            if int(os.environ.get("RANK", 0)) == 0:  # under FSDP every rank profiles; one table is enough
+                table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
+                Path(a.out, f"profile_{a.config}.txt").write_text(table)
 
     trainer.add_callback(_Prof())
 
@@ -333,6 +336,10 @@ def ours_fsdp_sgd(a) -> dict:
     return _ours_fsdp(a, ["train.optim=sgd", "train.momentum=0"])
 
 
+def ours_fsdp_sgd_compiled(a) -> dict:
+    return _ours_fsdp(a, ["train.optim=sgd", "train.momentum=0"], extra=("model.compile=true",))
+
+
 def ours_fsdp_adamw_big(a) -> dict:
     """Ours at its best: 8,192 tokens per GPU, about 10x the anchor's real tokens per step (not like for like).
     Gradient checkpointing keeps the activations (about 40 GiB without it on 7B) under the naive run's peak."""
@@ -409,7 +416,7 @@ def flex_loop_16k(a) -> dict:
 CONFIGS = {f.__name__: f for f in (naive_lora, flex_lora_b16, naive_qlora, ours_lora, ours_lora_2k, ours_lora_compiled,
                                    ours_qlora, trl_default, flex_loop_16k, ours_smollm2, ours_smollm2_compiled,
                                    naive_fsdp_adamw, naive_fsdp_sgd,
-                                   ours_fsdp_adamw, ours_fsdp_sgd, ours_fsdp_adamw_big)}
+                                   ours_fsdp_adamw, ours_fsdp_sgd, ours_fsdp_adamw_big, ours_fsdp_sgd_compiled)}
 FLOPS_PER_TOKEN = {"7b": 4 * 6.74e9, "qlora": 4 * 6.74e9, "smollm2": 6 * 134.5e6}
 # Llama-2's parameter counts (the issue's N) for the fsdp suite's 6·N; another --model gets no MFU.
 FULL_PARAMS = {"random:llama2-7b": 6.74e9, "random:llama2-13b": 13.0e9}
@@ -474,20 +481,10 @@ def _command(a, suite: str, name: str, target: Path, cap: float) -> list[str]:
 
 
 def _run(cmd: list[str], env: dict, timeout: float) -> tuple[int | None, str]:
-    """(exit status, stderr) of one configuration; None at the timeout. It gets its own session, killed whole:
-    the ranks under accelerate launch would otherwise outlive the launcher and hold their GPUs."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        err = proc.communicate(timeout=timeout)[1]
-        return proc.returncode, err
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        return None, proc.communicate()[1]  # what it was doing when stopped (compiling? loading?)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+    """(exit status, stderr) of one configuration; None at the timeout, with what it printed until then
+    (compiling? loading?). Stopped with every process it started (proctree)."""
+    code, _, err = run(cmd, timeout, cwd=ROOT, env=env)
+    return code, err
 
 
 def main() -> None:
