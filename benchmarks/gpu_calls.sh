@@ -40,6 +40,40 @@ gguf() {  # the second half joins the first; the SmolLM2 safetensors folder is w
 
 reap
 case $1 in
+s5call1)  # cold, carry .whl .gpudata .sm/part-aa: both GPUs, one process each: the FSDP benchmark, 30 timed steps
+          # (10 gave the two sides 20% different real tokens per step), then the matrix's AdamW fp32
+  mkdir -p /tmp/gg && cp .sm/part-aa /tmp/gg/
+  env_txt
+  python benchmarks/throughput.py --suite fsdp --nproc 2 --steps 30 --profile ours_fsdp_sgd --out /tmp/bf \
+    --only naive_fsdp_sgd,ours_fsdp_sgd,ours_fsdp_sgd_compiled,naive_fsdp_adamw,ours_fsdp_adamw \
+    --timeout 150 --deadline 400 > "$OUT/bench_fsdp.log" 2>&1
+  cp /tmp/bf/throughput.json "$OUT/throughput_fsdp_2gpu.json"; cp /tmp/bf/profile_*.txt "$OUT/" 2>/dev/null
+  matrix "$OUT" fsdp2_full_adamw_fp32,fsdp2_full_adamw_fp16
+  ;;
+s5call2)  # warm, carry .whl .gpudata .sm/part-ab: one GPU each. GPU 1: malloc retries (issue 13), the 7B LoRA
+          # suite with compiled layers (issue 14); GPU 0: SmolLM2, ours first, with profiles, then FSDP on one GPU
+  gguf
+  env_txt
+  mkdir -p "$OUT/c" /tmp/b
+  ( lane 1 python benchmarks/gpu_matrix.py --out "$OUT/c" --deadline 210 --timeout 80 --steps 6 --rows 32 \
+      --only retries_probe,retries_capped,retries_capped_lo
+    lane 1 python benchmarks/throughput.py --suite 7b --only naive_lora,flex_lora_b16,ours_lora,ours_lora_compiled \
+      --profile ours_lora_compiled --out /tmp/b/l --timeout 200 --deadline $(($(left) - 30)) > /tmp/b/bench_7b.log 2>&1 ) &
+  lane 0 python benchmarks/throughput.py --suite smollm2 --only ours_smollm2,ours_smollm2_compiled,flex_loop_16k \
+    --profile ours_smollm2,ours_smollm2_compiled --out /tmp/b/s --timeout 240 --deadline 330 > /tmp/b/bench_smollm2.log 2>&1
+  lane 0 python benchmarks/throughput.py --suite fsdp --nproc 1 --steps 30 --only ours_fsdp_sgd --out /tmp/b/f1 \
+    --timeout 120 --deadline $(($(left) - 30)) > /tmp/b/bench_fsdp_1gpu.log 2>&1
+  wait
+  tar czf "$OUT/bench.tgz" -C /tmp b
+  ;;
+s5call3)  # warm, carry .whl .gpudata: both GPUs: CPU offload with the node's host peak, 13B
+  env_txt
+  python benchmarks/gpu_matrix.py --out "$OUT" --deadline $(($(left) - 170)) --timeout 200 --steps 6 --rows 32 \
+    --only fsdp2_offload_adamw_fp32,fsdp2_13b_full_sgd
+  python benchmarks/throughput.py --suite fsdp --nproc 2 --model random:llama2-13b --only naive_fsdp_sgd,ours_fsdp_sgd \
+    --out /tmp/bf13 --timeout 150 --deadline $(($(left) - 20)) > "$OUT/bench_fsdp13.log" 2>&1
+  cp /tmp/bf13/throughput.json "$OUT/throughput_fsdp13_2gpu.json"
+  ;;
 s4call1)  # cold, carry .whl .gpudata .sm/part-aa: two processes, one per GPU (issue 17): the FSDP benchmark's SGD
           # pair (never run on GPUs before, so first), then the matrix's 7B FSDP runs not yet measured
   mkdir -p /tmp/gg && cp .sm/part-aa /tmp/gg/

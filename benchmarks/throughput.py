@@ -18,9 +18,10 @@ carries over) for --warmup + --steps optimizer steps; the timed window is the la
   fsdp     full fine-tune of the random 7B shape (--model random:llama2-13b for 13B; 6·N FLOPs per token) on
            --nproc GPUs, each configuration under `accelerate launch --config_file accelerate_configs/fsdp4.yaml`
            (FSDP2 full shard of each LlamaDecoderLayer), fp32 weights + bf16 mixed precision, lr 1e-5:
-           naive_fsdp_adamw / naive_fsdp_sgd: a plain Trainer, padded batches of 4 per GPU, sdpa, AdamW resp.
-           HF's optim="sgd" (no momentum) / ours_fsdp_adamw / ours_fsdp_sgd: samsum_tuner packed rows with flex
-           attention, the token budget per GPU whose batches hold as many real tokens as the naive run's 4 rows,
+           naive_fsdp_adamw / naive_fsdp_sgd: a plain Trainer, padded batches of 4 per GPU, sdpa, the Trainer's
+           default AdamW (fused) resp. HF's optim="sgd" (no momentum) / ours_fsdp_adamw / ours_fsdp_sgd:
+           samsum_tuner packed rows with flex attention, the token budget per GPU whose batches hold as many real
+           tokens as the naive run's 4 rows,
            the same optimizer (SGD without momentum: not recipes/full_sgd.yaml's 0.9) / ours_fsdp_adamw_big: 8,192
            tokens per GPU with gradient checkpointing, ours at its best (more tokens per step than the anchor) /
            ours_fsdp_sgd_compiled: ours_fsdp_sgd with model.compile.
@@ -265,6 +266,9 @@ def ours_smollm2_compiled(a) -> dict:
 
 # The multi-GPU issue's anchor: full fine-tune, fp32 weights + bf16 mixed precision, lr 1e-5, 4 padded rows per GPU.
 FSDP_LR = 1e-5
+# The naive run's AdamW is the Trainer's default; ours names the same one. Session 2026-11-29d ran both with
+# "adamw_torch" (foreach), which transformers 5 no longer picks by default on torch >= 2.8.
+ADAMW = "adamw_torch_fused"
 NAIVE_ROWS_PER_GPU = 4
 # FSDP comes from the accelerate launch (the Accelerator reads ACCELERATE_USE_FSDP and FSDP_*, the Trainer keeps
 # its plugin), as for a user who runs `accelerate launch train.py`; samsum_tuner's recipe must agree (launch.py).
@@ -282,12 +286,15 @@ def _naive_fsdp(a, optim: str) -> dict:
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    return _trainer_run(model, tokenizer, dataset, NAIVE_ROWS_PER_GPU, a.steps, a.warmup, optim=optim,
-                        learning_rate=FSDP_LR)
+    return {**_trainer_run(model, tokenizer, dataset, NAIVE_ROWS_PER_GPU, a.steps, a.warmup, optim=optim,
+                           learning_rate=FSDP_LR), "optim": optim}
 
 
 def naive_fsdp_adamw(a) -> dict:
-    return _naive_fsdp(a, "adamw_torch")
+    # The Trainer's default optimizer, as a naive user gets it: AdamW with the fused kernel on torch >= 2.8.
+    from transformers import TrainingArguments
+
+    return _naive_fsdp(a, TrainingArguments.__dataclass_fields__["optim"].default)
 
 
 def naive_fsdp_sgd(a) -> dict:
@@ -325,11 +332,11 @@ def _ours_fsdp(a, optim: list[str], budget: int | None = None, extra: tuple[str,
                           "train.gradient_accumulation_steps=1", f"train.learning_rate={FSDP_LR}",
                           "train.max_grad_norm=1.0",  # the Trainer's default, which the naive run clips with
                           *optim, *extra])
-    return {**out, "token_budget_per_gpu": budget}
+    return {**out, "token_budget_per_gpu": budget, "optim": optim[0].split("=", 1)[1]}
 
 
 def ours_fsdp_adamw(a) -> dict:
-    return _ours_fsdp(a, ["train.optim=adamw_torch"])
+    return _ours_fsdp(a, [f"train.optim={ADAMW}"])
 
 
 def ours_fsdp_sgd(a) -> dict:
@@ -343,7 +350,7 @@ def ours_fsdp_sgd_compiled(a) -> dict:
 def ours_fsdp_adamw_big(a) -> dict:
     """Ours at its best: 8,192 tokens per GPU, about 10x the anchor's real tokens per step (not like for like).
     Gradient checkpointing keeps the activations (about 40 GiB without it on 7B) under the naive run's peak."""
-    out = _ours_fsdp(a, ["train.optim=adamw_torch"], budget=8192, extra=("model.gradient_checkpointing=true",))
+    out = _ours_fsdp(a, [f"train.optim={ADAMW}"], budget=8192, extra=("model.gradient_checkpointing=true",))
     return {**out, "note": "ours at its best: more real tokens per optimizer step than the naive anchor"}
 
 
