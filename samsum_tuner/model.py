@@ -8,8 +8,8 @@ import glob
 import importlib.util
 import os
 import shutil
-import time
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -257,7 +257,9 @@ def load_model(recipe: Recipe, *, fsdp: bool = False):
     _materialize_meta_parameters(model)
     model = apply_adapters(recipe, model)
     if recipe.model.compile:
-        compile_layers(model, layers_to_wrap(recipe))
+        n = compile_layers(model, layers_to_wrap(recipe))
+        print(f"samsum_tuner: {n} decoder layers compiled in place (model.compile; they compile at the first "
+              "step, once per input shape)", flush=True)
     return model
 
 
