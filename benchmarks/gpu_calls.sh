@@ -59,8 +59,9 @@ s5call2)  # warm, carry .whl .gpudata .sm/part-ab: one GPU each. GPU 1: malloc r
       --only retries_probe,retries_capped,retries_capped_lo
     lane 1 python benchmarks/throughput.py --suite 7b --only naive_lora,flex_lora_b16,ours_lora,ours_lora_compiled \
       --profile ours_lora_compiled --out /tmp/b/l --timeout 200 --deadline $(($(left) - 30)) > /tmp/b/bench_7b.log 2>&1 ) &
-  lane 0 python benchmarks/throughput.py --suite smollm2 --only ours_smollm2,ours_smollm2_compiled,flex_loop_16k \
-    --profile ours_smollm2,ours_smollm2_compiled --out /tmp/b/s --timeout 240 --deadline 330 > /tmp/b/bench_smollm2.log 2>&1
+  lane 0 python benchmarks/throughput.py --suite smollm2 --profile ours_smollm2,ours_smollm2_compiled \
+    --only ours_smollm2,ours_smollm2_compiled,ours_smollm2_32k,flex_loop_16k --out /tmp/b/s --timeout 240 \
+    --deadline 330 > /tmp/b/bench_smollm2.log 2>&1
   lane 0 python benchmarks/throughput.py --suite fsdp --nproc 1 --steps 30 --only ours_fsdp_sgd --out /tmp/b/f1 \
     --timeout 120 --deadline $(($(left) - 30)) > /tmp/b/bench_fsdp_1gpu.log 2>&1
   wait

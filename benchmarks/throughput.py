@@ -14,7 +14,7 @@ carries over) for --warmup + --steps optimizer steps; the timed window is the la
   qlora    the same shape in NF4: naive padded batch 8 / samsum_tuner recipes/qlora_fast.yaml
   smollm2  the embedded SmolLM2-135M, full fine-tune (6·N): TRL SFTTrainer defaults / a plain loop over the
            flattening collator with flex attention and a 16k-token budget / samsum_tuner recipes/smollm2_gpu.yaml,
-           without and with model.compile
+           without and with model.compile, and compiled at 32,768 tokens per step
   fsdp     full fine-tune of the random 7B shape (--model random:llama2-13b for 13B; 6·N FLOPs per token) on
            --nproc GPUs, each configuration under `accelerate launch --config_file accelerate_configs/fsdp4.yaml`
            (FSDP2 full shard of each LlamaDecoderLayer), fp32 weights + bf16 mixed precision, lr 1e-5:
@@ -60,7 +60,7 @@ SUITES = {
     "7b": ["naive_lora", "flex_lora_b16", "ours_lora", "ours_lora_2k", "ours_lora_compiled"],
     "qlora": ["naive_qlora", "ours_qlora"],
     # The flex loop last: it compiles again for every new packed length and can take a call's whole deadline.
-    "smollm2": ["trl_default", "ours_smollm2", "ours_smollm2_compiled", "flex_loop_16k"],
+    "smollm2": ["trl_default", "ours_smollm2", "ours_smollm2_compiled", "ours_smollm2_32k", "flex_loop_16k"],
     # Pairs first: a run cut short by its deadline still has something to compare.
     "fsdp": ["naive_fsdp_adamw", "ours_fsdp_adamw", "naive_fsdp_sgd", "ours_fsdp_sgd", "ours_fsdp_adamw_big",
              "ours_fsdp_sgd_compiled"],
@@ -264,6 +264,12 @@ def ours_smollm2_compiled(a) -> dict:
     return _ours(a, "recipes/smollm2_gpu.yaml", ["model.compile=true"])
 
 
+def ours_smollm2_32k(a) -> dict:
+    """Twice the tokens per step: the per-step launch overhead of a narrow model spread over more tokens."""
+    return _ours(a, "recipes/smollm2_gpu.yaml", ["model.compile=true", "data.max_tokens_per_batch=32768",
+                                                 "data.pad_to_multiple_of=32768"])
+
+
 # The multi-GPU issue's anchor: full fine-tune, fp32 weights + bf16 mixed precision, lr 1e-5, 4 padded rows per GPU.
 FSDP_LR = 1e-5
 # The naive run's AdamW is the Trainer's default; ours names the same one. Session 2026-11-29d ran both with
@@ -422,8 +428,8 @@ def flex_loop_16k(a) -> dict:
 
 CONFIGS = {f.__name__: f for f in (naive_lora, flex_lora_b16, naive_qlora, ours_lora, ours_lora_2k, ours_lora_compiled,
                                    ours_qlora, trl_default, flex_loop_16k, ours_smollm2, ours_smollm2_compiled,
-                                   naive_fsdp_adamw, naive_fsdp_sgd,
-                                   ours_fsdp_adamw, ours_fsdp_sgd, ours_fsdp_adamw_big, ours_fsdp_sgd_compiled)}
+                                   ours_smollm2_32k, naive_fsdp_adamw, naive_fsdp_sgd, ours_fsdp_adamw, ours_fsdp_sgd,
+                                   ours_fsdp_adamw_big, ours_fsdp_sgd_compiled)}
 FLOPS_PER_TOKEN = {"7b": 4 * 6.74e9, "qlora": 4 * 6.74e9, "smollm2": 6 * 134.5e6}
 # Llama-2's parameter counts (the issue's N) for the fsdp suite's 6·N; another --model gets no MFU.
 FULL_PARAMS = {"random:llama2-7b": 6.74e9, "random:llama2-13b": 13.0e9}
