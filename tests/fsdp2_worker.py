@@ -2,7 +2,7 @@
 N steps with sharded, atomic checkpoints through samsum_tuner.checkpoint; optionally SIGKILLs itself after a step
 and optionally resumes from the last complete checkpoint. Used by tests/test_resume.py.
 
-    worker.py MODEL_DIR RUN_DIR STEPS [--kill-after K] [--resume]
+    worker.py MODEL_DIR RUN_DIR STEPS [--kill-after K] [--resume] [--dropout P] [--compile]
 """
 from __future__ import annotations
 
@@ -37,12 +37,14 @@ def main() -> None:
     p.add_argument("steps", type=int)
     p.add_argument("--kill-after", type=int, default=None)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--compile", action="store_true", help="model.compile: decoder layers compiled before sharding")
     a = p.parse_args()
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)
-    recipe = build_recipe(None, [f"model.name={a.model_dir}", "--use_peft", "lora.dropout=0.1",
-                                 "lora.target_modules=q_proj,v_proj,gate_proj"])
+    recipe = build_recipe(None, [f"model.name={a.model_dir}", "--use_peft", f"lora.dropout={a.dropout}",
+                                 "lora.target_modules=q_proj,v_proj,gate_proj", f"model.compile={a.compile}"])
     model = load_model(recipe)  # the library's LoRA wrapping
     for layer in model.base_model.model.model.layers:
         fully_shard(layer)

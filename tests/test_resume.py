@@ -294,6 +294,20 @@ def test_two_process_fsdp2_sharded_checkpoint_survives_kill_9(tiny_model_dir, tm
     assert [c.name for c in ck.complete_checkpoints(killed)] == ["checkpoint-4", "checkpoint-6"]
 
 
+@pytest.mark.slow
+def test_two_process_fsdp2_over_compiled_layers_trains_like_eager(tiny_model_dir, tmp_path):
+    """model.compile compiles each decoder layer in place before fully_shard wraps it: FSDP2's per-layer hooks
+    still run (each rank trains on its shard) and the losses are the eager run's."""
+    runs = {}
+    for flag in ((), ("--compile",)):
+        run = tmp_path / ("compiled" if flag else "eager")
+        p = _torchrun(tiny_model_dir, run, 3, "--dropout", 0, *flag)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert ("2 decoder layers compiled" in p.stdout) == bool(flag)
+        runs[bool(flag)] = _loss_by_step(run)
+    assert len(runs[True]) == 3 and runs[True] == pytest.approx(runs[False], rel=1e-4)
+
+
 BUDGET_WORKER = """
 import json, os, sys
 from pathlib import Path
