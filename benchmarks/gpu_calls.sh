@@ -46,9 +46,11 @@ s5call1)  # cold, carry .whl .gpudata .sm/part-aa: both GPUs, one process each: 
   env_txt
   python benchmarks/throughput.py --suite fsdp --nproc 2 --steps 30 --profile ours_fsdp_sgd --out /tmp/bf \
     --only naive_fsdp_sgd,ours_fsdp_sgd,ours_fsdp_sgd_compiled,naive_fsdp_adamw,ours_fsdp_adamw \
-    --timeout 150 --deadline 400 > "$OUT/bench_fsdp.log" 2>&1
+    --timeout 200 --deadline 400 > "$OUT/bench_fsdp.log" 2>&1
   cp /tmp/bf/throughput.json "$OUT/throughput_fsdp_2gpu.json"; cp /tmp/bf/profile_*.txt "$OUT/" 2>/dev/null
-  matrix "$OUT" fsdp2_full_adamw_fp32,fsdp2_full_adamw_fp16
+  # 20 s short of the limit: a run stopped at its deadline gets 15 s to print its stacks
+  python benchmarks/gpu_matrix.py --out "$OUT" --deadline $(($(left) - 20)) --timeout 200 --steps 6 --rows 32 \
+    --only fsdp2_full_adamw_fp32,fsdp2_full_adamw_fp16
   ;;
 s5call2)  # warm, carry .whl .gpudata .sm/part-ab: one GPU each. GPU 1: malloc retries (issue 13), the 7B LoRA
           # suite with compiled layers (issue 14); GPU 0: SmolLM2, ours first, with profiles, then FSDP on one GPU
@@ -69,14 +71,13 @@ s5call2)  # warm, carry .whl .gpudata .sm/part-ab: one GPU each. GPU 1: malloc r
   ;;
 s5call3)  # warm, carry .whl .gpudata: both GPUs: CPU offload with the node's host peak, 13B
   env_txt
-  python benchmarks/gpu_matrix.py --out "$OUT" --deadline 180 --timeout 180 --steps 6 --rows 32 \
-    --only fsdp2_offload_adamw_fp32
-  # 13B: the naive run took 118 s in session 2026-11-29d, ours did not finish in 180 s (beside a leftover run)
+  # 13B full SGD reached its (spurious) OOM after 129 s in session 2026-11-29d: 200 s each
+  python benchmarks/gpu_matrix.py --out "$OUT" --deadline 360 --timeout 200 --steps 6 --rows 32 \
+    --only fsdp2_offload_adamw_fp32,fsdp2_13b_full_sgd
+  # 13B pair with what is left: the naive run took 118 s there, ours did not finish in 180 s (beside a leftover)
   python benchmarks/throughput.py --suite fsdp --nproc 2 --model random:llama2-13b --only naive_fsdp_sgd,ours_fsdp_sgd \
-    --out /tmp/bf13 --timeout 200 --deadline $(($(left) - 120)) > "$OUT/bench_fsdp13.log" 2>&1
+    --out /tmp/bf13 --timeout 200 --deadline $(($(left) - 20)) > "$OUT/bench_fsdp13.log" 2>&1
   cp /tmp/bf13/throughput.json "$OUT/throughput_fsdp13_2gpu.json"
-  python benchmarks/gpu_matrix.py --out "$OUT" --deadline $(($(left) - 15)) --timeout 200 --steps 6 --rows 32 \
-    --only fsdp2_13b_full_sgd
   ;;
 s4call1)  # cold, carry .whl .gpudata .sm/part-aa: two processes, one per GPU (issue 17): the FSDP benchmark's SGD
           # pair (never run on GPUs before, so first), then the matrix's 7B FSDP runs not yet measured

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -131,6 +132,8 @@ def run_one(name: str, steps: int, slice_rows: int, timeout: int, out: Path, ext
             "data.longest_first=true", f"data.eval_slice=[:{slice_rows}]", "train.save_strategy=no",
             "train.save_model=false", "train.logging_steps=1", "train.report_to=[]", "train.disable_tqdm=true",
             *([CAP80] if name.startswith("gpu_") and _is_h200() else []), *overrides, *extra]
+    # A run that fails early must not be read from an earlier run's files (memory.jsonl is appended to).
+    shutil.rmtree(run_dir, ignore_errors=True)
     t0 = time.time()
     # faulthandler: a run stopped at its timeout prints every thread's stack (SIGABRT) before it is killed, so
     # a hang says where it hung.
@@ -161,7 +164,8 @@ def run_one(name: str, steps: int, slice_rows: int, timeout: int, out: Path, ext
         # reserved) / 2 = 30.96 GiB, one retry, then OOM in epoch 2 (fragmentation it cannot free); the run's
         # overall reserved peak - 0.1 = 31.28 GiB, retries 0/2/0 (epoch 1's 31.26 fit under it).
         alloc = max(r["gpu_peak_allocated_gib"] for r in memory if r.get("gpu_peak_allocated_gib") is not None)
-        first = next(r["gpu_peak_reserved_gib"] for r in memory if r.get("event") == "epoch" and r.get("epoch") == 1)
+        first = next((r["gpu_peak_reserved_gib"] for r in memory if r.get("event") == "epoch" and r.get("epoch") == 1),
+                     max(r["gpu_peak_reserved_gib"] for r in memory if r.get("gpu_peak_reserved_gib") is not None))
         PROBED["probe_cap"] = f"{max(alloc + 0.5, first - 0.1):.2f}"
         PROBED["probe_cap_lo"] = f"{max(alloc + 0.45, first - 0.2):.2f}"
     line = [l for l in (stderr + stdout).splitlines() if "samsum-tuner: error" in l or "samsum_tuner: done" in l]

@@ -272,9 +272,15 @@ def ours_smollm2_32k(a) -> dict:
 
 # The multi-GPU issue's anchor: full fine-tune, fp32 weights + bf16 mixed precision, lr 1e-5, 4 padded rows per GPU.
 FSDP_LR = 1e-5
-# The naive run's AdamW is the Trainer's default; ours names the same one. Session 2026-11-29d ran both with
-# "adamw_torch" (foreach), which transformers 5 no longer picks by default on torch >= 2.8.
-ADAMW = "adamw_torch_fused"
+# The naive run's AdamW is the Trainer's default, as a naive user gets it (the fused kernel on torch >= 2.8); ours
+# names the same one. Session 2026-11-29d ran both with "adamw_torch" (foreach).
+def _trainer_default_optim() -> str:
+    from transformers import TrainingArguments
+
+    return TrainingArguments.__dataclass_fields__["optim"].default
+
+
+ADAMW = _trainer_default_optim()
 NAIVE_ROWS_PER_GPU = 4
 # FSDP comes from the accelerate launch (the Accelerator reads ACCELERATE_USE_FSDP and FSDP_*, the Trainer keeps
 # its plugin), as for a user who runs `accelerate launch train.py`; samsum_tuner's recipe must agree (launch.py).
@@ -297,10 +303,7 @@ def _naive_fsdp(a, optim: str) -> dict:
 
 
 def naive_fsdp_adamw(a) -> dict:
-    # The Trainer's default optimizer, as a naive user gets it: AdamW with the fused kernel on torch >= 2.8.
-    from transformers import TrainingArguments
-
-    return _naive_fsdp(a, TrainingArguments.__dataclass_fields__["optim"].default)
+    return _naive_fsdp(a, ADAMW)
 
 
 def naive_fsdp_sgd(a) -> dict:

@@ -241,7 +241,8 @@ def _resume_point(trainer, recipe: Recipe):
         elif t.resume_from_checkpoint is None and t.overwrite_output_dir:
             aside = retire_checkpoints(t.output_dir)
             if aside is not None:
-                print(f"samsum_tuner: overwrite_output_dir: the previous run's checkpoints moved to {aside}", flush=True)
+                print(f"samsum_tuner: overwrite_output_dir: the previous run's checkpoints and memory log moved to "
+                      f"{aside}", flush=True)
     trainer.accelerator.wait_for_everyone()
     return resume
 

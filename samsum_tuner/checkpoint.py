@@ -160,11 +160,15 @@ def check_output_dir(run_dir: str | os.PathLike, *, overwrite: bool, resume: str
                           f"train.overwrite_output_dir=true{hint}")
 
 
+RUN_LOGS = ("memory.jsonl",)
+
+
 def retire_checkpoints(run_dir: str | os.PathLike) -> Path | None:
-    """overwrite_output_dir without resume: the previous run's checkpoints move to `.overwritten/`
-    (replacing an older one), so resume=auto never mixes two runs and nothing is deleted on the way in."""
+    """overwrite_output_dir without resume: the previous run's checkpoints and its memory log (appended to by
+    every epoch, so a new run would add to the old one's records) move to `.overwritten/` (replacing an older
+    one), so resume=auto never mixes two runs and nothing is deleted on the way in."""
     run = Path(run_dir)
-    old = [p for p in run.iterdir() if step_of(p) is not None] if run.is_dir() else []
+    old = [p for p in run.iterdir() if step_of(p) is not None or p.name in RUN_LOGS] if run.is_dir() else []
     if not old:
         return None
     aside = run / ".overwritten"

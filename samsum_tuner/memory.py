@@ -98,7 +98,10 @@ def held_outside_gib() -> float | None:
     on the same card. After an out-of-memory error a large figure means the card was shared, not too small."""
     if not torch.cuda.is_available():
         return None
-    free, total = torch.cuda.mem_get_info()
+    try:
+        free, total = torch.cuda.mem_get_info()
+    except RuntimeError:  # a CUDA error after the OOM must not cost the run its summary
+        return None
     return _gib(total - free - torch.cuda.memory_reserved())
 
 

@@ -339,11 +339,20 @@ def _build_random(recipe: Recipe, dtype: torch.dtype, fsdp: bool):
     start = time.perf_counter()
     context = _build_context(recipe, fsdp)
     draw_on = _draw_device(context, config, dtype, recipe.memory.gpu_limit_gib)
-    with draw_on:
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    try:
+        with draw_on:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except torch.OutOfMemoryError:  # the card filled up after the check: the host draws after all
+        if draw_on is context:
+            raise
+        torch.cuda.empty_cache()
+        draw_on = context
+        with draw_on:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if draw_on is not context:
         model.to(context)
         torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()  # the transient is no part of any peak reported later
     n = sum(p.numel() for p in model.parameters())
     where = draw_on if isinstance(draw_on, torch.device) else "no device (shapes only: rank 0's values are broadcast)"
     print(f"samsum_tuner: weights drawn on {where} in {time.perf_counter() - start:.1f} s", flush=True)

@@ -1,6 +1,9 @@
-"""The benchmark runners' process handling (benchmarks/ is not part of the package)."""
+"""The benchmark runners' process handling (benchmarks/proctree.py; benchmarks/ is not part of the package).
+Each case runs in a driver process of its own: the runner makes itself a subreaper and takes SIGTERM, which
+pytest's own process should not."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,16 +15,35 @@ from pathlib import Path
 import psutil
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import proctree  # noqa: E402
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
-# A launcher whose worker runs in a session of its own, as torch elastic's ranks do under accelerate launch.
-LAUNCHER = textwrap.dedent("""
-    import subprocess, sys, time
-    w = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
-    print(w.pid, flush=True)
-    time.sleep(120)
-""")
+# Launchers whose worker runs in a session of its own, as torch elastic's ranks do under accelerate launch.
+WORKER = 'import signal, time; signal.signal(signal.SIGABRT, signal.SIG_IGN); time.sleep(120)'
+LAUNCHERS = {
+    # still running at the timeout
+    "hangs": f"""
+import subprocess, sys, time
+w = subprocess.Popen([sys.executable, "-c", {WORKER!r}], start_new_session=True)
+print(w.pid, flush=True)
+time.sleep(120)
+""",
+    # exits at once; its orphaned worker holds the pipes (a launcher killed by the OOM killer)
+    "exits": f"""
+import os, subprocess, sys
+w = subprocess.Popen([sys.executable, "-c", {WORKER!r}], start_new_session=True)
+print(w.pid, flush=True)
+os._exit(0)
+""",
+}
+DRIVER = """
+import json, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+import proctree
+t0 = time.time()
+code, out, err = proctree.run([sys.executable, "-c", sys.argv[2]], timeout=float(sys.argv[3]),
+                              first=getattr(signal, sys.argv[4]))
+print(json.dumps({"code": code, "worker": int(out.split()[0]), "seconds": time.time() - t0}))
+"""
 
 
 def _gone(pid: int) -> bool:
@@ -31,26 +53,33 @@ def _gone(pid: int) -> bool:
         return True
 
 
-@pytest.mark.parametrize("first", [signal.SIGKILL, signal.SIGABRT])
-def test_a_timed_out_run_takes_its_detached_workers_with_it(first):
-    t0 = time.time()
-    code, out, _ = proctree.run([sys.executable, "-c", LAUNCHER], timeout=3, first=first)
+def _drive(launcher: str, timeout: float, first: str) -> dict:
+    p = subprocess.run([sys.executable, "-c", DRIVER, str(BENCH), LAUNCHERS[launcher], str(timeout), first],
+                       capture_output=True, text=True, timeout=100)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return json.loads(p.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("first", ["SIGKILL", "SIGABRT"])
+def test_a_timed_out_run_takes_its_detached_worker_with_it(first):
+    """The worker ignores SIGABRT, so the SIGABRT case also needs the SIGKILL after the grace period."""
+    r = _drive("hangs", 3, first)
     # A worker left alive would hold the pipes open until its own 120 s sleep ends.
-    assert code is None and time.time() - t0 < 30
-    worker = int(out.split()[0])
-    deadline = time.time() + 5
-    while not _gone(worker) and time.time() < deadline:
-        time.sleep(0.1)
-    assert _gone(worker), "the worker outlived its stopped launcher"
+    assert r["code"] is None and r["seconds"] < 40 and _gone(r["worker"])
+
+
+def test_an_orphaned_worker_of_an_exited_launcher_is_stopped():
+    r = _drive("exits", 3, "SIGKILL")
+    assert r["code"] == 0 and r["seconds"] < 20 and _gone(r["worker"])
 
 
 def test_sigterm_to_the_runner_stops_the_tree(tmp_path):
     runner = tmp_path / "runner.py"
     runner.write_text(textwrap.dedent(f"""
         import sys
-        sys.path.insert(0, {str(Path(proctree.__file__).parent)!r})
+        sys.path.insert(0, {str(BENCH)!r})
         import proctree
-        proctree.run([sys.executable, "-c", {LAUNCHER!r}], timeout=60)
+        proctree.run([sys.executable, "-c", {LAUNCHERS['hangs']!r}], timeout=60)
     """))
     proc = subprocess.Popen([sys.executable, str(runner)])
     deadline = time.time() + 20
@@ -66,5 +95,10 @@ def test_sigterm_to_the_runner_stops_the_tree(tmp_path):
 
 
 def test_a_run_that_finishes_returns_its_output():
-    code, out, err = proctree.run([sys.executable, "-c", "import sys; print('hi'); sys.exit(3)"], timeout=30)
-    assert (code, out.strip(), err) == (3, "hi", "")
+    p = subprocess.run([sys.executable, "-c", f"""
+import sys
+sys.path.insert(0, {str(BENCH)!r})
+import proctree
+print(proctree.run([sys.executable, "-c", "import sys; print('hi'); sys.exit(3)"], timeout=30))
+"""], capture_output=True, text=True, timeout=60)
+    assert p.stdout.strip() == "(3, 'hi\\n', '')"

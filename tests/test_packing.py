@@ -244,9 +244,10 @@ def test_compiled_layers_train_like_eager_ones(tiny_model_dir, tmp_path):
     rows = varied_rows(16)
     write_jsonl(tmp_path / "d", "train", rows)
     write_jsonl(tmp_path / "d", "validation", rows[:4])
-    curves, compiled = {}, {}
+    curves, compiled, graphs = {}, {}, {}
     for flag in (False, True):
         torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
         r = st.load_recipe(None, [f"model.name={tiny_model_dir}", f"data.source={tmp_path / 'd'}", "--use_peft",
                                   f"train.output_dir={tmp_path / str(flag)}", f"model.compile={flag}",
                                   "data.packing=true", "data.max_tokens_per_batch=256", "data.pad_to_multiple_of=256",
@@ -257,6 +258,8 @@ def test_compiled_layers_train_like_eager_ones(tiny_model_dir, tmp_path):
         metrics = st.train(r, trainer=trainer)
         curves[flag] = [h["loss"] for h in trainer.state.log_history if "loss" in h] + [metrics["eval_loss"]]
         compiled[flag] = sum(getattr(m, "_compiled_call_impl", None) is not None for m in trainer.model.modules())
+        graphs[flag] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert compiled == {False: 0, True: 2}  # the tiny model's two decoder layers
+    assert graphs[False] == 0 and graphs[True] > 0  # compiled graphs really ran (no silent eager fallback)
     assert curves[True] == pytest.approx(curves[False], rel=1e-4)
     assert curves[True][-2] < curves[True][0]

@@ -258,8 +258,10 @@ def test_run_directory_rules(tmp_path):
     with pytest.raises(st.ConfigError, match="is not a folder"):
         ck.check_output_dir(run / "checkpoint-3" / ck.STATE_FILE, overwrite=True, resume=None)
     assert ck.resolve_resume("auto", tmp_path / "fresh") is None  # auto with nothing to resume: a fresh start
+    (run / "memory.jsonl").write_text('{"event": "epoch"}\n')
     aside = ck.retire_checkpoints(run)
     assert aside == run / ".overwritten" and (aside / "checkpoint-3" / ck.STATE_FILE).is_file()
+    assert (aside / "memory.jsonl").is_file() and not (run / "memory.jsonl").exists()  # a new run starts its own
     assert ck.latest_checkpoint(run) is None and ck.retire_checkpoints(run) is None
 
 
