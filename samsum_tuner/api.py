@@ -105,6 +105,18 @@ def train_lengths(recipe: Recipe) -> tuple[list[int], list[int]]:
     return split.lengths, split.supervised
 
 
+def usable_gpu_gib(free: int, total: int, reserved: int, device: int) -> tuple[float, str | None]:
+    """GiB of the card this run can have: all of it, unless other processes hold more than a CUDA context's
+    worth (then what is free, plus what this process already holds), with a line that says so. A run that
+    shared its card with a forgotten one ran out of memory at its first step instead of being told here."""
+    held = (total - free - reserved) / 2**30
+    if held <= 4:
+        return total / 2**30, None
+    usable = (free + reserved) / 2**30
+    return usable, (f"GPU {device}: {held:.1f} of its {total / 2**30:.1f} GiB are held by other processes; "
+                    f"planning with the {usable:.1f} GiB this run can have")
+
+
 def _preflight(prepared: Prepared, enforce: bool):
     """The memory planner's verdict; a run that will not fit is refused (exit 3) unless forced."""
     r = prepared.recipe
@@ -116,9 +128,16 @@ def _preflight(prepared: Prepared, enforce: bool):
 
     cuda = torch.cuda.is_available()
     gpu_gib, host_gib = r.memory.gpu_memory_gib, r.memory.host_memory_gib
-    if gpu_gib is None:
-        if cuda:
-            gpu_gib = torch.cuda.get_device_properties(prepared.launch.local_rank).total_memory / 2**30
+    if gpu_gib is None and cuda:
+        dev = prepared.launch.local_rank
+        gpu_gib = torch.cuda.get_device_properties(dev).total_memory / 2**30
+        usable, note = usable_gpu_gib(*torch.cuda.mem_get_info(dev), torch.cuda.memory_reserved(dev), dev)
+        if note and prepared.launch.world_size == 1:
+            gpu_gib = usable
+            print(f"samsum_tuner: {note}", flush=True)
+        elif note:  # every rank must reach the same verdict (one refusing alone would hang the others)
+            print(f"samsum_tuner: warning: {note.split(';')[0]}; the plan assumes the whole card on every rank, "
+                  "so this rank may run out of memory", flush=True)
     if r.memory.gpu_limit_gib is not None:
         gpu_gib = min(gpu_gib or r.memory.gpu_limit_gib, r.memory.gpu_limit_gib)
     if host_gib is None:

@@ -513,3 +513,19 @@ def test_supervised_logits_only_plans_the_summary_positions_only():
     assert padded * GIB == pytest.approx(800 * 12 * V + 2000 * 8 * h, rel=1e-9)
     assert packed * GIB == pytest.approx(450 * 12 * V + 1600 * 8 * h, rel=1e-9)
     assert packed < padded < all_positions
+
+
+def test_preflight_plans_with_what_other_processes_left_of_the_card():
+    """Session 2026-11-29d: a run left behind held 41.7 GiB of an H200 and the next run, planned against the whole
+    card, ran out of memory at its first step. The plan now takes what is free, and says why."""
+    from samsum_tuner.api import usable_gpu_gib
+
+    gib = 2**30
+    # Alone: only this process's CUDA context is outside its allocator.
+    assert usable_gpu_gib(139 * gib, int(139.8 * gib), 0, 0) == (pytest.approx(139.8), None)
+    usable, note = usable_gpu_gib(97 * gib, int(139.8 * gib), 1 * gib, 1)
+    assert usable == pytest.approx(98.0) and note.startswith("GPU 1: 41.8 of its 139.8 GiB are held by other")
+    # The 13B full SGD run of that session: 102.3 GiB per rank fits the card, not what was left of it.
+    recipe = build_recipe(str(ROOT / "recipes/full_sgd.yaml"), ["model.name=random:llama2-13b"])
+    assert plan(recipe, gpus=2, gpu_memory_gib=139.8).fits
+    assert plan(recipe, gpus=2, gpu_memory_gib=usable).fits is False
