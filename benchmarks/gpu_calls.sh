@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The device calls of the GPU sessions (nvidia-h200; s3* on nvidia-h200-x2), each started as
+# The device calls of the GPU sessions (nvidia-h200; s3*, s4* and s5* on nvidia-h200-x2; s5* is the next session's
+# plan, not yet run), each started as
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
 #     && export PYTHONPATH=/tmp/site:$PWD || exit; export SAMSUM_TUNER_CACHE=$PWD/.gpudata/cache \
 #     SAMSUM_DATA_DIR=$PWD/.gpudata HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false; \
