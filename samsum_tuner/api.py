@@ -105,18 +105,6 @@ def train_lengths(recipe: Recipe) -> tuple[list[int], list[int]]:
     return split.lengths, split.supervised
 
 
-def usable_gpu_gib(free: int, total: int, reserved: int, device: int) -> tuple[float, str | None]:
-    """GiB of the card this run can have: all of it, unless other processes hold more than a CUDA context's
-    worth (then what is free, plus what this process already holds), with a line that says so. A run that
-    shared its card with a forgotten one ran out of memory at its first step instead of being told here."""
-    held = (total - free - reserved) / 2**30
-    if held <= 4:
-        return total / 2**30, None
-    usable = (free + reserved) / 2**30
-    return usable, (f"GPU {device}: {held:.1f} of its {total / 2**30:.1f} GiB are held by other processes; "
-                    f"planning with the {usable:.1f} GiB this run can have")
-
-
 def _preflight(prepared: Prepared, enforce: bool):
     """The memory planner's verdict; a run that will not fit is refused (exit 3) unless forced."""
     r = prepared.recipe
@@ -129,13 +117,15 @@ def _preflight(prepared: Prepared, enforce: bool):
     cuda = torch.cuda.is_available()
     gpu_gib, host_gib = r.memory.gpu_memory_gib, r.memory.host_memory_gib
     if gpu_gib is None and cuda:
+        from .memory import usable_gpu_gib
+
         dev = prepared.launch.local_rank
-        gpu_gib = torch.cuda.get_device_properties(dev).total_memory / 2**30
-        usable, note = usable_gpu_gib(*torch.cuda.mem_get_info(dev), torch.cuda.memory_reserved(dev), dev)
+        free, total = torch.cuda.mem_get_info(dev)
+        gpu_gib, note = usable_gpu_gib(free, total, torch.cuda.memory_reserved(dev), dev)
         if note and prepared.launch.world_size == 1:
-            gpu_gib = usable
             print(f"samsum_tuner: {note}", flush=True)
         elif note:  # every rank must reach the same verdict (one refusing alone would hang the others)
+            gpu_gib = total / 2**30
             print(f"samsum_tuner: warning: {note.split(';')[0]}; the plan assumes the whole card on every rank, "
                   "so this rank may run out of memory", flush=True)
     if r.memory.gpu_limit_gib is not None:
@@ -192,7 +182,7 @@ def train(recipe: Recipe, *, trainer=None) -> dict[str, Any]:
 
     A CUDA out-of-memory is caught and reported with the peak reached (TrainingOutOfMemory, exit 3).
     """
-    from .memory import held_outside_gib, is_cuda_oom, snapshot
+    from .memory import SHARED_CARD_GIB, held_outside_gib, is_cuda_oom, snapshot
     from .model import parameter_counts
     from .trainer import ThroughputCallback
 
@@ -226,14 +216,15 @@ def train(recipe: Recipe, *, trainer=None) -> dict[str, Any]:
         peak = snapshot(recipe.memory.gpu_limit_gib)
         outside = held_outside_gib()
         peak["gpu_held_outside_gib"] = outside
+        shared = (f"; {outside:.2f} GiB of the card held outside this process (other processes?)"
+                  if (outside or 0) > SHARED_CARD_GIB else "")
         summary.update(status="oom", step=trainer.state.global_step, memory=peak, error=str(e).splitlines()[0])
         _write_summary(trainer, recipe, summary)
         raise TrainingOutOfMemory(
             f"out of GPU memory at step {trainer.state.global_step}: peak allocated "
             f"{peak.get('gpu_peak_allocated_gib')} GiB, reserved {peak.get('gpu_peak_reserved_gib')} GiB"
             f"{' of a %s GiB cap' % recipe.memory.gpu_limit_gib if recipe.memory.gpu_limit_gib else ''}"
-            # The CUDA context and NCCL take about a GiB; more than that is another process on the card.
-            f"{'; %.2f GiB of the card held outside this process (other processes?)' % outside if (outside or 0) > 4 else ''}"
+            f"{shared}"
         ) from None
     for cb in trainer.callback_handler.callbacks:
         if isinstance(cb, ThroughputCallback):

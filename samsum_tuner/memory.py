@@ -93,6 +93,11 @@ def _gpu_raw(use_cuda: bool = True) -> dict[str, int] | None:
             "active": s.get("active_bytes.all.peak", 0), "retries": s.get("num_alloc_retries", 0)}
 
 
+# GPU memory outside this process's allocator beyond its CUDA context and NCCL's buffers (about a GiB): another
+# process holds it.
+SHARED_CARD_GIB = 4
+
+
 def held_outside_gib() -> float | None:
     """GPU memory this process's allocator does not hold: the CUDA context, NCCL buffers, and other processes
     on the same card. After an out-of-memory error a large figure means the card was shared, not too small."""
@@ -103,6 +108,18 @@ def held_outside_gib() -> float | None:
     except RuntimeError:  # a CUDA error after the OOM must not cost the run its summary
         return None
     return _gib(total - free - torch.cuda.memory_reserved())
+
+
+def usable_gpu_gib(free: int, total: int, reserved: int, device: int) -> tuple[float, str | None]:
+    """GiB of the card this run can have: all of it, unless other processes hold more than SHARED_CARD_GIB
+    (then what is free, plus what this process already holds), with a line that says so. A run that shared its
+    card with a forgotten one ran out of memory at its first step instead of being told before loading."""
+    held = (total - free - reserved) / 2**30
+    if held <= SHARED_CARD_GIB:
+        return total / 2**30, None
+    usable = (free + reserved) / 2**30
+    return usable, (f"GPU {device}: {held:.1f} of its {total / 2**30:.1f} GiB are held by other processes; "
+                    f"planning with the {usable:.1f} GiB this run can have")
 
 
 def _lifetime_peak_rss() -> int | None:

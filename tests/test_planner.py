@@ -518,7 +518,7 @@ def test_supervised_logits_only_plans_the_summary_positions_only():
 def test_preflight_plans_with_what_other_processes_left_of_the_card():
     """Session 2026-11-29d: a run left behind held 41.7 GiB of an H200 and the next run, planned against the whole
     card, ran out of memory at its first step. The plan now takes what is free, and says why."""
-    from samsum_tuner.api import usable_gpu_gib
+    from samsum_tuner.memory import usable_gpu_gib
 
     gib = 2**30
     # Alone: only this process's CUDA context is outside its allocator.
