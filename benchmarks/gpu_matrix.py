@@ -31,6 +31,7 @@ ACC2 = ["accelerate", "launch", "--num_processes", "2"]
 FSDP2 = ACC2 + ["--config_file", "accelerate_configs/fsdp4.yaml"]
 FSDP2_OFFLOAD = ACC2 + ["--config_file", "accelerate_configs/fsdp4_cpu_offload.yaml"]
 M7, M13 = "model.name=random:llama2-7b", "model.name=random:llama2-13b"
+RETRIES = [M7, "data.split_slice=[:16]", "train.max_steps=-1"]  # 3 whole epochs of 16 rows
 CAP32 = "memory.gpu_limit_gib=32"
 # An H200 capped to what an H100 80GB shows (79.2 GiB): the H100 verdicts on the machine that is lent.
 CAP80 = "memory.gpu_limit_gib=79.2"
@@ -72,11 +73,10 @@ RUNS: dict[str, tuple[list[str] | None, str, list[str], str]] = {
     # Malloc retries: 3 epochs of 16 rows, longest batch first in each; the probe measures the peaks, the
     # capped runs set their caps just under its first epoch's reserved peak ("{probe_cap}", 0.1 GiB lower
     # "{probe_cap_lo}"), so the cache must be flushed and retried.
-    "retries_probe": (None, R + "lora_fp32.yaml", [M7, "data.split_slice=[:16]", "train.max_steps=-1"], "ok"),
-    "retries_capped": (None, R + "lora_fp32.yaml", [M7, "data.split_slice=[:16]", "train.max_steps=-1",
-                                                     "memory.gpu_limit_gib={probe_cap}", "--force"], "ok"),
-    "retries_capped_lo": (None, R + "lora_fp32.yaml", [M7, "data.split_slice=[:16]", "train.max_steps=-1",
-                                                        "memory.gpu_limit_gib={probe_cap_lo}", "--force"], "ok"),
+    "retries_probe": (None, R + "lora_fp32.yaml", RETRIES, "ok"),
+    "retries_capped": (None, R + "lora_fp32.yaml", RETRIES + ["memory.gpu_limit_gib={probe_cap}", "--force"], "ok"),
+    "retries_capped_lo": (None, R + "lora_fp32.yaml", RETRIES + ["memory.gpu_limit_gib={probe_cap_lo}", "--force"],
+                          "ok"),
     # FSDP LoRA against plain LoRA on the real SmolLM2: the same pretrained weights and LoRA init either way (a
     # random 7B's values depend on which process draws them and in what order).
     "fsdp1_lora_fp16_smollm2": (FSDP1, R + "fsdp_lora_fp16.yaml", ["model.name=smollm2-135m"], "ok"),

@@ -205,7 +205,7 @@ def markdown(rows: list[dict]) -> str:
         if r.get("per_rank_gpu_peak_allocated_gib"):
             mem += f"; alloc per rank {_fmt(r['per_rank_gpu_peak_allocated_gib'])}"
         host = _fmt(r.get("host_peak_node_gib") or r["host_peak_rss_gib"])
-        if r.get("processes", 1) and (r.get("processes") or 1) > 1:
+        if (r.get("processes") or 1) > 1:
             host += f" (node, {r['processes']} ranks)"
         if r.get("host_predicted_over_measured") and (r.get("host_peak_node_gib") or 0) > 10:
             host += f" ({_fmt(r['predicted_host_peak_gib'])}: x{r['host_predicted_over_measured']:.3f})"

@@ -9,6 +9,7 @@ gpu_calls.sh's `reap` is the backstop for that."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import signal
 import subprocess
@@ -68,17 +69,12 @@ def _on_sigterm(signum, frame) -> None:
     sys.exit(128 + signum)
 
 
-_installed: list[bool] = []
-
-
+@functools.cache
 def _install() -> None:
     """Once per runner, on its first run (not at import: the benchmark's own child processes import this too)."""
-    if _installed:
-        return
     _become_subreaper()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
-    _installed.append(True)
 
 
 def run(cmd: list[str], timeout: float, first: int = signal.SIGKILL, **popen) -> tuple[int | None, str, str]:
@@ -92,8 +88,7 @@ def run(cmd: list[str], timeout: float, first: int = signal.SIGKILL, **popen) ->
     except subprocess.TimeoutExpired:
         pass
     timed_out = out is None and proc.poll() is None
-    if _descendants():
-        stop_all(first)
+    stop_all(first)  # also what an exited `cmd` left behind
     if out is None:
         out, err = proc.communicate(timeout=30)
     _reap_zombies()

@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import TrainingArguments
 
 from proctree import run
 
@@ -274,13 +275,7 @@ def ours_smollm2_32k(a) -> dict:
 FSDP_LR = 1e-5
 # The naive run's AdamW is the Trainer's default, as a naive user gets it (the fused kernel on torch >= 2.8); ours
 # names the same one. Session 2026-11-29d ran both with "adamw_torch" (foreach).
-def _trainer_default_optim() -> str:
-    from transformers import TrainingArguments
-
-    return TrainingArguments.__dataclass_fields__["optim"].default
-
-
-ADAMW = _trainer_default_optim()
+ADAMW = TrainingArguments.__dataclass_fields__["optim"].default
 NAIVE_ROWS_PER_GPU = 4
 # FSDP comes from the accelerate launch (the Accelerator reads ACCELERATE_USE_FSDP and FSDP_*, the Trainer keeps
 # its plugin), as for a user who runs `accelerate launch train.py`; samsum_tuner's recipe must agree (launch.py).
@@ -323,7 +318,7 @@ def _matching_budget(lengths: list[int], seed: int) -> int:
                key=lambda b: abs(total / len(token_budget_batches(lengths, b, True, seed)) - target))
 
 
-def _ours_fsdp(a, optim: list[str], budget: int | None = None, extra: tuple[str, ...] = ()) -> dict:
+def _ours_fsdp(a, optim: str, budget: int | None = None, extra: tuple[str, ...] = ()) -> dict:
     """samsum_tuner's full fine-tune fast path under the same launch: fp32 weights + bf16 mixed precision,
     padding-free packed rows padded to the budget (flex_attention compiles one shape), logits only where a
     summary token is predicted (train.supervised_logits_only, on by default)."""
@@ -340,26 +335,27 @@ def _ours_fsdp(a, optim: list[str], budget: int | None = None, extra: tuple[str,
                           f"data.max_length={min(budget, recipe.data.max_length)}",
                           "train.gradient_accumulation_steps=1", f"train.learning_rate={FSDP_LR}",
                           "train.max_grad_norm=1.0",  # the Trainer's default, which the naive run clips with
-                          *optim, *extra])
-    return {**out, "token_budget_per_gpu": budget, "optim": optim[0].split("=", 1)[1]}
+                          # HF's optim="sgd" has no momentum; samsum_tuner's SGD defaults to the original's 0.9
+                          f"train.optim={optim}", *(["train.momentum=0"] if optim == "sgd" else []), *extra])
+    return {**out, "token_budget_per_gpu": budget, "optim": optim}
 
 
 def ours_fsdp_adamw(a) -> dict:
-    return _ours_fsdp(a, [f"train.optim={ADAMW}"])
+    return _ours_fsdp(a, ADAMW)
 
 
 def ours_fsdp_sgd(a) -> dict:
-    return _ours_fsdp(a, ["train.optim=sgd", "train.momentum=0"])
+    return _ours_fsdp(a, "sgd")
 
 
 def ours_fsdp_sgd_compiled(a) -> dict:
-    return _ours_fsdp(a, ["train.optim=sgd", "train.momentum=0"], extra=("model.compile=true",))
+    return _ours_fsdp(a, "sgd", extra=("model.compile=true",))
 
 
 def ours_fsdp_adamw_big(a) -> dict:
     """Ours at its best: 8,192 tokens per GPU, about 10x the anchor's real tokens per step (not like for like).
     Gradient checkpointing keeps the activations (about 40 GiB without it on 7B) under the naive run's peak."""
-    out = _ours_fsdp(a, [f"train.optim={ADAMW}"], budget=8192, extra=("model.gradient_checkpointing=true",))
+    out = _ours_fsdp(a, ADAMW, budget=8192, extra=("model.gradient_checkpointing=true",))
     return {**out, "note": "ours at its best: more real tokens per optimizer step than the naive anchor"}
 
 
@@ -496,13 +492,6 @@ def _command(a, suite: str, name: str, target: Path, cap: float) -> list[str]:
             str(max(1, (os.cpu_count() or 1) // a.nproc)), *args]
 
 
-def _run(cmd: list[str], env: dict, timeout: float) -> tuple[int | None, str]:
-    """(exit status, stderr) of one configuration; None at the timeout, with what it printed until then
-    (compiling? loading?). Stopped with every process it started (proctree)."""
-    code, _, err = run(cmd, timeout, cwd=ROOT, env=env)
-    return code, err
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", default="7b,qlora,smollm2")
@@ -543,7 +532,8 @@ def main() -> None:
         target.unlink(missing_ok=True)  # a result left by an earlier call is not this one's
         # The cap imitates an 80 GB card; the multi-GPU suite is about the H200s themselves.
         cap = a.cap if a.cap is not None else 0 if suite in MULTI_GPU_SUITES else DEFAULT_CAP
-        code, stderr = _run(_command(a, suite, name, target, cap), env, min(a.timeout, left))
+        # Stopped with every process it started; at a timeout its stderr says what it was doing (compiling?).
+        code, _, stderr = run(_command(a, suite, name, target, cap), min(a.timeout, left), cwd=ROOT, env=env)
         if target.is_file():
             r = json.loads(target.read_text())
         else:
