@@ -8,6 +8,9 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# One process, and two where the machine has two GPUs (one per process): the GPU tests' launch sizes.
+GPU_PROCESSES = [pytest.param(n, id=f"{n}proc", marks=pytest.mark.skipif(
+    torch.cuda.device_count() < n, reason=f"needs {n} GPUs")) for n in (1, 2)]
 SHARED_SAMSUM = ROOT.parent / "shared" / "data" / "samsum"
 
 

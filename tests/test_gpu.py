@@ -11,7 +11,7 @@ import torch
 
 import samsum_tuner as st
 
-from .conftest import ROOT
+from .conftest import GPU_PROCESSES, ROOT
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 FAST = ["train.report_to=[]", "train.disable_tqdm=true", "train.logging_steps=1", "train.save_strategy=no",
@@ -54,8 +54,7 @@ def test_capped_run_reports_oom_cleanly(tiny_model_dir, tiny_data, tmp_path, cap
     assert 0 < summary["memory"]["gpu_held_outside_gib"] < 4 and "outside this process" not in err
 
 
-@pytest.mark.parametrize("nproc", [pytest.param(n, id=f"{n}proc", marks=pytest.mark.skipif(
-    torch.cuda.device_count() < n, reason=f"needs {n} GPUs")) for n in (1, 2)])
+@pytest.mark.parametrize("nproc", GPU_PROCESSES)
 @pytest.mark.parametrize("recipe_extra", [["--use_peft", "--use_fp16"],
                                           ["--use_peft", "--quantization", "True", "--use_fp16"]],
                          ids=["fsdp_lora", "fsdp_qlora"])

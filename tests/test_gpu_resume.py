@@ -15,17 +15,13 @@ from safetensors.torch import load_file
 
 from samsum_tuner import checkpoint as ck
 
-from .conftest import ROOT
+from .conftest import GPU_PROCESSES, ROOT
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 FAST = ["train.report_to=[]", "train.disable_tqdm=true", "train.logging_steps=1", "data.max_length=256",
         "train.eval_strategy=no", "data.eval_split=null", "train.per_device_train_batch_size=4",
         "train.gradient_accumulation_steps=1", "train.lr_scheduler_type=linear", "train.learning_rate=1e-3",
         "train.save_strategy=steps", "train.save_steps=2", "train.save_total_limit=5", "train.max_steps=6"]
-
-
-NPROCS = [pytest.param(n, id=f"{n}proc", marks=pytest.mark.skipif(
-    torch.cuda.device_count() < n, reason=f"needs {n} GPUs")) for n in (1, 2)]
 
 
 def _launch(model_dir, data, out, *extra, nproc=1):
@@ -43,7 +39,7 @@ def _curve(run) -> list[tuple[int, float]]:
     return [(h["step"], h["loss"]) for h in state["log_history"] if "loss" in h]
 
 
-@pytest.mark.parametrize("nproc", NPROCS)
+@pytest.mark.parametrize("nproc", GPU_PROCESSES)
 def test_fsdp_through_accelerate_resumes_from_its_sharded_checkpoint(tiny_model_dir, tiny_data, tmp_path, nproc):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     p = _launch(tiny_model_dir, tiny_data, straight, nproc=nproc)
