@@ -339,16 +339,18 @@ def _build_random(recipe: Recipe, dtype: torch.dtype, fsdp: bool):
     start = time.perf_counter()
     context = _build_context(recipe, fsdp)
     draw_on = _draw_device(context, config, dtype, recipe.memory.gpu_limit_gib)
+    def draw(where):
+        with where:
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
     try:
-        with draw_on:
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = draw(draw_on)
     except torch.OutOfMemoryError:  # the card filled up after the check: the host draws after all
         if draw_on is context:
             raise
         torch.cuda.empty_cache()
         draw_on = context
-        with draw_on:
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = draw(context)
     if draw_on is not context:
         model.to(context)
         torch.cuda.empty_cache()
