@@ -54,8 +54,10 @@ NOTES = {
     "2026-11-29c-h200x2/fsdp1_offload_sgd_fp32": "completed 3 steps and its eval, then did not exit (fixed: the "
                                                  "CLI closes the process group). Host: planner 96.13 GiB with "
                                                  "pinned shards rounded to powers of two (79.38 before), measured "
-                                                 "95.71. GPU: planner misses (13.0 vs 30.4 GiB allocated), cause "
-                                                 "not established",
+                                                 "95.71. GPU: the fp32 gradients held unsharded on the GPU between "
+                                                 "micro-batches (no_sync, 25.6 GiB) were the 13.0 vs 30.4 GiB miss; "
+                                                 "with them the planner gives 38.6, taking the longest batch's "
+                                                 "activations on top where the run's peak came with a shorter one",
     "2026-11-29c-h200x2/retries_capped": "cap (alloc + reserved) / 2 = 30.96 GiB: one malloc retry, then out of "
                                          "memory at step 4; the retries with a per-epoch count are shown by "
                                          "h200_full_bf16_mixed_adamw's single epoch only",
@@ -63,8 +65,10 @@ NOTES = {
                          "comparison comes from the same command on a CPU (docs/fsdp_lora_parity.md)",
     "fsdp1_lora_fp16_smollm2": "60 steps, eval_loss 1.805; did not exit after 'done' (fixed since); its loss curve "
                                "against plain LoRA in docs/fsdp_lora_parity.md",
-    "fsdp2_full_sgd": "the mission's command (full_sgd.yaml) on 2 GPUs; the planner is 13% under rank 0's "
-                      "allocated peak (53.0 vs 61.0 GiB; rank 1 58.1): not yet explained",
+    "fsdp2_full_sgd": "the mission's command (full_sgd.yaml) on 2 GPUs, before fsdp.reduce_every_micro_batch: the "
+                      "Trainer's no_sync kept every layer's fp32 gradient unsharded over the 4 micro-batches (12.8 "
+                      "GiB per rank more than the shards). The planner without that term gave 53.0 GiB against 61.0 "
+                      "(rank 1 58.1); with it (how this run was made) 65.8. The default now syncs every micro-batch",
     "fsdp2_qlora": "FSDP + QLoRA, the second rank on its own GPU: no 'Inconsistent compute_device and device_id'",
     "2026-11-29d-h200x2/fsdp2_full_adamw_bf16": "AdamW at lr 1e-4 on random weights raises the loss in 6 steps, as on "
                                                 "one GPU (h200_full_bf16_mixed_adamw)",
@@ -79,6 +83,22 @@ NOTES = {
                                          "not cumulative (epoch 3 prints 0 while the total stays 2), but the first "
                                          "epoch had none (its reserved peak, 31.26, fit under the cap); the issue "
                                          "asks for retries in epoch 1: next cap just under 31.26",
+    "2026-11-29e-h200x2/fsdp2_full_adamw_fp32": "not a verdict: stopped by its device call's deadline 69 s in, while "
+                                                "rank 0 still drew the random weights",
+    "2026-11-29e-h200x2/retries_probe": "3 epochs of the same 16 rows, uncapped: 0 retries; reserved peak 31.26 GiB in "
+                                        "epoch 1, which sets the capped runs' caps",
+    "2026-11-29e-h200x2/retries_capped": "cap 31.16 GiB (epoch 1's reserved peak less 0.1): retries per epoch 1, 2, 2, "
+                                         "running total 1, 3, 5: retries from the first epoch on, each epoch's own "
+                                         "count printed beside the total (the log's '~32 retries' was such a total)",
+    "2026-11-29e-h200x2/retries_capped_lo": "cap 31.06 GiB: 1 malloc retry in epoch 1, then out of memory at step 4: "
+                                            "0.1 GiB less is under what the run needs, so the allocator's retry no "
+                                            "longer frees enough",
+    "2026-11-29e-h200x2/fsdp2_offload_adamw_fp32": "stopped by the runner's 200 s limit after 2 optimizer steps of "
+                                                   "~37 s (AdamW over 3.44B fp32 parameters per rank on the host's "
+                                                   "CPUs): no epoch ended, so no memory record yet",
+    "2026-11-29e-h200x2/fsdp2_13b_full_sgd": "13B, the mission's full_sgd.yaml (SGD fp32) on 2 GPUs: fits at 138 GiB "
+                                             "reserved of 139.8 with 1 and 2 malloc retries on ranks 0 and 1, as the "
+                                             "original's 7B did at 29 GB of a 32 GB V100 (~32 retries)",
     "smollm2_epoch": "cut off at 39% of the epoch when the session's device time ran out (~9,500 tokens/s "
                      "at batch 16); the logged train loss went 1.85 (epoch 0.09) to 1.67 (epoch 0.39); no eval yet",
 }
@@ -238,6 +258,9 @@ def main() -> None:
         legacy = any("supervised_logits_only" not in r["summary"]["recipe"]["train"]
                      for r in records if r["summary"].get("recipe"))
         extra = ["train.supervised_logits_only=false"] if legacy else []
+        # Runs made before fsdp.reduce_every_micro_batch existed skipped the sync on all but the last micro-batch.
+        if any("reduce_every_micro_batch" not in r["summary"]["recipe"]["fsdp"] for r in records if r["summary"].get("recipe")):
+            extra.append("fsdp.reduce_every_micro_batch=false")
         rows += [row(r, device, versions, folder.name, cache, extra) for r in records]
     DOCS.mkdir(exist_ok=True)
     (DOCS / "gpu_results.json").write_text(json.dumps(rows, indent=1) + "\n")

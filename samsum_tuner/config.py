@@ -128,6 +128,11 @@ class FsdpConfig:
     cpu_offload: bool = False
     sharding_strategy: str = "FULL_SHARD"
     version: int = 2
+    # With gradient accumulation the Trainer skips gradient sync on all but the last micro-batch; under FSDP2
+    # that keeps every layer's gradient unsharded until then (all of them: 4 bytes per fp32 parameter on every
+    # rank, not 4/N). Reducing after each micro-batch keeps them sharded for one reduce-scatter more per
+    # micro-batch; false trades that memory for speed (the planner counts it either way).
+    reduce_every_micro_batch: bool = True
 
 
 @dataclass

@@ -427,6 +427,14 @@ def _estimate(recipe: Recipe, gpus: int, token_lengths: list[int] | None, s: Mod
             gpu.append((f"optimizer: {opt_name}{shard}", opt_states / n, True))
         if gpus > 1 and not fsdp:
             gpu.append(("DDP gradient buckets", grads, True))
+    if fsdp and t.gradient_accumulation_steps > 1 and not f.reduce_every_micro_batch:
+        # The Trainer's no_sync on all but the last micro-batch: FSDP2 keeps every layer's gradient unsharded, in
+        # the reduce dtype, until then (checked with fully_shard on 2 gloo ranks), while the shards do not exist
+        # yet: the whole unsharded set where the shards were counted.
+        extra = trainable * (c if mp else state_b) - (0 if offload else grads / n)
+        if extra > 0:
+            gpu.append(("gradients held unsharded between micro-batches (fsdp.reduce_every_micro_batch=false), "
+                        "beyond the shards", extra, False))
 
     per_layer = layer_activation_bytes(s, full=full, compute=c, stream=stream, autocast=half_train, quant_bits=q.bits,
                                        lora_targets=lo.target_modules if lo.enabled else (), lora_r=lo.r,

@@ -368,5 +368,7 @@ def training_arguments(recipe: Recipe, launch: Launch, layer_cls: list[str], has
         use_cpu=not torch.cuda.is_available(),
         ddp_find_unused_parameters=False if launch.world_size > 1 and not launch.fsdp else None,
     )
+    if launch.fsdp and t.gradient_accumulation_steps > 1 and recipe.fsdp.reduce_every_micro_batch:
+        kwargs["accelerator_config"] = {"gradient_accumulation_kwargs": {"sync_each_batch": True}}
     kwargs.update(fsdp_training_args(recipe, launch, layer_cls))
     return TrainingArguments(**kwargs)

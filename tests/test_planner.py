@@ -299,6 +299,81 @@ def test_fsdp_holds_final_norm_and_lm_head_not_the_embeddings():
     assert _fsdp_row(short) == pytest.approx(max(tail, layer - logits))
 
 
+def _held(p) -> float:
+    hits = [g for name, g, _ in p.rows if name.startswith("gradients held unsharded")]
+    return hits[0] * GIB if hits else 0.0
+
+
+@pytest.mark.parametrize("precision,gpus,held_per_param", [
+    ((), 2, 4 - 4 / 2),  # fp32: the whole fp32 set where half of it was counted
+    (("train.bf16=true",), 2, 0),  # bf16 unsharded = fp32 halves: no more than the shards
+    (("train.bf16=true",), 4, 2 - 4 / 4),
+])
+def test_fsdp_gradients_held_unsharded_when_micro_batches_skip_the_sync(precision, gpus, held_per_param):
+    """7B SGD fp32 on 2 H200s (full_sgd.yaml, 4 micro-batches) peaked at 61.0 GiB where the sharded-gradient
+    model gave 53.0: the Trainer's no_sync made FSDP2 keep every layer's gradient unsharded (12.8 GiB more)."""
+    base = ("fsdp.enabled=true", "train.optim=sgd", *precision)
+    synced = plan(recipe(*base, name="random:llama2-7b"), gpus=gpus)
+    skipped = plan(recipe(*base, "fsdp.reduce_every_micro_batch=false", name="random:llama2-7b"), gpus=gpus)
+    P = shape_for_model_name("random:llama2-7b").n_params
+    assert _held(synced) == 0
+    assert _held(skipped) == pytest.approx(held_per_param * P)
+    assert skipped.gpu_allocated_gib == pytest.approx(synced.gpu_allocated_gib + held_per_param * P / GIB)
+    one_batch = plan(recipe(*base, "fsdp.reduce_every_micro_batch=false", "train.gradient_accumulation_steps=1",
+                            name="random:llama2-7b"), gpus=gpus)
+    assert _held(one_batch) == 0
+
+
+NOSYNC_WORKER = """
+import torch, torch.distributed as dist
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from transformers import LlamaConfig, LlamaForCausalLM
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+m = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=4))
+mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)  # accelerate's bf16 policy
+for layer in m.model.layers:
+    fully_shard(layer, mp_policy=mp)
+fully_shard(m, mp_policy=mp)
+def unsharded_grad_bytes():
+    return sum(t.numel() * t.element_size() for mod in m.modules() if hasattr(mod, "_get_fsdp_state")
+               for fp in mod._get_fsdp_state()._fsdp_param_group.fsdp_params
+               for t in (fp._unsharded_param.grad, fp.unsharded_accumulated_grad) if t is not None)
+def sharded_grad_bytes():
+    return sum(p.grad.to_local().numel() * p.grad.element_size() for p in m.parameters() if p.grad is not None)
+x = torch.randint(0, 512, (1, 32))
+n = sum(p.numel() for p in m.parameters())
+m.set_requires_gradient_sync(False)  # what accelerate's no_sync does under FSDP2
+m(input_ids=x, labels=x).loss.backward()
+held, shards = unsharded_grad_bytes(), sharded_grad_bytes()
+m.set_requires_gradient_sync(True)
+m(input_ids=x, labels=x).loss.backward()
+print("RESULT", n, held, shards, unsharded_grad_bytes(), sharded_grad_bytes())
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_fsdp2_no_sync_keeps_every_gradient_unsharded(tmp_path):
+    """The planner's assumption, on torch itself: 2 gloo ranks, bf16 mixed precision as accelerate sets it.
+    Without the sync every parameter's gradient is held whole (2 bytes each) on each rank and no shard exists;
+    the synced micro-batch leaves only the fp32 shards (4 bytes / 2 ranks)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "nosync.py"
+    script.write_text(NOSYNC_WORKER)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [list(map(int, line.split()[1:])) for line in p.stdout.splitlines() if line.startswith("RESULT")]
+    assert len(rows) == 2
+    for n, held, shards, held_after, shards_after in rows:
+        assert (held, shards) == (2 * n, 0)
+        assert held_after == 0 and shards_after == pytest.approx(4 * n / 2, rel=0.01)
+
+
 # Measured on an H200 (torch 2.11, accelerate 1.15, peft 0.21): accelerate's fsdp2_prepare_model, one process,
 # Llama-2-7B dims with L layers, vocab 49,152, LoRA q,v, fp32 weights, MixedPrecisionPolicy fp16 + fp16 autocast,
 # 1 x 1130 tokens, every position's logits. Growth of allocated memory from before forward to the peak of forward

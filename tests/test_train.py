@@ -9,7 +9,7 @@ import torch
 
 import samsum_tuner as st
 
-from .conftest import write_jsonl
+from .conftest import ROOT, write_jsonl
 
 ALL_LINEAR = "lora.target_modules=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 FAST = ["train.report_to=[]", "train.disable_tqdm=true", "train.logging_steps=1", "memory.preflight=false"]
@@ -122,3 +122,23 @@ def test_longest_first_puts_the_worst_batch_at_step_one(tiny_model_dir, tmp_path
     assert first["input_ids"].shape[1] == max(lengths)
     order = list(trainer._get_train_sampler())
     assert sorted(order) == list(range(30)) and {lengths[i] for i in order[:3]} == set(sorted(lengths)[-3:])
+
+
+@pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
+def test_fsdp_reduces_gradients_after_every_micro_batch_unless_told_not_to(launcher, tmp_path):
+    """The Trainer skips the gradient sync on all but the last micro-batch unless its accelerator's
+    gradient-accumulation plugin says sync_each_batch; under FSDP2 the skip holds every gradient unsharded."""
+    from samsum_tuner.config import build_recipe
+    from samsum_tuner.launch import Launch
+    from samsum_tuner.trainer import training_arguments
+
+    def sync_each_batch(*overrides: str) -> bool:
+        recipe = build_recipe(str(ROOT / "recipes" / "full_sgd.yaml"), [f"train.output_dir={tmp_path}", *overrides])
+        fsdp = recipe.fsdp.enabled
+        args = training_arguments(recipe, Launch(launcher, 2, 0, 0, fsdp, False), ["LlamaDecoderLayer"], False)
+        return bool((args.accelerator_config.gradient_accumulation_kwargs or {}).get("sync_each_batch"))
+
+    assert sync_each_batch()  # full_sgd.yaml: FSDP, batch 1 x 4 micro-batches
+    assert not sync_each_batch("fsdp.reduce_every_micro_batch=false")
+    assert not sync_each_batch("train.gradient_accumulation_steps=1")
+    assert not sync_each_batch("fsdp.enabled=false")  # DDP accumulates in .grad either way
