@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The device calls of the GPU sessions (nvidia-h200; s3*, s4* and s5* on nvidia-h200-x2; s5* is the next session's
+# The device calls of the GPU sessions (nvidia-h200; s3* to s6* on nvidia-h200-x2; s6* is the next session's
 # plan, not yet run), each started as
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
 #     && export PYTHONPATH=/tmp/site:$PWD || exit; export SAMSUM_TUNER_CACHE=$PWD/.gpudata/cache \
@@ -41,6 +41,44 @@ gguf() {  # the second half joins the first; the SmolLM2 safetensors folder is w
 
 reap
 case $1 in
+s6call1)  # cold, carry .whl .gpudata .sm/part-aa: both GPUs, one process each (issue 17). The SGD pair under NCCL's
+          # Simple protocol with NCCL's transport logged: session e's profile had every all-gather on RING_LL at
+          # ~98 GB/s, which bounds ours at ~1.7x naive whatever the compute does. Then 13B, then the matrix's
+          # full_sgd.yaml with the new default (a reduce-scatter per micro-batch: planner 53.6 GiB, 61.0 without)
+  mkdir -p /tmp/gg && cp .sm/part-aa /tmp/gg/
+  env_txt
+  NCCL_PROTO=Simple NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT python benchmarks/throughput.py --suite fsdp --nproc 2 \
+    --steps 20 --only naive_fsdp_sgd,ours_fsdp_sgd_compiled --out /tmp/bs --timeout 120 --deadline 170 \
+    > "$OUT/bench_fsdp_simple.log" 2>&1
+  cp /tmp/bs/throughput.json "$OUT/throughput_fsdp_simple_2gpu.json"
+  python benchmarks/throughput.py --suite fsdp --nproc 2 --model random:llama2-13b --steps 20 \
+    --only naive_fsdp_sgd,ours_fsdp_sgd_compiled --out /tmp/b13 --timeout 180 --deadline 200 > "$OUT/bench_fsdp13.log" 2>&1
+  cp /tmp/b13/throughput.json "$OUT/throughput_fsdp13_2gpu.json"
+  python benchmarks/gpu_matrix.py --out "$OUT" --deadline $(($(left) - 20)) --timeout 150 --steps 6 --rows 32 \
+    --only fsdp2_full_sgd
+  ;;
+s6call2)  # warm, carry .whl .gpudata .sm/part-ab: one GPU each. GPU 0: the SmolLM2 suite with the flex loop first and
+          # 420 s for it (it has never finished: the machine's first flex compilations, static then dynamic, took
+          # over 240 s for ours in session e), then ours and TRL's default in its warm cache. GPU 1: the 7B peak at
+          # the naive run's tokens per step, compiled; then the compiled FSDP SGD on one GPU (scaling)
+  gguf
+  env_txt
+  mkdir -p /tmp/b
+  ( lane 1 python benchmarks/throughput.py --suite 7b --only naive_lora,ours_lora_2k_compiled,ours_lora_compiled \
+      --out /tmp/b/l --timeout 150 --deadline 300 > /tmp/b/bench_7b.log 2>&1
+    lane 1 python benchmarks/throughput.py --suite fsdp --nproc 1 --steps 20 --only ours_fsdp_sgd_compiled \
+      --out /tmp/b/f1 --timeout 120 --deadline $(($(left) - 30)) > /tmp/b/bench_fsdp_1gpu.log 2>&1 ) &
+  lane 0 python benchmarks/throughput.py --suite smollm2 --only flex_loop_16k,ours_smollm2,trl_default \
+    --out /tmp/b/s --timeout 420 --deadline $(($(left) - 30)) > /tmp/b/bench_smollm2.log 2>&1
+  wait
+  tar czf "$OUT/bench.tgz" -C /tmp b
+  ;;
+s6call3)  # warm, carry .whl .gpudata: both GPUs: CPU offload (2 optimizer steps of ~37 s on the host after ~110 s
+          # of setup in session e: 330 s), then the AdamW fp32 and fp16 runs
+  env_txt
+  python benchmarks/gpu_matrix.py --out "$OUT" --deadline $(($(left) - 20)) --timeout 330 --steps 6 --rows 32 \
+    --only fsdp2_offload_adamw_fp32,fsdp2_full_adamw_fp32,fsdp2_full_adamw_fp16
+  ;;
 s5call1)  # cold, carry .whl .gpudata .sm/part-aa: both GPUs, one process each: the FSDP benchmark, 30 timed steps
           # (10 gave the two sides 20% different real tokens per step), then the matrix's AdamW fp32
   mkdir -p /tmp/gg && cp .sm/part-aa /tmp/gg/
