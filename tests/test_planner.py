@@ -325,6 +325,7 @@ def test_fsdp_gradients_held_unsharded_when_micro_batches_skip_the_sync(precisio
 
 
 NOSYNC_WORKER = """
+import sys
 import torch, torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -349,7 +350,9 @@ m(input_ids=x, labels=x).loss.backward()
 held, shards = unsharded_grad_bytes(), sharded_grad_bytes()
 m.set_requires_gradient_sync(True)
 m(input_ids=x, labels=x).loss.backward()
-print("RESULT", n, held, shards, unsharded_grad_bytes(), sharded_grad_bytes())
+# A file per rank: torchrun interleaves the ranks' stdout
+with open(f"{sys.argv[1]}/rank{dist.get_rank()}.txt", "w") as f:
+    f.write(f"{n} {held} {shards} {unsharded_grad_bytes()} {sharded_grad_bytes()}")
 dist.destroy_process_group()
 """
 
@@ -365,10 +368,9 @@ def test_fsdp2_no_sync_keeps_every_gradient_unsharded(tmp_path):
     script = tmp_path / "nosync.py"
     script.write_text(NOSYNC_WORKER)
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(script)], capture_output=True, text=True, timeout=300)
+                        str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    rows = [list(map(int, line.split()[1:])) for line in p.stdout.splitlines() if line.startswith("RESULT")]
-    assert len(rows) == 2
+    rows = [list(map(int, (tmp_path / f"rank{r}.txt").read_text().split())) for r in (0, 1)]
     for n, held, shards, held_after, shards_after in rows:
         assert (held, shards) == (2 * n, 0)
         assert held_after == 0 and shards_after == pytest.approx(4 * n / 2, rel=0.01)
