@@ -104,6 +104,12 @@ NOTES = {
 }
 
 
+# Runs recorded before a recipe key existed ran as its override says; the planner predicts them as they ran.
+LEGACY = (("train", "supervised_logits_only", "train.supervised_logits_only=false"),  # every position's logits
+          # the sync skipped on all but the last micro-batch
+          ("fsdp", "reduce_every_micro_batch", "fsdp.reduce_every_micro_batch=false"))
+
+
 def _args(command: str) -> tuple[str | None, list[str]]:
     argv = shlex.split(command)
     rest = argv[argv.index("samsum_tuner.train") + 1:]
@@ -253,14 +259,8 @@ def main() -> None:
         device = (folder / "device.csv").read_text().splitlines()[1].strip() if (folder / "device.csv").is_file() else "?"
         versions = ast.literal_eval((folder / "versions.txt").read_text().strip()) if (folder / "versions.txt").is_file() else {}
         records = [json.loads(line) for call in sorted(folder.glob("call*.jsonl")) for line in call.read_text().splitlines()]
-        # Runs made before train.supervised_logits_only existed computed every position's logits: the planner
-        # predicts them as they ran.
-        legacy = any("supervised_logits_only" not in r["summary"]["recipe"]["train"]
-                     for r in records if r["summary"].get("recipe"))
-        extra = ["train.supervised_logits_only=false"] if legacy else []
-        # Runs made before fsdp.reduce_every_micro_batch existed skipped the sync on all but the last micro-batch.
-        if any("reduce_every_micro_batch" not in r["summary"]["recipe"]["fsdp"] for r in records if r["summary"].get("recipe")):
-            extra.append("fsdp.reduce_every_micro_batch=false")
+        recipes = [r["summary"]["recipe"] for r in records if r["summary"].get("recipe")]
+        extra = [override for section, key, override in LEGACY if any(key not in rec[section] for rec in recipes)]
         rows += [row(r, device, versions, folder.name, cache, extra) for r in records]
     DOCS.mkdir(exist_ok=True)
     (DOCS / "gpu_results.json").write_text(json.dumps(rows, indent=1) + "\n")
