@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,12 @@ ROOT = Path(__file__).resolve().parents[1]
 GPU_PROCESSES = [pytest.param(n, id=f"{n}proc", marks=pytest.mark.skipif(
     torch.cuda.device_count() < n, reason=f"needs {n} GPUs")) for n in (1, 2)]
 SHARED_SAMSUM = ROOT.parent / "shared" / "data" / "samsum"
+
+
+def torchrun_two(script, *args, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`script args` on two local ranks (gloo on the CPU) under torch's own launcher."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def samsum_dir() -> Path:

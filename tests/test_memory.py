@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -18,8 +16,9 @@ from transformers import TrainerCallback
 
 from samsum_tuner.memory import GIB, HostPeakSampler, MemoryCallback, apply_gpu_limit, is_cuda_oom, snapshot
 
+from .conftest import ROOT, torchrun_two
+
 MB = 10**6
-ROOT = Path(__file__).resolve().parents[1]
 FIVE_LINES = ["Max CUDA memory allocated was n/a (no CUDA)", "Max CUDA memory reserved was n/a (no CUDA)",
               "Peak active CUDA memory was n/a (no CUDA)", "Cuda Malloc retires : n/a (no CUDA)",
               "CPU Total Peak Memory consumed during the train (max): "]
@@ -170,8 +169,7 @@ def test_two_gloo_ranks_gather_records_and_node_sum(tmp_path):
     script.write_text(WORKER)
     out = tmp_path / "dist"
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(script), str(out)], env=env, capture_output=True, text=True, timeout=120)
+    p = torchrun_two(script, out, env=env, timeout=120)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
 
     recs = _read(out)  # written by rank 0 only

@@ -12,7 +12,7 @@ from samsum_tuner.config import Recipe, build_recipe
 from samsum_tuner.planner import (CUDA_CONTEXT_GIB, FRAGMENTATION, GIB, LLAMA_SHAPES, ModelShape,
                                   layer_activation_bytes, plan, shape_for_model_name, shape_from_config)
 
-from .conftest import ROOT
+from .conftest import ROOT, torchrun_two
 
 LLAMA2_7B = "meta-llama/Llama-2-7b-hf"
 V100 = dict(gpu_memory_gib=32, host_memory_gib=63)  # the 2023 node: 4 x V100-32GB, 63 GB of host memory
@@ -362,13 +362,9 @@ def test_fsdp2_no_sync_keeps_every_gradient_unsharded(tmp_path):
     """The planner's assumption, on torch itself: 2 gloo ranks, bf16 mixed precision as accelerate sets it.
     Without the sync every parameter's gradient is held whole (2 bytes each) on each rank and no shard exists;
     the synced micro-batch leaves only the fp32 shards (4 bytes / 2 ranks)."""
-    import subprocess
-    import sys
-
     script = tmp_path / "nosync.py"
     script.write_text(NOSYNC_WORKER)
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    p = torchrun_two(script, tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = [list(map(int, (tmp_path / f"rank{r}.txt").read_text().split())) for r in (0, 1)]
     for n, held, shards, held_after, shards_after in rows:

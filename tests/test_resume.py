@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import samsum_tuner as st
 from samsum_tuner import checkpoint as ck
 
-from .conftest import QUIET_RUN, ROOT, synthetic_rows, varied_rows, write_jsonl
+from .conftest import QUIET_RUN, ROOT, synthetic_rows, torchrun_two, varied_rows, write_jsonl
 
 FAST = ["train.report_to=[]", "train.disable_tqdm=true", "train.logging_steps=1", "memory.preflight=false",
         "data.max_length=128", "train.eval_strategy=no", "train.per_device_train_batch_size=4",
@@ -267,9 +267,7 @@ def test_run_directory_rules(tmp_path):
 
 # ---------------------------------------------------------------- two processes, FSDP2 over gloo
 def _torchrun(*args) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "fsdp2_worker.py"), *map(str, args)]
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    return torchrun_two(ROOT / "tests" / "fsdp2_worker.py", *args, env=_env())
 
 
 def _loss_by_step(run: Path) -> dict[int, float]:
@@ -327,9 +325,7 @@ def test_two_process_token_budget_resume_sees_the_uninterrupted_batches(tiny_mod
     also for data.longest_first batches of rows (LongestFirstSampler sits under a BatchSampler there)."""
     write_jsonl(tmp_path / "d", "train", varied_rows(48))
     (tmp_path / "worker.py").write_text(BUDGET_WORKER)
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(tmp_path / "worker.py"), str(tiny_model_dir), str(tmp_path / "d"), str(tmp_path / "runs")],
-                       env=_env(), capture_output=True, text=True, timeout=600)
+    p = torchrun_two(tmp_path / "worker.py", tiny_model_dir, tmp_path / "d", tmp_path / "runs", env=_env(), timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     ranks = [json.loads((tmp_path / "runs" / f"batches-{rank}.json").read_text()) for rank in (0, 1)]
     for batching in ("packed", "padded", "longest_first"):
