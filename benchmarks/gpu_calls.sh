@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The device calls of the GPU sessions (nvidia-h200; s3* to s6* on nvidia-h200-x2; s6* is the next session's
-# plan, not yet run), each started as
+# The device calls of the GPU sessions (nvidia-h200; s3* to s6* on nvidia-h200-x2, s6* in session 2026-11-30;
+# s7* is the next session's plan, not yet run), each started as
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
 #     && export PYTHONPATH=/tmp/site:$PWD || exit; export SAMSUM_TUNER_CACHE=$PWD/.gpudata/cache \
 #     SAMSUM_DATA_DIR=$PWD/.gpudata HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false; \
@@ -41,6 +41,25 @@ gguf() {  # the second half joins the first; the SmolLM2 safetensors folder is w
 
 reap
 case $1 in
+s7call1)  # cold, carry .whl .gpudata: both GPUs: 13B CPU offload, SGD fp32 (issue 17's last matrix run), 2 steps and a
+          # 4-row evaluation; 7B offload AdamW took ~110 s to start and ~74 s a step, 13B SGD moves twice the weights
+  env_txt
+  python benchmarks/gpu_matrix.py --out "$OUT" --deadline $(($(left) - 20)) --timeout 520 --steps 6 --rows 32 \
+    --only fsdp2_13b_offload_sgd_fp32
+  ;;
+s7call2)  # warm, carry .whl .gpudata: both GPUs: the 13B AdamW pair (the issue's anchor: ~2,230 tokens/s, 121.7 GiB
+          # per GPU) and the 13B SGD pair under NCCL's Simple protocol; then, on one GPU, a profile of ours compiled
+          # (3,264 tokens/s at 738 tokens per step with no inter-GPU traffic: what costs the step)
+  env_txt
+  NCCL_PROTO=Simple python benchmarks/throughput.py --suite fsdp --nproc 2 --model random:llama2-13b --steps 20 \
+    --only naive_fsdp_adamw,ours_fsdp_adamw_compiled,naive_fsdp_sgd,ours_fsdp_sgd_compiled --out /tmp/b13 \
+    --timeout 110 --deadline 400 > "$OUT/bench_fsdp13_simple.log" 2>&1
+  cp /tmp/b13/throughput.json "$OUT/throughput_fsdp13_simple_2gpu.json"
+  CUDA_VISIBLE_DEVICES=0 python benchmarks/throughput.py --suite fsdp --nproc 1 --steps 20 \
+    --only ours_fsdp_sgd_compiled --profile ours_fsdp_sgd_compiled --out /tmp/b1 --timeout 100 \
+    --deadline $(($(left) - 15)) > "$OUT/bench_fsdp_1gpu_profile.log" 2>&1
+  cp /tmp/b1/throughput.json "$OUT/throughput_fsdp_1gpu.json"; cp /tmp/b1/profile_*.txt "$OUT/" 2>/dev/null
+  ;;
 s6call1)  # cold, carry .whl .gpudata .sm/part-aa: both GPUs, one process each (issue 17). The SGD pair under NCCL's
           # Simple protocol with NCCL's transport logged: session e's profile had every all-gather on RING_LL at
           # ~98 GB/s, which bounds ours at ~1.7x naive whatever the compute does. Then 13B, then the matrix's
@@ -78,6 +97,18 @@ s6call3)  # warm, carry .whl .gpudata: both GPUs: CPU offload (2 optimizer steps
   env_txt
   python benchmarks/gpu_matrix.py --out "$OUT" --deadline $(($(left) - 20)) --timeout 330 --steps 6 --rows 32 \
     --only fsdp2_offload_adamw_fp32,fsdp2_full_adamw_fp32,fsdp2_full_adamw_fp16
+  ;;
+s6call4)  # cold, carry .whl .gpudata, with the session's last 435 s: the AdamW pair under NCCL's Simple protocol
+          # (call 1's SGD pair gained 2.1x from it, against 1.39x under the default), ours compiled; then the naive
+          # SGD run under NCCL's default, for ours-at-best against naive-at-best in one call
+  env_txt
+  NCCL_PROTO=Simple python benchmarks/throughput.py --suite fsdp --nproc 2 --steps 20 \
+    --only naive_fsdp_adamw,ours_fsdp_adamw_compiled --out /tmp/ba --timeout 100 --deadline 170 \
+    > "$OUT/bench_fsdp_adamw_simple.log" 2>&1
+  cp /tmp/ba/throughput.json "$OUT/throughput_fsdp_adamw_simple_2gpu.json"
+  python benchmarks/throughput.py --suite fsdp --nproc 2 --steps 20 --only naive_fsdp_sgd --out /tmp/bd \
+    --timeout 90 --deadline $(($(left) - 15)) > "$OUT/bench_fsdp_sgd_default.log" 2>&1
+  cp /tmp/bd/throughput.json "$OUT/throughput_fsdp_sgd_default_2gpu.json"
   ;;
 s5call1)  # cold, carry .whl .gpudata .sm/part-aa: both GPUs, one process each: the FSDP benchmark, 30 timed steps
           # (10 gave the two sides 20% different real tokens per step), then the matrix's AdamW fp32

@@ -65,7 +65,7 @@ NOTES = {
                          "comparison comes from the same command on a CPU (docs/fsdp_lora_parity.md)",
     "fsdp1_lora_fp16_smollm2": "60 steps, eval_loss 1.805; did not exit after 'done' (fixed since); its loss curve "
                                "against plain LoRA in docs/fsdp_lora_parity.md",
-    "fsdp2_full_sgd": "the mission's command (full_sgd.yaml) on 2 GPUs, before fsdp.reduce_every_micro_batch: the "
+    "2026-11-29c-h200x2/fsdp2_full_sgd": "the mission's command (full_sgd.yaml) on 2 GPUs, before fsdp.reduce_every_micro_batch: the "
                       "Trainer's no_sync kept every layer's fp32 gradient unsharded over the 4 micro-batches (12.8 "
                       "GiB per rank more than the shards). The planner without that term gave 53.0 GiB against 61.0 "
                       "(rank 1 58.1); with it (how this run was made) 65.8. The default now syncs every micro-batch",
@@ -99,6 +99,20 @@ NOTES = {
     "2026-11-29e-h200x2/fsdp2_13b_full_sgd": "13B, the mission's full_sgd.yaml (SGD fp32) on 2 GPUs: fits at 138 GiB "
                                              "reserved of 139.8 with 1 and 2 malloc retries on ranks 0 and 1, as the "
                                              "original's 7B did at 29 GB of a 32 GB V100 (~32 retries)",
+    "2026-11-30-h200x2/fsdp2_full_sgd": "the mission's command (full_sgd.yaml) on 2 GPUs with the default "
+                                        "fsdp.reduce_every_micro_batch (a reduce-scatter per micro-batch): 48.77 GiB "
+                                        "per rank against 61.0 in session 2026-11-29c, which held every fp32 "
+                                        "gradient unsharded over the 4 micro-batches",
+    "2026-11-30-h200x2/fsdp2_offload_adamw_fp32": "3 optimizer steps of ~74 s (AdamW over 3.44B fp32 parameters per "
+                                                  "rank on the host's CPUs; loss 11.64, 10.34, 12.85) and the "
+                                                  "epoch's memory record, then stopped by the runner's 330 s limit "
+                                                  "during the 32-row evaluation. Whole-node host peak 125.10 GiB "
+                                                  "(62.56 per rank) against the planner's 124.25",
+    "2026-11-30-h200x2/fsdp2_full_adamw_fp16": "step 5's gradients overflowed (grad_norm inf): the fp16 scaler "
+                                               "skipped that step and lowered its scale, the run went on; AdamW at "
+                                               "lr 1e-4 on random weights raises the loss in 6 steps",
+    "2026-11-30-h200x2/fsdp2_full_adamw_fp32": "AdamW at lr 1e-4 on random weights raises the loss in 6 steps, as "
+                                               "in the bf16 run",
     "smollm2_epoch": "cut off at 39% of the epoch when the session's device time ran out (~9,500 tokens/s "
                      "at batch 16); the logged train loss went 1.85 (epoch 0.09) to 1.67 (epoch 0.39); no eval yet",
 }
