@@ -40,14 +40,16 @@ def compare(a: list[dict], b: list[dict], labels: tuple[str, str], title: str, o
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.plot(sa, la, label=f"{labels[0]} (train)", lw=1.2)
     ax.plot(sb, lb, label=f"{labels[1]} (train)", lw=1.2, ls="--")
-    for xs, ys, lab, m in ((steps(a, "eval_loss")[0], ea, labels[0], "o"), (steps(b, "eval_loss")[0], eb, labels[1], "x")):
+    for xs, ys, lab, m in ((steps(a, "eval_loss")[0], ea, labels[0], "o"),
+                           (steps(b, "eval_loss")[0], eb, labels[1], "x")):
         ax.scatter(xs, ys, marker=m, s=50, zorder=3, label=f"{lab} (eval_loss)")
     ax.set(title=title, xlabel="optimizer step", ylabel="loss (nats per summary token)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=120)
-    figures = {"steps": len(sa), "max_rel_step_gap": round(max(rel), 5), "mean_rel_step_gap": round(sum(rel) / len(rel), 5),
+    figures = {"steps": len(sa), "max_rel_step_gap": round(max(rel), 5),
+               "mean_rel_step_gap": round(sum(rel) / len(rel), 5),
                "eval_loss": [ea[-1] if ea else None, eb[-1] if eb else None]}
     if ea and eb:
         figures["eval_rel_gap"] = round(abs(ea[-1] - eb[-1]) / eb[-1], 5)
@@ -63,7 +65,8 @@ def main() -> None:
                 "SmolLM2-135M on an H200, bf16: packed vs padded, 16 rows per step", ROOT / "docs" / "parity.png")
     else:
         compare(history(SESSION / "call2.jsonl", "fsdp1_lora_fp16_smollm2"),
-                history(SESSION / "lora_cpu_smollm2_log_history.json"), ("FSDP LoRA fp16, H200", "plain LoRA fp32, CPU"),
+                history(SESSION / "lora_cpu_smollm2_log_history.json"),
+                ("FSDP LoRA fp16, H200", "plain LoRA fp32, CPU"),
                 "SmolLM2-135M LoRA: FSDP (1 process, accelerate) vs plain, same seed and data",
                 ROOT / "docs" / "fsdp_lora_parity.png")
 

@@ -37,7 +37,8 @@ CAP32 = "memory.gpu_limit_gib=32"
 CAP80 = "memory.gpu_limit_gib=79.2"
 PARITY = ["data.split_slice=[:2000]", "data.eval_slice=[:200]", "train.num_train_epochs=1", "train.max_steps=-1",
           "train.per_device_train_batch_size=16", "data.max_tokens_per_batch=null", "data.pad_to_multiple_of=null",
-          "model.attn_implementation=sdpa", "train.warmup_steps=10", "train.logging_steps=5", "train.eval_on_start=true"]
+          "model.attn_implementation=sdpa", "train.warmup_steps=10", "train.logging_steps=5",
+          "train.eval_on_start=true"]
 
 # name: (launcher prefix or None, recipe, overrides, expect)
 RUNS: dict[str, tuple[list[str] | None, str, list[str], str]] = {
@@ -65,8 +66,8 @@ RUNS: dict[str, tuple[list[str] | None, str, list[str], str]] = {
     "fsdp1_lora_fp16": (FSDP1, R + "fsdp_lora_fp16.yaml", [M7], "ok"),
     "fsdp1_qlora": (FSDP1, R + "fsdp_qlora.yaml", [M7], "ok"),
     # Offload moves 27 GB of fp32 weights across PCIe every micro-step: 3 steps are enough for its peaks.
-    "fsdp1_offload_sgd_fp32": (FSDP1_OFFLOAD, R + "fsdp_full_offload_fp32.yaml", [M7, "train.optim=sgd",
-                                                                                    "train.max_steps=3"], "ok"),
+    "fsdp1_offload_sgd_fp32": (FSDP1_OFFLOAD, R + "fsdp_full_offload_fp32.yaml",
+                               [M7, "train.optim=sgd", "train.max_steps=3"], "ok"),
     # H200 only (141 GB).
     "h200_full_bf16_mixed_adamw": (None, R + "full_fp32.yaml", [M7, "train.bf16=true"], "ok"),
     "h200_full_sgd_fsdp1": (FSDP1, R + "full_sgd.yaml", [M7], "ok"),
@@ -86,23 +87,23 @@ RUNS: dict[str, tuple[list[str] | None, str, list[str], str]] = {
     "fsdp2_qlora": (FSDP2, R + "fsdp_qlora.yaml", [M7], "ok"),
     "fsdp2_full_adamw_fp32": (FSDP2, R + "fsdp_full_adamw_fp32.yaml", [M7], "ok"),
     "fsdp2_full_adamw_fp16": (FSDP2, R + "fsdp_full_adamw_fp16.yaml", [M7], "ok"),
-    "fsdp2_full_adamw_bf16": (FSDP2, R + "fsdp_full_adamw_fp16.yaml", [M7, "train.fp16=false", "train.bf16=true"], "ok"),
+    "fsdp2_full_adamw_bf16": (FSDP2, R + "fsdp_full_adamw_fp16.yaml", [M7, "train.fp16=false", "train.bf16=true"],
+                              "ok"),
     "fsdp2_full_sgd": (FSDP2, R + "full_sgd.yaml", [M7], "ok"),
     "fsdp2_full_sgd_fp16": (FSDP2, R + "fsdp_full_sgd_fp16.yaml", [M7], "ok"),
     # Evaluation under offload moves every layer's weights to the GPU per batch (32 rows outlasted a 330 s limit
     # in session 2026-11-30): 4 rows.
-    "fsdp2_offload_adamw_fp32": (FSDP2_OFFLOAD, R + "fsdp_full_offload_fp32.yaml", [M7, "train.max_steps=3",
-                                                                                   "data.eval_slice=[:4]"], "ok"),
+    "fsdp2_offload_adamw_fp32": (FSDP2_OFFLOAD, R + "fsdp_full_offload_fp32.yaml",
+                                 [M7, "train.max_steps=3", "data.eval_slice=[:4]"], "ok"),
     "fsdp2_13b_full_sgd": (FSDP2, R + "full_sgd.yaml", [M13], "ok"),
-    "fsdp2_13b_offload_sgd_fp32": (FSDP2_OFFLOAD, R + "fsdp_full_offload_fp32.yaml", [M13, "train.optim=sgd",
-                                                                                     "train.max_steps=2",
-                                                                                     "data.eval_slice=[:4]"], "ok"),
+    "fsdp2_13b_offload_sgd_fp32": (FSDP2_OFFLOAD, R + "fsdp_full_offload_fp32.yaml",
+                                   [M13, "train.optim=sgd", "train.max_steps=2", "data.eval_slice=[:4]"], "ok"),
     # The embedded SmolLM2 (real weights): one epoch of the whole train split, eval on the whole validation
     # split before and after. Runner overrides that bound steps are replaced by the ones here.
     # samsum_tuner's recipe for the embedded model, as committed (2 epochs of the whole train split, eval on
     # the whole validation split); its ROUGE comes from `samsum-tuner eval` on the saved model afterwards.
-    "smollm2_gpu": (None, R + "smollm2_gpu.yaml", ["train.max_steps=-1", "train.save_model=true", "data.eval_slice=null",
-                                                   "train.logging_steps=20"], "ok"),
+    "smollm2_gpu": (None, R + "smollm2_gpu.yaml", ["train.max_steps=-1", "train.save_model=true",
+                                                   "data.eval_slice=null", "train.logging_steps=20"], "ok"),
     # Packed and padded training learn the same: one epoch of 2,000 train rows, 16 rows per step either way
     # (the Trainer's sampler, same seed), sdpa for both; eval_loss on 200 validation rows.
     "parity_padded": (None, R + "smollm2_gpu.yaml", PARITY + ["data.packing=false"], "ok"),
@@ -153,8 +154,9 @@ def run_one(name: str, steps: int, slice_rows: int, timeout: int, out: Path, ext
     history = []
     if (run_dir / "log_history.json").is_file():
         history = json.loads((run_dir / "log_history.json").read_text())
-    record = {"name": name, "status": status, "expected": expect, "exit_code": code, "wall_s": round(time.time() - t0, 1),
-              "command": " ".join(cmd), "summary": summary, "memory": memory, "log_history": history,
+    record = {"name": name, "status": status, "expected": expect, "exit_code": code,
+              "wall_s": round(time.time() - t0, 1), "command": " ".join(cmd),
+              "summary": summary, "memory": memory, "log_history": history,
               "stdout_tail": stdout[-3000:], "stderr_tail": stderr[-3000:], "stacks_at_timeout": _stacks(stderr),
               # torch.compile recompilations (TORCH_LOGS=recompiles): each is seconds to minutes of a run
               "recompiles": [x[:400] for x in stderr.splitlines() if "Recompiling function" in x
@@ -172,7 +174,7 @@ def run_one(name: str, steps: int, slice_rows: int, timeout: int, out: Path, ext
                      max(r["gpu_peak_reserved_gib"] for r in memory if r.get("gpu_peak_reserved_gib") is not None))
         PROBED["probe_cap"] = f"{max(alloc + 0.5, first - 0.1):.2f}"
         PROBED["probe_cap_lo"] = f"{max(alloc + 0.45, first - 0.2):.2f}"
-    line = [l for l in (stderr + stdout).splitlines() if "samsum-tuner: error" in l or "samsum_tuner: done" in l]
+    line = [x for x in (stderr + stdout).splitlines() if "samsum-tuner: error" in x or "samsum_tuner: done" in x]
     print(f"[{name}] {status} (expected {expect}) in {record['wall_s']} s: {line[-1][:300] if line else stderr[-400:]}",
           flush=True)
     return record
@@ -183,7 +185,8 @@ def _stacks(stderr: str) -> list[str]:
     frames = []
     for block in stderr.split("Fatal Python error: Aborted")[1:]:
         block = block.split("Extension modules:")[0]
-        frames += [x.strip()[:200] for x in block.splitlines() if x.strip().startswith(("File ", "Thread ", "Current "))]
+        frames += [x.strip()[:200] for x in block.splitlines()
+                   if x.strip().startswith(("File ", "Thread ", "Current "))]
     return frames[:120]
 
 
@@ -194,7 +197,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--rows", type=int, default=64, help="validation rows for eval_loss")
     p.add_argument("--timeout", type=int, default=300,
-                   help="per run; an FSDP run of the fp32 7B builds it on the host first: 150 s was too short on an H200")
+                   help="per run; an FSDP run of the fp32 7B builds it on the host first: "
+                        "150 s was too short on an H200")
     p.add_argument("--deadline", type=float, default=0,
                    help="seconds from start after which no new run starts (a device call has a hard limit)")
     p.add_argument("extra", nargs="*", help="overrides added to every run")

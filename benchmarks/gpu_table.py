@@ -20,7 +20,8 @@ sys.path.insert(0, str(ROOT))
 
 # Why a run's outcome is what it is, where the figures alone do not say.
 NOTES = {
-    "cap32_full_4bit": "refused before loading: a 4-bit model takes no gradient (the log's flat loss / 'No inf checks')",
+    "cap32_full_4bit": "refused before loading: a 4-bit model takes no gradient (the log's flat loss / "
+                       "'No inf checks')",
     "cap32_lora_fp32": "log: OOM; here OOM at the first (longest) batch: 25.6 GiB of fp32 weights + activations",
     "cap32_lora_fp16": "log: OOM; fp16 autocast keeps half copies of the fp32 weights (+12.5 GiB)",
     "cap32_full_fp32": "log: OOM; fp32 weights + gradients alone are 51 GiB",
@@ -28,7 +29,8 @@ NOTES = {
     "fsdp1_lora_fp16": "finished 12 steps and its eval (figures from its memory.jsonl), then hit the runner's "
                        "150 s limit: the fp32 7B is built on rank 0's host before FSDP moves it (slow on CPU)",
     "2026-11-29b-h200/fsdp1_lora_fp16": "not finished: started late in its device call (after the GPU tests) and "
-                                        "stopped by the call's deadline while rank 0 still built the fp32 7B on the host",
+                                        "stopped by the call's deadline while rank 0 still built the fp32 7B on "
+                                        "the host",
     "gpu_13b_lora_bf16_mixed": "refused by the planner before loading: 52 GB of fp32 weights + bf16 autocast copies "
                                "+ activations > 79.2 GiB; it names bf16 weights, which gpu_13b_lora_bf16 runs",
     "retries_capped": "cap = probe's peak allocated + 0.1 GiB left no room for the allocator's block rounding: "
@@ -41,8 +43,8 @@ NOTES = {
     "2026-11-29b-h200/parity_padded": "stopped by its device call's deadline",
     "parity_padded": "the packed/padded pair: 2,000 train rows, 16 rows per step, one epoch, sdpa, bf16: eval_loss "
                      "1.6470 padded vs 1.6456 packed (0.09% apart), train_loss 1.8194 both (docs/parity.md)",
-    "parity_packed": "see parity_padded; the planner misses this one (ratio 0.68). Likely cause, not verified: sdpa over "
-                     "a packed row takes a block-diagonal mask, and the planner's activation model assumes "
+    "parity_packed": "see parity_padded; the planner misses this one (ratio 0.68). Likely cause, not verified: "
+                     "sdpa over a packed row takes a block-diagonal mask, and the planner's activation model assumes "
                      "kernels that keep no scores",
     "2026-11-29c-h200x2/smollm2_gpu": "2 epochs of the whole train split, ~106,000 tokens/s; eval_loss 2.253 "
                                       "(start) -> 1.505; the start-of-run evaluation took 177 s: the first, cold "
@@ -65,18 +67,21 @@ NOTES = {
                          "comparison comes from the same command on a CPU (docs/fsdp_lora_parity.md)",
     "fsdp1_lora_fp16_smollm2": "60 steps, eval_loss 1.805; did not exit after 'done' (fixed since); its loss curve "
                                "against plain LoRA in docs/fsdp_lora_parity.md",
-    "2026-11-29c-h200x2/fsdp2_full_sgd": "the mission's command (full_sgd.yaml) on 2 GPUs, before fsdp.reduce_every_micro_batch: the "
-                      "Trainer's no_sync kept every layer's fp32 gradient unsharded over the 4 micro-batches (12.8 "
-                      "GiB per rank more than the shards). The planner without that term gave 53.0 GiB against 61.0 "
-                      "(rank 1 58.1); with it (how this run was made) 65.8. The default now syncs every micro-batch",
+    "2026-11-29c-h200x2/fsdp2_full_sgd": "the mission's command (full_sgd.yaml) on 2 GPUs, before "
+                                         "fsdp.reduce_every_micro_batch: the Trainer's no_sync kept every layer's "
+                                         "fp32 gradient unsharded over the 4 micro-batches (12.8 GiB per rank more "
+                                         "than the shards). The planner without that term gave 53.0 GiB against "
+                                         "61.0 (rank 1 58.1); with it (how this run was made) 65.8. The default "
+                                         "now syncs every micro-batch",
     "fsdp2_qlora": "FSDP + QLoRA, the second rank on its own GPU: no 'Inconsistent compute_device and device_id'",
     "2026-11-29d-h200x2/fsdp2_full_adamw_bf16": "AdamW at lr 1e-4 on random weights raises the loss in 6 steps, as on "
                                                 "one GPU (h200_full_bf16_mixed_adamw)",
     "2026-11-29d-h200x2/fsdp2_13b_full_sgd": "not a verdict: out of memory with 43.7 GiB of the 139.8 GiB card outside "
                                              "this run. The killed call 1's fsdp2_offload_adamw_fp32 outlived it (its "
                                              "ranks run in their own session) and held 41.7 GiB of a GPU (named by "
-                                             "the 1-GPU benchmark's OOM in the next call: 'Process 1672 has 41.70 GiB'). "
-                                             "Planner: 102.3 GiB per rank, fits. The device calls now kill leftovers first",
+                                             "the 1-GPU benchmark's OOM in the next call: 'Process 1672 has "
+                                             "41.70 GiB'). Planner: 102.3 GiB per rank, fits. The device calls now "
+                                             "kill leftovers first",
     "2026-11-29d-h200x2/retries_probe": "3 epochs of the same 16 rows, uncapped: 0 retries; the capped run takes "
                                         "its reserved peak less 0.1 GiB as its cap",
     "2026-11-29d-h200x2/retries_capped": "cap 31.28 GiB: retries per epoch 0, 2, 0 (total 2): the count is per epoch, "
@@ -153,7 +158,8 @@ def _predict(command: str, cache: dict, extra: list[str]) -> dict:
     gpus = int(argv[argv.index("--num_processes") + 1]) if "--num_processes" in argv else 1
     p = plan(recipe, gpus=gpus, gpu_memory_gib=recipe.memory.gpu_limit_gib, token_lengths=lengths,
              supervised_lengths=supervised)
-    return {"predicted_gpu_peak_gib": round(p.gpu_peak_gib, 2), "predicted_allocated_gib": round(p.gpu_allocated_gib, 2),
+    return {"predicted_gpu_peak_gib": round(p.gpu_peak_gib, 2),
+            "predicted_allocated_gib": round(p.gpu_allocated_gib, 2),
             "predicted_host_peak_gib": round(p.host_peak_gib, 2),
             "planner": "fits" if p.fits is not False else "will not fit"}
 
@@ -185,11 +191,14 @@ def row(record: dict, device: str, versions: dict, session: str, cache: dict, ex
     out = {
         "run": name, "session": session, "device": device, "status": status, "expected": record["expected"],
         "s_per_step": m.get("s_per_step"), "real_tokens_per_s": m.get("real_tokens_per_s"),
-        "gpu_peak_allocated_gib": mem.get("gpu_peak_allocated_gib"), "gpu_peak_reserved_gib": mem.get("gpu_peak_reserved_gib"),
+        "gpu_peak_allocated_gib": mem.get("gpu_peak_allocated_gib"),
+        "gpu_peak_reserved_gib": mem.get("gpu_peak_reserved_gib"),
         "gpu_peak_active_gib": mem.get("gpu_peak_active_gib"), "gpu_limit_gib": mem.get("gpu_limit_gib"),
         "gpu_malloc_retries_per_epoch": mem.get("gpu_malloc_retries_per_epoch"),
-        "gpu_malloc_retries_total": mem.get("gpu_malloc_retries_total"), "host_peak_rss_gib": mem.get("host_peak_rss_gib"),
-        "processes": len(ranks) or None, "per_rank_gpu_peak_allocated_gib": list(per_rank.values()) if len(ranks) > 1 else None,
+        "gpu_malloc_retries_total": mem.get("gpu_malloc_retries_total"),
+        "host_peak_rss_gib": mem.get("host_peak_rss_gib"),
+        "processes": len(ranks) or None,
+        "per_rank_gpu_peak_allocated_gib": list(per_rank.values()) if len(ranks) > 1 else None,
         "host_peak_node_gib": max((n for n in nodes if n is not None), default=None),
         "first_loss": m.get("first_loss"), "last_loss": m.get("last_loss"), "eval_loss": m.get("eval_loss"),
         "eval_ppl": m.get("eval_ppl"), "logged_losses": _losses(record["stdout_tail"]),
@@ -239,7 +248,8 @@ def markdown(rows: list[dict]) -> str:
             "note"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        mem = f"{_fmt(r['gpu_peak_allocated_gib'])} / {_fmt(r['gpu_peak_reserved_gib'])} / {_fmt(r['gpu_peak_active_gib'])}"
+        mem = (f"{_fmt(r['gpu_peak_allocated_gib'])} / {_fmt(r['gpu_peak_reserved_gib'])} / "
+               f"{_fmt(r['gpu_peak_active_gib'])}")
         if r["gpu_limit_gib"]:
             mem += f" (cap {r['gpu_limit_gib']:g})"
         if r.get("per_rank_gpu_peak_allocated_gib"):
@@ -256,7 +266,8 @@ def markdown(rows: list[dict]) -> str:
         note = r["note"] or (r["error"] or "")
         lines.append("| " + " | ".join([r["run"], status, _fmt(r["s_per_step"]), _fmt(r["real_tokens_per_s"], 0), mem,
                                         retries, host, loss, ev,
-                                        f"{_fmt(r['predicted_gpu_peak_gib'])} / {_fmt(r.get('predicted_allocated_gib'))} ({r['planner']})",
+                                        f"{_fmt(r['predicted_gpu_peak_gib'])} / "
+                                        f"{_fmt(r.get('predicted_allocated_gib'))} ({r['planner']})",
                                         _fmt(r.get("predicted_over_measured"), 3), note.replace("|", "/")]) + " |")
     sessions = sorted({(r["session"], r["device"], json.dumps(r["versions"], sort_keys=True)) for r in rows})
     lines += ["", "## Sessions", ""]
@@ -270,9 +281,12 @@ def markdown(rows: list[dict]) -> str:
 def main() -> None:
     rows, cache = [], {}
     for folder in sorted(p for p in RESULTS.iterdir() if p.is_dir()):
-        device = (folder / "device.csv").read_text().splitlines()[1].strip() if (folder / "device.csv").is_file() else "?"
-        versions = ast.literal_eval((folder / "versions.txt").read_text().strip()) if (folder / "versions.txt").is_file() else {}
-        records = [json.loads(line) for call in sorted(folder.glob("call*.jsonl")) for line in call.read_text().splitlines()]
+        device = ((folder / "device.csv").read_text().splitlines()[1].strip()
+                  if (folder / "device.csv").is_file() else "?")
+        versions = (ast.literal_eval((folder / "versions.txt").read_text().strip())
+                    if (folder / "versions.txt").is_file() else {})
+        records = [json.loads(line) for call in sorted(folder.glob("call*.jsonl"))
+                   for line in call.read_text().splitlines()]
         recipes = [r["summary"]["recipe"] for r in records if r["summary"].get("recipe")]
         extra = [override for section, key, override in LEGACY if any(key not in rec[section] for rec in recipes)]
         rows += [row(r, device, versions, folder.name, cache, extra) for r in records]

@@ -57,6 +57,8 @@ CPU_OVERRIDES = [] if DEVICE == "cuda" else ["model.attn_implementation=sdpa", "
 def _sync() -> None:
     if DEVICE == "cuda":
         torch.cuda.synchronize()
+
+
 SUITES = {
     "7b": ["naive_lora", "flex_lora_b16", "ours_lora", "ours_lora_2k", "ours_lora_compiled", "ours_lora_2k_compiled"],
     "qlora": ["naive_qlora", "ours_qlora"],
@@ -70,7 +72,8 @@ SUITES = {
 BASELINE = {"7b": ("naive_lora", "flex_lora_b16"), "qlora": ("naive_qlora", None),
             "smollm2": ("trl_default", "flex_loop_16k"), "fsdp": ("naive_fsdp_adamw", None)}
 # Like with like: configurations whose naive anchor is not their suite's (the same optimizer).
-NAIVE_OF = {"naive_fsdp_sgd": "naive_fsdp_sgd", "ours_fsdp_sgd": "naive_fsdp_sgd", "ours_fsdp_sgd_compiled": "naive_fsdp_sgd"}
+NAIVE_OF = {"naive_fsdp_sgd": "naive_fsdp_sgd", "ours_fsdp_sgd": "naive_fsdp_sgd",
+            "ours_fsdp_sgd_compiled": "naive_fsdp_sgd"}
 # Configurations of these suites run under accelerate launch, one process per GPU.
 MULTI_GPU_SUITES = {"fsdp"}
 
@@ -116,7 +119,8 @@ class Timer:
     def result(self) -> dict:
         dt = self.t1 - self.t0
         return {"timed_steps": self.steps, "s_per_step": dt / self.steps,
-                "real_tokens_per_s": (self.tok1 - self.tok0) / dt, "real_tokens_per_step": (self.tok1 - self.tok0) / self.steps}
+                "real_tokens_per_s": (self.tok1 - self.tok0) / dt,
+                "real_tokens_per_step": (self.tok1 - self.tok0) / self.steps}
 
 
 def _hf_args(out: str, steps: int, batch: int, **overrides):
@@ -183,7 +187,7 @@ def flex_lora_b16(a) -> dict:
     dataset, tokenizer = _stream(recipe, a.rows)
     model = _lora(_random_7b(FLEX))
     return _trainer_run(model, tokenizer, dataset, 16, a.steps, a.warmup,
-                               collator=DataCollatorWithFlattening(return_position_ids=True, separator_id=-100))
+                        collator=DataCollatorWithFlattening(return_position_ids=True, separator_id=-100))
 
 
 def naive_qlora(a) -> dict:
@@ -403,7 +407,8 @@ def flex_loop_16k(a) -> dict:
 
     recipe = _recipe("recipes/smollm2_gpu.yaml", [])
     dataset, _ = _stream(recipe, a.rows)
-    model = AutoModelForCausalLM.from_pretrained(embedded_model_dir(), dtype=torch.bfloat16 if DEVICE == "cuda" else None,
+    model = AutoModelForCausalLM.from_pretrained(embedded_model_dir(),
+                                                 dtype=torch.bfloat16 if DEVICE == "cuda" else None,
                                                  attn_implementation=FLEX).to(DEVICE)
     model.config.use_cache = False
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -459,7 +464,8 @@ def run_config(a) -> None:
         # Before anything touches CUDA: otherwise every rank would also open a context on GPU 0.
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if a.cap and cuda:
-        torch.cuda.set_per_process_memory_fraction(min(1.0, a.cap * 2**30 / torch.cuda.get_device_properties(0).total_memory))
+        torch.cuda.set_per_process_memory_fraction(
+            min(1.0, a.cap * 2**30 / torch.cuda.get_device_properties(0).total_memory))
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t = time.time()
@@ -563,9 +569,9 @@ def main() -> None:
             r["mfu_pct"] = round(100 * flops * r["real_tokens_per_s"] / (PEAK_FLOPS * r.get("gpus", 1)), 1)
         results.append(r)
         print(json.dumps({k: r.get(k) for k in ("suite", "config", "status", "real_tokens_per_s", "mfu_pct",
-                                                 "peak_allocated_gib", "per_rank_peak_allocated_gib", "s_per_step",
-                                                 "real_tokens_per_step", "token_budget_per_gpu", "fsdp_units",
-                                                 "wall_s", "stderr_tail")}), flush=True)
+                                                "peak_allocated_gib", "per_rank_peak_allocated_gib", "s_per_step",
+                                                "real_tokens_per_step", "token_budget_per_gpu", "fsdp_units",
+                                                "wall_s", "stderr_tail")}), flush=True)
         _ratios(results)
         # Written after every configuration: a call cut short keeps what it measured.
         (out / "throughput.json").write_text(json.dumps({

@@ -40,12 +40,16 @@ class Prepared:
 
     def summary(self) -> str:
         r = self.recipe
+        q = r.quantization
+        adapter = ("LoRA r=%d on %s" % (r.lora.r, ",".join(r.lora.target_modules)) if r.lora.enabled
+                   else "full fine-tune")
+        quant = ", %d-bit %s" % (q.bits, q.quant_type if q.bits == 4 else "int8") if q.bits else ""
+        sharding = ("FSDP " + r.fsdp.sharding_strategy + (" + CPU offload" if self.launch.cpu_offload else "")
+                    if self.launch.fsdp else "no FSDP")
         lines = [
-            f"model: {r.model.name}  ({'LoRA r=%d on %s' % (r.lora.r, ','.join(r.lora.target_modules)) if r.lora.enabled else 'full fine-tune'}"
-            f"{', %d-bit %s' % (r.quantization.bits, r.quantization.quant_type if r.quantization.bits == 4 else 'int8') if r.quantization.bits else ''})",
+            f"model: {r.model.name}  ({adapter}{quant})",
             f"precision: {describe_precision(r)}",
-            f"launch: {self.launch.launcher}, {self.launch.world_size} process(es), "
-            f"{'FSDP ' + r.fsdp.sharding_strategy + (' + CPU offload' if self.launch.cpu_offload else '') if self.launch.fsdp else 'no FSDP'}",
+            f"launch: {self.launch.launcher}, {self.launch.world_size} process(es), {sharding}",
             f"optimizer: {r.train.optim}, lr {r.train.learning_rate:g}, schedule {r.train.lr_scheduler_type}"
             f"{' gamma %g per epoch' % r.train.gamma if r.train.lr_scheduler_type == 'steplr' else ''}, "
             f"batch {r.train.per_device_train_batch_size} x accumulation {r.train.gradient_accumulation_steps} "
@@ -55,8 +59,8 @@ class Prepared:
         for name, split in self.splits.items():
             st = split.stats()
             lines.append(f"data {name}: {split.origin}: {split.report.line()}")
-            lines.append(f"  tokens {name}: rows {st['rows']}, total {st['tokens']:,}, min {st['min']}, mean {st['mean']}, "
-                         f"p50 {st['p50']}, p99 {st['p99']}, max {st['max']}")
+            lines.append(f"  tokens {name}: rows {st['rows']}, total {st['tokens']:,}, min {st['min']}, "
+                         f"mean {st['mean']}, p50 {st['p50']}, p99 {st['p99']}, max {st['max']}")
         if self.plan is not None:
             lines.append(self.plan.verdict)
         lines += [f"note: {n}" for n in self.notes]
@@ -135,8 +139,8 @@ def _preflight(prepared: Prepared, enforce: bool):
 
         host_gib = psutil.virtual_memory().total / 2**30
     result = plan(r, gpus=prepared.launch.world_size, gpu_memory_gib=gpu_gib, host_memory_gib=host_gib,
-                  token_lengths=prepared.splits["train"].lengths, supervised_lengths=prepared.splits["train"].supervised,
-                  device="cuda" if cuda else "cpu")
+                  token_lengths=prepared.splits["train"].lengths,
+                  supervised_lengths=prepared.splits["train"].supervised, device="cuda" if cuda else "cpu")
     if enforce and result.fits is False:
         raise WontFitError(f"{result.verdict} (memory.preflight=false or --force runs it anyway)")
     return result

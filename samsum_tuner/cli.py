@@ -84,7 +84,8 @@ def _close_process_group() -> None:
 
 
 def main_plan(argv: list[str], prog: str = "samsum-tuner plan") -> int:
-    p = _Parser(prog=prog, allow_abbrev=False, description="Predict peak GPU and host memory; exit 0 fits, 3 will not fit.")
+    p = _Parser(prog=prog, allow_abbrev=False,
+                description="Predict peak GPU and host memory; exit 0 fits, 3 will not fit.")
     p.add_argument("--gpus", type=int, default=1)
     p.add_argument("--gpu-memory", default=None, help="per GPU, e.g. 32GiB or 80")
     p.add_argument("--host-memory", default=None, help="whole node, e.g. 63GiB")
@@ -129,7 +130,7 @@ def main_plan(argv: list[str], prog: str = "samsum-tuner plan") -> int:
 
 def main_eval(argv: list[str], prog: str = "samsum-tuner eval") -> int:
     p = _Parser(prog=prog, allow_abbrev=False,
-                                description="ROUGE of a run directory or a model by batched generation.")
+                description="ROUGE of a run directory or a model by batched generation.")
     p.add_argument("run_or_model", help="a run directory (adapter or full model) or a model name/folder")
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int, default=None, help="first N rows of the split")

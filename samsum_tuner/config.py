@@ -177,7 +177,8 @@ class Recipe:
         return not self.lora.enabled
 
 
-SECTIONS = [f.name for f in dataclasses.fields(Recipe) if dataclasses.is_dataclass(f.default_factory)]  # type: ignore[arg-type]
+SECTIONS = [f.name for f in dataclasses.fields(Recipe)
+            if dataclasses.is_dataclass(f.default_factory)]  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- aliases
@@ -478,7 +479,8 @@ def validate(recipe: Recipe) -> None:
                 raise ConfigError(f"{section}.{fld.name} must be a finite number, got {v}")
     for key, value in {"guard.max_nonfinite_steps": recipe.guard.max_nonfinite_steps,
                        "guard.max_skipped_steps": recipe.guard.max_skipped_steps,
-                       "train.warmup_steps": t.warmup_steps, "train.dataloader_num_workers": t.dataloader_num_workers}.items():
+                       "train.warmup_steps": t.warmup_steps,
+                       "train.dataloader_num_workers": t.dataloader_num_workers}.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
     if t.resume_from_checkpoint is not None and not t.resume_from_checkpoint.strip():
@@ -546,7 +548,8 @@ def describe_precision(recipe: Recipe) -> str:
     weights = m.dtype or "float32"
     if q.bits:
         compute = "float16" if t.fp16 else "bfloat16" if t.bf16 or m.dtype == "bfloat16" else "float32"
-        base = f"{q.bits}-bit {q.quant_type if q.bits == 4 else 'int8'} base weights, compute in {compute}, LoRA adapters in float32"
+        base = (f"{q.bits}-bit {q.quant_type if q.bits == 4 else 'int8'} base weights, compute in {compute}, "
+                "LoRA adapters in float32")
         if t.fp16:
             base += ", fp16 autocast with dynamic loss scaling"
         elif t.bf16:
@@ -554,7 +557,8 @@ def describe_precision(recipe: Recipe) -> str:
         return base
     if t.fp16:
         if fsdp:
-            return f"fp16 mixed precision: {weights} sharded master weights, fp16 compute and gradient reduction, dynamic loss scaling"
+            return (f"fp16 mixed precision: {weights} sharded master weights, fp16 compute and gradient reduction, "
+                    "dynamic loss scaling")
         return f"fp16 mixed precision: {weights} weights, fp16 autocast, dynamic loss scaling"
     if t.bf16:
         return f"bf16 mixed precision: {weights} weights, bf16 autocast"

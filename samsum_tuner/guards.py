@@ -55,7 +55,8 @@ class NonFiniteGuard(TrainerCallback):
                        f"loss is {value} for {self.nonfinite} step(s) in a row (guard.max_nonfinite_steps={limit_nf})")
         if limit_skip and self.skipped >= limit_skip:
             self._stop(step, self.first_skipped,
-                       f"the fp16 loss scaler skipped {self.skipped} steps in a row (guard.max_skipped_steps={limit_skip})")
+                       f"the fp16 loss scaler skipped {self.skipped} steps in a row "
+                       f"(guard.max_skipped_steps={limit_skip})")
         return control
 
     def _stop(self, step: int, suspect_from: int, why: str) -> None:

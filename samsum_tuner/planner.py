@@ -498,8 +498,8 @@ def _estimate(recipe: Recipe, gpus: int, token_lengths: list[int] | None, s: Mod
 
     notes.append(f"worst batch: {tokens:,} tokens, {how}; evaluation (no saved activations) is not modelled")
     notes.append(f"host modelled per rank: {HOST_BASELINE_GIB} GiB baseline + max(loading {load:.2f}"
-                 f"{' on rank 0' if rank0_only else ''}, offloaded {offloaded:.2f}) GiB, {gpus} rank(s); not modelled: the "
-                 "checkpoint's page cache, CPU optimizer temporaries, allocator caching")
+                 f"{' on rank 0' if rank0_only else ''}, offloaded {offloaded:.2f}) GiB, {gpus} rank(s); "
+                 "not modelled: the checkpoint's page cache, CPU optimizer temporaries, allocator caching")
     if offload:
         notes.append("host under CPU offload: a 1-process 7B SGD fp32 run reached 95.7 GiB on an H200 where this "
                      "model gives 96.1; in the 2023 log (Llama-2-7B, AdamW fp32, 4 ranks) rank 0 reached 40 GB "

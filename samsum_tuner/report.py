@@ -100,8 +100,10 @@ def _plots(out: Path, history: list[dict[str, Any]], memory: list[dict[str, Any]
             steps = [m.get("step") for m in mine]
             suffix = f" (rank {rank})" if len(ranks) > 1 else ""
             if any(m.get("gpu_peak_allocated_gib") is not None for m in mine):
-                ax.plot(steps, [m.get("gpu_peak_allocated_gib") for m in mine], marker="o", label="GPU allocated" + suffix)
-                ax.plot(steps, [m.get("gpu_peak_reserved_gib") for m in mine], marker="s", label="GPU reserved" + suffix)
+                ax.plot(steps, [m.get("gpu_peak_allocated_gib") for m in mine], marker="o",
+                        label="GPU allocated" + suffix)
+                ax.plot(steps, [m.get("gpu_peak_reserved_gib") for m in mine], marker="s",
+                        label="GPU reserved" + suffix)
             ax.plot(steps, [m["host_peak_rss_gib"] for m in mine], marker="^", label="host RSS" + suffix)
         if not any(m.get("gpu_peak_allocated_gib") is not None for m in memory):
             ax.set_title(ax.get_title() + " (no CUDA: host only)")
@@ -147,12 +149,14 @@ def report(run_dir: str | Path) -> Path:
     epochs = [r for r in memory if r.get("event") == "epoch" and r.get("rank") is not None]
     if epochs:
         lines += ["## Memory per epoch", "", "| epoch | rank | GPU allocated GiB | reserved GiB | active GiB | "
-                  "malloc retries (epoch / total) | host peak RSS GiB | node host peak GiB |", "|---|---|---|---|---|---|---|---|"]
+                  "malloc retries (epoch / total) | host peak RSS GiB | node host peak GiB |",
+                  "|---|---|---|---|---|---|---|---|"]
         na = lambda v: "n/a" if v is None else v  # noqa: E731  (null on CPU: never a zero that pretends)
         for r in epochs:
             g = lambda k: na(r.get(k))  # noqa: E731
-            lines.append(f"| {g('epoch')} | {g('rank')} | {g('gpu_peak_allocated_gib')} | {g('gpu_peak_reserved_gib')} | "
-                         f"{g('gpu_peak_active_gib')} | {g('gpu_malloc_retries')} / {g('gpu_malloc_retries_total')} | "
+            lines.append(f"| {g('epoch')} | {g('rank')} | {g('gpu_peak_allocated_gib')} | "
+                         f"{g('gpu_peak_reserved_gib')} | {g('gpu_peak_active_gib')} | "
+                         f"{g('gpu_malloc_retries')} / {g('gpu_malloc_retries_total')} | "
                          f"{g('host_peak_rss_gib')} | {g('host_peak_rss_node_gib')} |")
         lines.append("")
     for path in sorted(out.glob("eval_metrics_*.json")):

@@ -81,7 +81,8 @@ def main() -> None:
         from safetensors.torch import save_file
 
         trainable = {n for n, q in model.named_parameters() if q.requires_grad}
-        save_file({k: v.contiguous() for k, v in full.items() if k in trainable}, str(Path(a.run_dir) / "final.safetensors"))
+        save_file({k: v.contiguous() for k, v in full.items() if k in trainable},
+                  str(Path(a.run_dir) / "final.safetensors"))
     dist.barrier()
     dist.destroy_process_group()
 

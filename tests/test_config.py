@@ -27,7 +27,8 @@ def test_no_recipe_gives_the_originals_training_configuration():
 def test_yaml_then_overrides(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text("train:\n  learning_rate: 3.0e-4\n  fp16: true\nlora:\n  enabled: true\n")
-    r = build_recipe(p, ["train.learning_rate=2e-5", "lora.target_modules=q_proj,k_proj", "--train.num_train_epochs", "1"])
+    r = build_recipe(p, ["train.learning_rate=2e-5", "lora.target_modules=q_proj,k_proj",
+                         "--train.num_train_epochs", "1"])
     assert r.train.learning_rate == 2e-5 and r.train.fp16 and r.lora.enabled
     assert r.lora.target_modules == ["q_proj", "k_proj"] and r.train.num_train_epochs == 1.0
 
@@ -36,7 +37,8 @@ def test_every_llama_recipes_alias():
     argv = ("--use_peft --peft_method lora --quantization True --use_fp16 --enable_fsdp "
             "--fsdp_config.fsdp_cpu_offload False --fsdp_config.optimizer SGD --fsdp_config.pure_bf16 False "
             "--split_slice 1% --micro_batch_size 2 --batch_size_training 8 --num_epochs 2 --lr 3e-4 "
-            "--gamma 0.9 --model_name /tmp/model-7b --output_dir out --save_model False --dataset samsum_dataset").split()
+            "--gamma 0.9 --model_name /tmp/model-7b --output_dir out --save_model False "
+            "--dataset samsum_dataset").split()
     r = build_recipe(None, argv)
     assert r.lora.enabled and r.lora.method == "lora" and r.quantization.bits == 4
     assert r.train.fp16 and r.fsdp.enabled and not r.fsdp.cpu_offload and r.train.optim == "sgd"
@@ -55,20 +57,23 @@ def test_alias_values():
 
 
 def test_split_overrides_forms():
-    assert split_overrides(["a.b=1", "--c.d", "2", "--flag", "--e=3"]) == [("a.b", "1"), ("c.d", "2"), ("flag", "true"), ("e", "3")]
+    assert split_overrides(["a.b=1", "--c.d", "2", "--flag", "--e=3"]) == [
+        ("a.b", "1"), ("c.d", "2"), ("flag", "true"), ("e", "3")]
     with pytest.raises(ConfigError, match="argument 'oops'"):
         split_overrides(["oops"])
 
 
 @pytest.mark.parametrize("overrides, message", [
     (["quantization.bits=4"], "refused: full fine-tuning of a 4-bit quantized model cannot learn"),
-    (["--use_peft", "--quantization", "8bit", "--enable_fsdp"], "refused: 8-bit quantization cannot be sharded by FSDP"),
+    (["--use_peft", "--quantization", "8bit", "--enable_fsdp"],
+     "refused: 8-bit quantization cannot be sharded by FSDP"),
     (["train.fp16=true", "train.bf16=true"], "train.fp16 and train.bf16 are both set"),
     (["fsdp.cpu_offload=true"], "refused: fsdp.cpu_offload needs FSDP"),
     (["train.per_device_train_batch_size=0"], "train.per_device_train_batch_size must be positive, got 0"),
     (["train.learning_rate=-1"], "train.learning_rate must be positive, got -1.0"),
     (["data.max_length=0"], "data.max_length must be positive, got 0"),
-    (["--batch_size_training", "3", "--micro_batch_size", "2"], "batch_size_training=3 must be a positive multiple of micro_batch_size=2"),
+    (["--batch_size_training", "3", "--micro_batch_size", "2"],
+     "batch_size_training=3 must be a positive multiple of micro_batch_size=2"),
     (["train.learning_rat=1"], "unknown key 'train.learning_rat'; did you mean train.learning_rate"),
     (["lora.rank=4"], "unknown key 'lora.rank'"),
     (["--use_pefft"], "did you mean use_peft"),

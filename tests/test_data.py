@@ -30,7 +30,8 @@ def test_real_samsum_quirks_are_cleaned(real_samsum):
     assert all(r["dialogue"] == r["dialogue"].strip() and r["summary"] for r in rows)
     by_id = {r["id"]: r for r in rows}
     assert "13828807" not in by_id
-    assert by_id["13818513"]["dialogue"] == "Amanda: I baked  cookies. Do you want some?\nJerry: Sure!\nAmanda: I'll bring you tomorrow :-)"
+    assert by_id["13818513"]["dialogue"] == ("Amanda: I baked  cookies. Do you want some?\nJerry: Sure!\n"
+                                             "Amanda: I'll bring you tomorrow :-)")
     assert by_id["13731310"]["summary"] == by_id["13731310"]["summary"].strip()
     assert "\ufeff" not in by_id["13821722"]["dialogue"]
     assert "13731370-1" in by_id  # odd ids survive
@@ -79,7 +80,8 @@ def test_cleaning_synthetic_bad_rows():
 
 
 @pytest.mark.parametrize("lines, message", [
-    (['{"id": "1", "dialogue": "a", "summary": "b"}', '{"id": 2, "dialogue": "a"'], "train.jsonl:2: malformed JSON line"),
+    (['{"id": "1", "dialogue": "a", "summary": "b"}', '{"id": 2, "dialogue": "a"'],
+     "train.jsonl:2: malformed JSON line"),
     (['{"id": "1", "dialogue": "a"}'], "train.jsonl:1: missing key 'summary'"),
     (['{"id": "1", "dialogue": 5, "summary": "b"}'], "train.jsonl:1: 'dialogue' must be a string, got int"),
     (['[1, 2]'], "train.jsonl: item 1: expected a JSON object"),
@@ -121,7 +123,8 @@ def test_label_mask_is_exact(tokenizer):
     cfg = DataConfig()
     row = {"dialogue": "Ann: lunch?\nBob: sure", "summary": "Ann and Bob will have lunch."}
     out = tokenize_row(cfg, tokenizer, row)
-    prompt_ids = tokenizer("Summarize this dialog:\nAnn: lunch?\nBob: sure\n---\nSummary:\n", add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenizer("Summarize this dialog:\nAnn: lunch?\nBob: sure\n---\nSummary:\n",
+                           add_special_tokens=False)["input_ids"]
     summary_ids = tokenizer("Ann and Bob will have lunch.", add_special_tokens=False)["input_ids"]
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert tokenizer.eos_token_id == eos == 2

@@ -18,12 +18,14 @@ from .conftest import QUIET_RUN, tiny_llama
 def test_rouge_is_rouge_score_with_stemmer():
     from rouge_score import rouge_scorer
 
-    preds, refs = ["Amanda baked cookies for Jerry.", "Tom is late"], ["Amanda bakes cookies and brings Jerry some.", "Tom will be late."]
+    preds, refs = (["Amanda baked cookies for Jerry.", "Tom is late"],
+                   ["Amanda bakes cookies and brings Jerry some.", "Tom will be late."])
     got = rouge(preds, refs)
     scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)
     want = sum(scorer.score(r, p)["rouge1"].fmeasure for p, r in zip(preds, refs)) / 2 * 100
     assert got["rouge1"] == pytest.approx(want, abs=0.01)
-    assert rouge(["same words here."], ["same words here."]) == {k: 100.0 for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")}
+    assert rouge(["same words here."], ["same words here."]) == {
+        k: 100.0 for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")}
 
 
 def test_eos_stays_supervised_when_pad_is_eos(tokenizer):
@@ -31,7 +33,8 @@ def test_eos_stays_supervised_when_pad_is_eos(tokenizer):
     cfg = DataConfig()
     rows = [tokenize_row(cfg, tokenizer, {"dialogue": d, "summary": s}) for d, s in
             [("A: hi", "A greets."), ("A: a much longer dialogue here\nB: yes indeed it is long", "Long one.")]]
-    batch = build_collator(build_recipe(), tokenizer)([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows])
+    batch = build_collator(build_recipe(), tokenizer)([{"input_ids": r["input_ids"], "labels": r["labels"]}
+                                                       for r in rows])
     eos = tokenizer.eos_token_id
     for i, r in enumerate(rows):
         n = len(r["input_ids"])

@@ -34,7 +34,8 @@ INTS = ["train.per_device_train_batch_size", "data.max_length", "lora.r", "train
 KEYS = ["train.learning_rate", "train.per_device_train_batch_size", "train.gradient_accumulation_steps",
         "data.max_length", "lora.target_modules", "lora.dropout", "model.gradient_checkpointing",
         "train.num_train_epochs", "data.split_slice", "train.save_total_limit", "memory.gpu_limit_gib",
-        "quantization.quant_type", "train.overwrite_output_dir", "guard.max_nonfinite_steps", "data.completion_only_loss"]
+        "quantization.quant_type", "train.overwrite_output_dir", "guard.max_nonfinite_steps",
+        "data.completion_only_loss"]
 
 
 @dataclass
@@ -93,7 +94,8 @@ def missing_key(w, rng):
     key = rng.choice(["dialogue", "summary"])
     del row[key]
     lines[k] = json.dumps(row).encode()
-    return Case("missing-key", w.base(rng, _data_with(w, rng, "missing", lines)), f"train.jsonl:{k + 1}: missing key '{key}'")
+    return Case("missing-key", w.base(rng, _data_with(w, rng, "missing", lines)),
+                f"train.jsonl:{k + 1}: missing key '{key}'")
 
 
 def wrong_type(w, rng):
@@ -125,7 +127,8 @@ def empty_file(w, rng):
 def empty_after_cleaning(w, rng):
     rows = [{"dialogue": rng.choice(["", "  ", "\r\n"]), "summary": "s"} if rng.random() < 0.5 else
             {"dialogue": "Ann: hi", "summary": rng.choice(["", " \ufeff "])} for _ in range(rng.randint(1, 6))]
-    return Case("empty-after-cleaning", w.base(rng, _data_with(w, rng, "cleaned", [json.dumps(r).encode() for r in rows])),
+    return Case("empty-after-cleaning",
+                w.base(rng, _data_with(w, rng, "cleaned", [json.dumps(r).encode() for r in rows])),
                 "split 'train' has no usable rows")
 
 
@@ -157,7 +160,8 @@ def deeply_nested(w, rng):
     k = rng.randrange(len(lines))
     depth = rng.randint(20_000, 60_000)
     lines[k] = b'{"a": [' * depth + b"1" + b"]}" * depth  # an object, so the file still reads as JSON Lines
-    return Case("deep-json", w.base(rng, _data_with(w, rng, "deep", lines)), f"train.jsonl:{k + 1}: malformed JSON line")
+    return Case("deep-json", w.base(rng, _data_with(w, rng, "deep", lines)),
+                f"train.jsonl:{k + 1}: malformed JSON line")
 
 
 def bad_gzip(w, rng):
@@ -204,12 +208,14 @@ def yaml_not_mapping(w, rng):
 
 
 def yaml_not_utf8(w, rng):
-    return Case("yaml-not-utf8", [_recipe(w, rng, "latin", "train:\n  description: caf\xe9\n".encode("latin-1") + b"\xff"),
-                                  *w.base(rng)], "not UTF-8")
+    return Case("yaml-not-utf8",
+                [_recipe(w, rng, "latin", "train:\n  description: caf\xe9\n".encode("latin-1") + b"\xff"),
+                 *w.base(rng)], "not UTF-8")
 
 
 def missing_recipe(w, rng):
-    return Case("missing-recipe", [str(w.tmp / f"nope-{rng.randrange(10**6)}.yaml"), *w.base(rng)], "recipe file not found")
+    return Case("missing-recipe", [str(w.tmp / f"nope-{rng.randrange(10**6)}.yaml"), *w.base(rng)],
+                "recipe file not found")
 
 
 def _misspell(rng, key: str) -> str:
@@ -283,8 +289,10 @@ def bad_flag_value(w, rng):
 
 
 def bad_alias_value(w, rng):
-    arg, expect = rng.choice([(["--peft_method", "prefix"], "only 'lora'"), (["--fsdp_config.optimizer", "Adam8"], "unknown optimizer"),
-                              (["--dataset", "cnn_dailymail"], "SAMSum only"), (["--split_slice", "abc"], "data.split_slice"),
+    arg, expect = rng.choice([(["--peft_method", "prefix"], "only 'lora'"),
+                              (["--fsdp_config.optimizer", "Adam8"], "unknown optimizer"),
+                              (["--dataset", "cnn_dailymail"], "SAMSum only"),
+                              (["--split_slice", "abc"], "data.split_slice"),
                               (["--quantization", "3bit"], "expected true or false"),
                               (["--batch_size_training", "3", "--micro_batch_size", "2"], "positive multiple")])
     return Case("bad-alias", [*w.base(rng), *arg], expect)

@@ -43,8 +43,8 @@ def test_capped_run_reports_oom_cleanly(tiny_model_dir, tiny_data, tmp_path, cap
     from samsum_tuner import cli
 
     code = cli.main(["train", f"model.name={tiny_model_dir}", f"data.source={tiny_data}",
-                        f"train.output_dir={tmp_path / 'oom'}", *FAST, "train.max_steps=2", "--force",
-                        "train.per_device_train_batch_size=40", "data.packing=false", "memory.gpu_limit_gib=0.3"])
+                     f"train.output_dir={tmp_path / 'oom'}", *FAST, "train.max_steps=2", "--force",
+                     "train.per_device_train_batch_size=40", "data.packing=false", "memory.gpu_limit_gib=0.3"])
     assert code == 3
     err = capsys.readouterr().err
     assert "out of GPU memory at step 0: peak allocated" in err and "0.3 GiB cap" in err

@@ -64,13 +64,13 @@ def nan_model_dir(tmp_path, tokenizer):
 
 
 def test_nan_weights_stop_at_the_threshold_and_zero_turns_the_guard_off(nan_model_dir, tiny_data, tmp_path, capsys):
-    code = _train(nan_model_dir, tiny_data, tmp_path / "a", "--use_peft", "train.max_steps=6", "guard.max_nonfinite_steps=3",
-                  "train.save_strategy=no")
+    code = _train(nan_model_dir, tiny_data, tmp_path / "a", "--use_peft", "train.max_steps=6",
+                  "guard.max_nonfinite_steps=3", "train.save_strategy=no")
     err = _error(capsys)
     assert code == 4 and err == ("samsum-tuner: error: training stopped at step 3: loss is nan for 3 step(s) in a row "
                                  "(guard.max_nonfinite_steps=3); no good checkpoint was saved before it")
-    code = _train(nan_model_dir, tiny_data, tmp_path / "b", "--use_peft", "train.max_steps=2", "guard.max_nonfinite_steps=0",
-                  "train.save_strategy=no")
+    code = _train(nan_model_dir, tiny_data, tmp_path / "b", "--use_peft", "train.max_steps=2",
+                  "guard.max_nonfinite_steps=0", "train.save_strategy=no")
     assert code == 0, capsys.readouterr().err
 
 

@@ -58,7 +58,8 @@ def test_qlora_on_cpu_trains_only_the_adapter():
     model = apply_adapters(r, model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
-    before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad and p.dtype != torch.uint8}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()
+              if not p.requires_grad and p.dtype != torch.uint8}
     ids = torch.randint(0, 256, (2, 16))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []

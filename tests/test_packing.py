@@ -150,8 +150,8 @@ def test_eval_batches_take_the_training_shape(tiny_model_dir, tmp_path):
     base = [f"model.name={tiny_model_dir}", f"data.source={tmp_path / 'd'}", "data.max_length=128",
             "train.max_steps=1", "train.per_device_eval_batch_size=5", *QUIET_RUN]
     fixed = st.build_trainer(st.load_recipe(None, base + [f"train.output_dir={tmp_path / 'a'}", "data.packing=true",
-                                                        "data.max_tokens_per_batch=256",
-                                                        "data.pad_to_multiple_of=256"]))
+                                                          "data.max_tokens_per_batch=256",
+                                                          "data.pad_to_multiple_of=256"]))
     loader = fixed.get_eval_dataloader()
     batches = list(loader)
     assert {tuple(b["input_ids"].shape) for b in batches} == {(1, 256)}

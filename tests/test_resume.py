@@ -61,7 +61,8 @@ def small_data(tmp_path) -> Path:
 def test_resume_equals_an_uninterrupted_run(kind, tiny_model_dir, small_data, tmp_path):
     """8 steps straight vs. resumed from checkpoint-3 (mid epoch 1): same weights and loss curve, bit for bit."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    r = st.load_recipe(None, _overrides(tiny_model_dir, small_data, straight, *KINDS[kind], "train.save_total_limit=10"))
+    r = st.load_recipe(None, _overrides(tiny_model_dir, small_data, straight, *KINDS[kind],
+                                        "train.save_total_limit=10"))
     trainer = st.build_trainer(r)
     metrics = st.train(r, trainer=trainer)
     assert trainer.state.global_step == 8 and [p.name for p in ck.complete_checkpoints(straight)] == [
@@ -90,9 +91,9 @@ BATCHING = {"packed": ["data.packing=true", "data.max_tokens_per_batch=256"],
 def _budget_run(model_dir, data_dir, out, batching: str, resume=None) -> list[list[list[int]]]:
     """Two epochs, a checkpoint every step; the input_ids this process trained on, step by step."""
     r = st.load_recipe(None, [f"model.name={model_dir}", f"data.source={data_dir}", f"train.output_dir={out}",
-                              *BATCHING[batching], "data.max_length=128", "data.eval_split=null", "--use_peft", "train.gradient_accumulation_steps=1",
-                              "train.num_train_epochs=2", *QUIET_RUN, "train.save_strategy=steps",
-                              "train.save_steps=1", "train.save_total_limit=null",
+                              *BATCHING[batching], "data.max_length=128", "data.eval_split=null", "--use_peft",
+                              "train.gradient_accumulation_steps=1", "train.num_train_epochs=2", *QUIET_RUN,
+                              "train.save_strategy=steps", "train.save_steps=1", "train.save_total_limit=null",
                               *([f"train.resume_from_checkpoint={resume}"] if resume else [])])
     trainer = st.build_trainer(r)
     seen, step = [], trainer.training_step
@@ -143,9 +144,9 @@ def _env() -> dict[str, str]:
 
 
 def _train_cmd(model_dir, data_dir, out, *extra) -> list[str]:
-    return [sys.executable, "-m", "samsum_tuner.train", *_overrides(model_dir, data_dir, out, "--use_peft",
-                                                                     "train.learning_rate=1e-2", "train.save_steps=2",
-                                                                     "train.num_train_epochs=3", *extra)]
+    return [sys.executable, "-m", "samsum_tuner.train",
+            *_overrides(model_dir, data_dir, out, "--use_peft", "train.learning_rate=1e-2", "train.save_steps=2",
+                        "train.num_train_epochs=3", *extra)]
 
 
 @pytest.mark.slow

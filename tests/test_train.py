@@ -78,7 +78,8 @@ def test_sgd_is_a_real_sgd_with_momentum_and_steplr_per_epoch(tiny_model_dir, ti
 
 
 def test_reported_loss_is_the_true_mean_not_divided_by_accumulation(tiny_model_dir, tmp_path, tokenizer):
-    rows = [{"id": str(i), "dialogue": "Ann: where are you?\nBob: at home", "summary": "Bob is at home."} for i in range(8)]
+    rows = [{"id": str(i), "dialogue": "Ann: where are you?\nBob: at home", "summary": "Bob is at home."}
+            for i in range(8)]
     write_jsonl(tmp_path / "d", "train", rows)
     r = _recipe(tiny_model_dir, tmp_path / "d", tmp_path / "run", "data.eval_split=null", "train.max_steps=1",
                 "train.save_strategy=no", "train.save_model=false")  # batch 1 x accumulation 4: the original's
@@ -112,7 +113,8 @@ def test_existing_run_dir_is_never_overwritten(tiny_model_dir, tiny_data, tmp_pa
 
 
 def test_longest_first_puts_the_worst_batch_at_step_one(tiny_model_dir, tmp_path):
-    rows = [{"id": str(i), "dialogue": "Ann: " + "word " * (5 + (i * 7) % 60), "summary": "Ann talks."} for i in range(30)]
+    rows = [{"id": str(i), "dialogue": "Ann: " + "word " * (5 + (i * 7) % 60), "summary": "Ann talks."}
+            for i in range(30)]
     write_jsonl(tmp_path / "d", "train", rows)
     r = _recipe(tiny_model_dir, tmp_path / "d", tmp_path / "run", "data.eval_split=null", "data.longest_first=true",
                 "train.per_device_train_batch_size=3")
