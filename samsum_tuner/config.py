@@ -253,6 +253,7 @@ ALIASES: dict[str, tuple[str | None, Any]] = {
     "num_workers_dataloader": ("train.dataloader_num_workers", None),
     "dataset": (None, _dataset_name),
     "resume": ("train.resume_from_checkpoint", None),
+    "fast_path": ("_fast_path", _to_bool),
     "resume_from_checkpoint": ("train.resume_from_checkpoint", None),
 }
 
@@ -417,8 +418,26 @@ def build_recipe(path: str | os.PathLike | None = None, overrides: list[str] | N
                 f"batch_size_training={bst} must be a positive multiple of micro_batch_size={micro}"
             )
         recipe.train.gradient_accumulation_steps = bst // micro
+    if pending.get("_fast_path"):
+        _fast_path(recipe)
     validate(recipe)
     return recipe
+
+
+def _fast_path(recipe: Recipe) -> None:
+    """`fast_path=true`: the recipe's samples per optimizer step, packed padding-free into one row per step
+    (attention confined to each sample) instead of micro-batches accumulated one by one. The step's loss is
+    the same mean over its supervised tokens; what goes is the padding and the accumulation loop. A recipe
+    that already batches by tokens keeps its budget. flex_attention on a GPU; sdpa on a CPU, where torch's
+    FlexAttention has no backward (sdpa confines packed samples through their position ids)."""
+    import torch
+
+    d, t = recipe.data, recipe.train
+    d.packing = True
+    recipe.model.attn_implementation = "flex_attention" if torch.cuda.is_available() else "sdpa"
+    if d.max_tokens_per_batch is None:
+        t.per_device_train_batch_size *= t.gradient_accumulation_steps
+        t.gradient_accumulation_steps = 1
 
 
 def apply_key(recipe: Recipe, key: str, value: Any, where: str, pending: dict[str, Any]) -> None:

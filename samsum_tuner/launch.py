@@ -66,6 +66,10 @@ def check_environment(recipe: Recipe, launch: Launch) -> None:
     if recipe.train.fp16 and not cuda:
         raise ConfigError("refused: train.fp16 (the original's --use_fp16) needs a CUDA GPU; this machine has "
                           "none: use fp32 (train.fp16=false) on CPU")
+    if recipe.model.attn_implementation == "flex_attention" and not cuda:
+        raise ConfigError("refused: model.attn_implementation=flex_attention trains on a CUDA GPU only (torch's "
+                          "FlexAttention has no backward on CPU): use model.attn_implementation=sdpa, which "
+                          "keeps packed samples apart too")
     if launch.fsdp and not cuda:
         raise ConfigError("refused: FSDP needs CUDA GPUs (accelerate does not engage FSDP on CPU); drop "
                           "fsdp.enabled / --enable_fsdp to train on CPU")

@@ -149,6 +149,21 @@ def test_fp16_without_cuda_is_refused_before_loading(capsys, tmp_path, tiny_data
     assert "refused: train.fp16 (the original's --use_fp16) needs a CUDA GPU" in capsys.readouterr().err
 
 
+def test_flex_attention_training_without_cuda_is_refused_before_loading(capsys, tmp_path, tiny_data):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    code = cli.main(["train", str(ROOT / "recipes" / "lora_fast.yaml"), f"data.source={tiny_data}",
+                     f"train.output_dir={tmp_path / 'o'}", "model.name=/does/not/exist"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "refused: model.attn_implementation=flex_attention trains on a CUDA GPU only" in err
+    # The fast path picks what this machine can train with.
+    r = build_recipe(ROOT / "recipes" / "full_sgd.yaml", ["fast_path=true"])
+    assert (r.data.packing, r.model.attn_implementation) == (True, "sdpa")
+
+
 def test_missing_model_path_refused(capsys, tmp_path, tiny_data):
     code = cli.main(["train", f"data.source={tiny_data}", f"train.output_dir={tmp_path / 'o'}",
                      "model.name=/does/not/exist"])

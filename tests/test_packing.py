@@ -99,6 +99,32 @@ def test_packed_and_padded_training_follow_the_same_loss_curve(tiny_model_dir, t
     assert curves[True][-1] < curves[True][0]
 
 
+def test_fast_path_trains_an_original_recipe_like_its_micro_batches(tiny_model_dir, tmp_path):
+    """`fast_path=true` on the original's batching (1 sample x 4 accumulated micro-batches): 4 samples packed
+    into one row per step follow the original's 20 fp32 per-step losses within 1e-4 (sdpa here: on a CPU the
+    fast path takes it, FlexAttention having no backward there)."""
+    import samsum_tuner as st
+
+    rows = [{"id": str(i), "dialogue": "Ann: " + "so " * (3 + (i * 11) % 40) + f"\nBob: ok {i}",
+             "summary": f"Ann and Bob talk {i % 5} times."} for i in range(40)]
+    write_jsonl(tmp_path / "d", "train", rows)
+    curves, layouts = {}, {}
+    for fast in (False, True):
+        r = st.load_recipe(None, [f"model.name={tiny_model_dir}", f"data.source={tmp_path / 'd'}",
+                                  f"train.output_dir={tmp_path / str(fast)}", f"fast_path={fast}",
+                                  "data.eval_split=null", "train.max_steps=20", "train.learning_rate=1e-3",
+                                  "train.lr_scheduler_type=constant", "--use_peft", "lora.dropout=0", *QUIET_RUN])
+        layouts[fast] = (r.train.per_device_train_batch_size, r.train.gradient_accumulation_steps,
+                         r.data.packing, r.model.attn_implementation)
+        trainer = st.build_trainer(r)
+        st.train(r, trainer=trainer)
+        curves[fast] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    fast_attn = "flex_attention" if torch.cuda.is_available() else "sdpa"
+    assert layouts == {False: (1, 4, False, "sdpa"), True: (4, 1, True, fast_attn)}
+    assert len(curves[True]) == len(curves[False]) == 20
+    assert curves[True] == pytest.approx(curves[False], abs=1e-4)
+
+
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
 def test_token_budget_batches(packed):
     from samsum_tuner.trainer import TokenBudgetBatchSampler
