@@ -60,6 +60,11 @@ s7call2)  # warm, carry .whl .gpudata: both GPUs: the 13B AdamW pair (the issue'
     --deadline $(($(left) - 15)) > "$OUT/bench_fsdp_1gpu_profile.log" 2>&1
   cp /tmp/b1/throughput.json "$OUT/throughput_fsdp_1gpu.json"; cp /tmp/b1/profile_*.txt "$OUT/" 2>/dev/null
   ;;
+s7call3)  # warm, carry .whl .gpudata: both GPUs: the mission's full_sgd.yaml as committed and with fast_path=true
+  env_txt
+  python benchmarks/gpu_matrix.py --out "$OUT" --deadline $(($(left) - 20)) --timeout 200 --steps 12 --rows 64 \
+    --only fsdp2_full_sgd,fsdp2_full_sgd_fast
+  ;;
 s6call1)  # cold, carry .whl .gpudata .sm/part-aa: both GPUs, one process each (issue 17). The SGD pair under NCCL's
           # Simple protocol with NCCL's transport logged: session e's profile had every all-gather on RING_LL at
           # ~98 GB/s, which bounds ours at ~1.7x naive whatever the compute does. Then 13B, then the matrix's

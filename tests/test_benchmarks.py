@@ -102,3 +102,25 @@ import proctree
 print(proctree.run([sys.executable, "-c", "import sys; print('hi'); sys.exit(3)"], timeout=30))
 """], capture_output=True, text=True, timeout=60)
     assert p.stdout.strip() == "(3, 'hi\\n', '')"
+
+
+def test_every_gpu_matrix_run_builds_a_valid_recipe():
+    """The device calls cost GPU time: a matrix run whose recipe or overrides no longer validate fails here."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import gpu_matrix
+    finally:
+        sys.path.remove(str(BENCH))
+    from samsum_tuner.config import build_recipe
+    from samsum_tuner.errors import ConfigError
+
+    root = BENCH.parent
+    built = 0
+    for name, (_, recipe, overrides, expect) in gpu_matrix.RUNS.items():
+        args = [o.format(probe_cap="30", probe_cap_lo="29") for o in overrides if o != "--force"]
+        try:
+            build_recipe(root / recipe, args)
+            built += 1
+        except ConfigError as e:
+            assert expect == "refused", f"{name}: {e}"
+    assert built >= len(gpu_matrix.RUNS) - 2
