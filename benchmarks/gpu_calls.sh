@@ -42,7 +42,7 @@ gguf() {  # the second half joins the first; the SmolLM2 safetensors folder is w
 reap
 case $1 in
 s7call1)  # cold, carry .whl .gpudata: both GPUs: 13B CPU offload, SGD fp32 (issue 17's last matrix run), 2 steps and a
-          # 4-row evaluation; 7B offload AdamW took ~110 s to start and ~74 s a step, 13B SGD moves twice the weights
+          # 4-row evaluation; 7B offload AdamW took ~100 s to its first step and ~73 s a step, 13B SGD moves twice the weights
   env_txt
   python benchmarks/gpu_matrix.py --out "$OUT" --deadline $(($(left) - 20)) --timeout 520 --steps 6 --rows 32 \
     --only fsdp2_13b_offload_sgd_fp32

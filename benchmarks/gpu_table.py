@@ -108,11 +108,11 @@ NOTES = {
                                         "fsdp.reduce_every_micro_batch (a reduce-scatter per micro-batch): 48.77 GiB "
                                         "per rank against 61.0 in session 2026-11-29c, which held every fp32 "
                                         "gradient unsharded over the 4 micro-batches",
-    "2026-11-30-h200x2/fsdp2_offload_adamw_fp32": "3 optimizer steps of ~74 s (AdamW over 3.44B fp32 parameters per "
-                                                  "rank on the host's CPUs; loss 11.64, 10.34, 12.85) and the "
-                                                  "epoch's memory record, then stopped by the runner's 330 s limit "
-                                                  "during the 32-row evaluation. Whole-node host peak 125.10 GiB "
-                                                  "(62.56 per rank) against the planner's 124.25",
+    "2026-11-30-h200x2/fsdp2_offload_adamw_fp32": (
+        "3 optimizer steps, ~73 s each after the first (AdamW over 3.44B fp32 parameters per rank on the host's "
+        "CPUs; loss 11.64, 10.34, 12.85) and the epoch's memory record, then stopped by the runner's 330 s limit "
+        "during the 32-row evaluation. Whole-node host peak 125.10 GiB (62.56 per rank) against the planner's "
+        "124.25"),
     "2026-11-30-h200x2/fsdp2_full_adamw_fp16": "step 5's gradients overflowed (grad_norm inf): the fp16 scaler "
                                                "skipped that step and lowered its scale, the run went on; AdamW at "
                                                "lr 1e-4 on random weights raises the loss in 6 steps",
