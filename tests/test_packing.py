@@ -74,26 +74,30 @@ def test_with_cache_packed_samples_leak_into_each_other():
     assert not torch.allclose(alone, packed, atol=1e-4)
 
 
-@pytest.mark.slow
-def test_packed_and_padded_training_follow_the_same_loss_curve(tiny_model_dir, tmp_path):
-    """Same samples per step, loss = mean over the step's supervised tokens: 20 fp32 steps agree within 1e-4.
-    LoRA dropout is off: its random masks are drawn per layout, so with it the curves differ by design."""
+def _lora_step_losses(model_dir, tmp_path, tag: str, overrides: list[str]):
+    """The recipe and the 20 per-step losses of an fp32 LoRA run on 40 dialogues. LoRA dropout is off: its
+    random masks are drawn per layout, so with it two layouts' curves differ by design."""
     import samsum_tuner as st
 
-    # Lengths that vary a lot, so the padded batches are mostly padding.
-    rows = [{"id": str(i), "dialogue": "Ann: " + "so " * (3 + (i * 11) % 40) + f"\nBob: ok {i}",
-             "summary": f"Ann and Bob talk {i % 5} times."} for i in range(40)]
-    write_jsonl(tmp_path / "d", "train", rows)
-    curves = {}
-    for packing in (False, True):
-        r = st.load_recipe(None, [f"model.name={tiny_model_dir}", f"data.source={tmp_path / 'd'}",
-                                  f"train.output_dir={tmp_path / str(packing)}", f"data.packing={packing}",
-                                  "data.eval_split=null", "train.max_steps=20", "train.per_device_train_batch_size=4",
-                                  "train.gradient_accumulation_steps=2", "train.learning_rate=1e-3",
-                                  "train.lr_scheduler_type=constant", "--use_peft", "lora.dropout=0", *QUIET_RUN])
-        trainer = st.build_trainer(r)
-        st.train(r, trainer=trainer)
-        curves[packing] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    data = tmp_path / "d"
+    if not data.exists():  # Lengths that vary a lot, so the padded batches are mostly padding.
+        write_jsonl(data, "train", [{"id": str(i), "dialogue": "Ann: " + "so " * (3 + (i * 11) % 40) + f"\nBob: ok {i}",
+                                     "summary": f"Ann and Bob talk {i % 5} times."} for i in range(40)])
+    r = st.load_recipe(None, [f"model.name={model_dir}", f"data.source={data}", f"train.output_dir={tmp_path / tag}",
+                              *overrides, "data.eval_split=null", "train.max_steps=20", "train.learning_rate=1e-3",
+                              "train.lr_scheduler_type=constant", "--use_peft", "lora.dropout=0", *QUIET_RUN])
+    trainer = st.build_trainer(r)
+    st.train(r, trainer=trainer)
+    return r, [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+@pytest.mark.slow
+def test_packed_and_padded_training_follow_the_same_loss_curve(tiny_model_dir, tmp_path):
+    """Same samples per step, loss = mean over the step's supervised tokens: 20 fp32 steps agree within 1e-4."""
+    curves = {packing: _lora_step_losses(tiny_model_dir, tmp_path, str(packing),
+                                         [f"data.packing={packing}", "train.per_device_train_batch_size=4",
+                                          "train.gradient_accumulation_steps=2"])[1]
+              for packing in (False, True)}
     assert len(curves[True]) == len(curves[False]) == 20
     assert curves[True] == pytest.approx(curves[False], abs=1e-4)
     assert curves[True][-1] < curves[True][0]
@@ -103,22 +107,11 @@ def test_fast_path_trains_an_original_recipe_like_its_micro_batches(tiny_model_d
     """`fast_path=true` on the original's batching (1 sample x 4 accumulated micro-batches): 4 samples packed
     into one row per step follow the original's 20 fp32 per-step losses within 1e-4 (sdpa here: on a CPU the
     fast path takes it, FlexAttention having no backward there)."""
-    import samsum_tuner as st
-
-    rows = [{"id": str(i), "dialogue": "Ann: " + "so " * (3 + (i * 11) % 40) + f"\nBob: ok {i}",
-             "summary": f"Ann and Bob talk {i % 5} times."} for i in range(40)]
-    write_jsonl(tmp_path / "d", "train", rows)
     curves, layouts = {}, {}
     for fast in (False, True):
-        r = st.load_recipe(None, [f"model.name={tiny_model_dir}", f"data.source={tmp_path / 'd'}",
-                                  f"train.output_dir={tmp_path / str(fast)}", f"fast_path={fast}",
-                                  "data.eval_split=null", "train.max_steps=20", "train.learning_rate=1e-3",
-                                  "train.lr_scheduler_type=constant", "--use_peft", "lora.dropout=0", *QUIET_RUN])
+        r, curves[fast] = _lora_step_losses(tiny_model_dir, tmp_path, str(fast), [f"fast_path={fast}"])
         layouts[fast] = (r.train.per_device_train_batch_size, r.train.gradient_accumulation_steps,
                          r.data.packing, r.model.attn_implementation)
-        trainer = st.build_trainer(r)
-        st.train(r, trainer=trainer)
-        curves[fast] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     fast_attn = "flex_attention" if torch.cuda.is_available() else "sdpa"
     assert layouts == {False: (1, 4, False, "sdpa"), True: (4, 1, True, fast_attn)}
     assert len(curves[True]) == len(curves[False]) == 20
