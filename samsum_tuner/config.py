@@ -253,8 +253,8 @@ ALIASES: dict[str, tuple[str | None, Any]] = {
     "num_workers_dataloader": ("train.dataloader_num_workers", None),
     "dataset": (None, _dataset_name),
     "resume": ("train.resume_from_checkpoint", None),
-    "fast_path": ("_fast_path", _to_bool),
     "resume_from_checkpoint": ("train.resume_from_checkpoint", None),
+    "fast_path": ("_fast_path", _to_bool),
 }
 
 
