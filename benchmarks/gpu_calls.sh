@@ -41,6 +41,14 @@ gguf() {  # the second half joins the first; the SmolLM2 safetensors folder is w
 
 reap
 case $1 in
+s7call4)  # cold, carry .whl .gpudata: both GPUs: the 13B AdamW pair again under NCCL's default protocol (s7call2's
+          # ours timed out at 110 s, where session 2026-11-30's 13B SGD pair took 71 s); a timeout now prints stacks
+  env_txt
+  python benchmarks/throughput.py --suite fsdp --nproc 2 --model random:llama2-13b --steps 20 \
+    --only naive_fsdp_adamw,ours_fsdp_adamw_compiled --out /tmp/b13 --timeout 200 --deadline $(($(left) - 10)) \
+    > "$OUT/bench_fsdp13_adamw.log" 2>&1
+  cp /tmp/b13/throughput.json "$OUT/throughput_fsdp13_adamw_2gpu.json"
+  ;;
 s7call1)  # cold, carry .whl .gpudata: both GPUs: 13B CPU offload, SGD fp32 (issue 17's last matrix run), 2 steps and a
           # 4-row evaluation; 7B offload AdamW took ~100 s to its first step and ~73 s a step, 13B SGD moves twice the weights
   env_txt

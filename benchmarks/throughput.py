@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -553,13 +554,17 @@ def main() -> None:
         target.unlink(missing_ok=True)  # a result left by an earlier call is not this one's
         # The cap imitates an 80 GB card; the multi-GPU suite is about the H200s themselves.
         cap = a.cap if a.cap is not None else 0 if suite in MULTI_GPU_SUITES else DEFAULT_CAP
-        # Stopped with every process it started; at a timeout its stderr says what it was doing (compiling?).
-        code, _, stderr = run(_command(a, suite, name, target, cap), min(a.timeout, left), cwd=ROOT, env=env)
+        # Stopped with every process it started; at a timeout faulthandler prints every thread's stack (SIGABRT)
+        # before the kill, so the stderr tail says what it was doing (compiling? waiting on a collective?).
+        code, _, stderr = run(_command(a, suite, name, target, cap), min(a.timeout, left), signal.SIGABRT, cwd=ROOT,
+                              env={**env, "PYTHONFAULTHANDLER": "1"})
         if target.is_file():
             r = json.loads(target.read_text())
         else:
+            # faulthandler's list of extension modules would fill the tail that the stacks need
+            stderr = "\n".join(x for x in stderr.splitlines() if "Extension modules:" not in x)
             r = {"config": name, "status": "timeout" if code is None else f"failed({code})",
-                 "stderr_tail": stderr[-1500:]}
+                 "stderr_tail": stderr[-4000:]}
         r.update(suite=suite, cap_gib=cap)
         flops = _flops_per_token(suite, a.model)
         if r.get("real_tokens_per_s") and flops:

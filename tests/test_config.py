@@ -159,9 +159,16 @@ def test_flex_attention_training_without_cuda_is_refused_before_loading(capsys, 
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert "refused: model.attn_implementation=flex_attention trains on a CUDA GPU only" in err
-    # The fast path picks what this machine can train with.
+
+
+def test_fast_path_packs_the_step_and_keeps_a_token_budget():
+    # sdpa on every device: its packed rows change length every step, which flex_attention would recompile for.
     r = build_recipe(ROOT / "recipes" / "full_sgd.yaml", ["fast_path=true"])
     assert (r.data.packing, r.model.attn_implementation) == (True, "sdpa")
+    assert (r.train.per_device_train_batch_size, r.train.gradient_accumulation_steps) == (4, 1)
+    # a recipe that already batches by tokens keeps its budget and accumulation
+    r = build_recipe(ROOT / "recipes" / "full_sgd.yaml", ["data.max_tokens_per_batch=2048", "fast_path=true"])
+    assert (r.data.max_tokens_per_batch, r.train.gradient_accumulation_steps) == (2048, 4)
 
 
 def test_missing_model_path_refused(capsys, tmp_path, tiny_data):
