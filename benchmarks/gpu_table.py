@@ -43,7 +43,7 @@ NOTES = {
     "2026-11-29b-h200/parity_padded": "stopped by its device call's deadline",
     "parity_padded": "the packed/padded pair: 2,000 train rows, 16 rows per step, one epoch, sdpa, bf16: eval_loss "
                      "1.6470 padded vs 1.6456 packed (0.09% apart), train_loss 1.8194 both (docs/parity.md)",
-    "parity_packed": "see parity_padded; the planner misses this one (ratio 0.68). Likely cause, not verified: "
+    "parity_packed": "see parity_padded; the planner misses this one (ratio 0.65). Likely cause, not verified: "
                      "sdpa over a packed row takes a block-diagonal mask, and the planner's activation model assumes "
                      "kernels that keep no scores",
     "2026-11-29c-h200x2/smollm2_gpu": "2 epochs of the whole train split, ~106,000 tokens/s; eval_loss 2.253 "
@@ -129,10 +129,11 @@ NOTES = {
         "full_sgd.yaml with fast_path=true, run when fast_path chose flex_attention on a GPU: 12 steps trained "
         "(45 s and 18 s for the first two, compiling; then 1.39 s a step against 1.61 s as committed, at about "
         "the same tokens), then stopped by the runner's 200 s limit still compiling flex_attention for the 64-row "
-        "evaluation (a new kernel at every new number of 128-token blocks). fast_path now uses sdpa. Peak from "
-        "its epoch record: rank 0 held the 4 longest samples packed (4,055 tokens); the planner's 82.76 GiB "
-        "allocated is 1.44x the 57.38 measured, its sdpa activation model over-counting this flex_attention "
-        "row (not diagnosed further)"),
+        "evaluation (a new kernel at every new number of 128-token blocks). fast_path now uses sdpa. Its peak "
+        "came at step 1, where rank 0 held the 4 longest samples packed (4,055 tokens) and SGD had no momentum "
+        "yet: the planner plans for that batch with the momentum (+12.81 GiB); without it, it gives 57.14 GiB "
+        "allocated against 57.38. This run is why the planner no longer adds gradients to activations when a "
+        "step has one micro-batch (it said 82.76 before)"),
     "smollm2_epoch": "cut off at 39% of the epoch when the session's device time ran out (~9,500 tokens/s "
                      "at batch 16); the logged train loss went 1.85 (epoch 0.09) to 1.67 (epoch 0.39); no eval yet",
 }

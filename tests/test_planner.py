@@ -171,6 +171,28 @@ def test_activation_formula_matches_h100_measurements(case):
     assert abs(layer_activation_bytes(LLAMA_SHAPES["llama2-7b"], **kwargs) - measured) <= 16
 
 
+# Peak allocated GiB per GPU of samsum_tuner's full fine-tune under FSDP2 on 2 H200s (benchmarks/throughput.py
+# --suite fsdp: bf16 mixed precision, packed rows of a 912-token budget, one micro-batch per step, no momentum;
+# benchmarks/results/2026-11-30-h200x2 and 2026-11-30b-h200x2).
+FSDP2_ONE_MICRO_BATCH = {("llama2-7b", "sgd"): 26.63, ("llama2-13b", "sgd"): 50.56,
+                         ("llama2-7b", "adamw_torch_fused"): 52.25, ("llama2-13b", "adamw_torch_fused"): 99.93}
+
+
+@pytest.mark.parametrize("shape,optim", FSDP2_ONE_MICRO_BATCH)
+def test_one_micro_batch_per_step_counts_gradients_or_activations_not_both(shape, optim):
+    """The Trainer frees the gradients after each step, so with no accumulation they grow in backward only as the
+    activations go: counting both over-predicted these runs by 9-23%."""
+    r = build_recipe(None, [f"model.name=random:{shape}", "fsdp.enabled=true", "train.bf16=true",
+                            "data.packing=true", "data.max_tokens_per_batch=912", "data.pad_to_multiple_of=912",
+                            "data.max_length=912", "train.gradient_accumulation_steps=1", f"train.optim={optim}",
+                            "train.momentum=0"])
+    ratio = plan(r, gpus=2, gpu_memory_gib=139.8).gpu_allocated_gib / FSDP2_ONE_MICRO_BATCH[shape, optim]
+    assert 1.0 <= ratio <= 1.03, ratio
+    # with accumulation the gradients of the earlier micro-batches are there while the next one runs forward
+    r.train.gradient_accumulation_steps = 2
+    assert plan(r, gpus=2, gpu_memory_gib=139.8).gpu_allocated_gib / FSDP2_ONE_MICRO_BATCH[shape, optim] > 1.09
+
+
 def test_h100_anchor_peak():
     """32 layers, LoRA q,v r=8, bf16 weights + bf16 autocast, padded batch 8 x 1150: 58.82 GiB peak measured."""
     r = recipe("lora.enabled=true", "model.dtype=bfloat16", "train.bf16=true", "train.per_device_train_batch_size=8")
