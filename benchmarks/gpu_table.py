@@ -120,20 +120,21 @@ NOTES = {
                                                "in the bf16 run",
     "2026-11-30b-h200x2/fsdp2_13b_offload_sgd_fp32": (
         "13B, FSDP CPU offload, SGD fp32 on 2 GPUs (the issue's last matrix run): 2 optimizer steps (132 s to the "
-        "first, 110 s the second, each moving 6.5B fp32 parameters per rank to and from the host and stepping "
+        "first, 110 s the second, each moving 6.6B fp32 parameters per rank to and from the host and stepping "
         "them there) and a 4-row "
         "evaluation. Whole-node host peak 218.30 GiB (109.16 per rank) against the planner's 218.15"),
     "2026-11-30b-h200x2/fsdp2_full_sgd": "the mission's command (full_sgd.yaml) as committed, beside its fast_path "
                                          "run: 12 steps at 1.61 s",
     "2026-11-30b-h200x2/fsdp2_full_sgd_fast": (
         "full_sgd.yaml with fast_path=true, run when fast_path chose flex_attention on a GPU: 12 steps trained "
-        "(45 s and 18 s for the first two, compiling; then 1.39 s a step against 1.61 s as committed, at about "
-        "the same tokens), then stopped by the runner's 200 s limit still compiling flex_attention for the 64-row "
-        "evaluation (a new kernel at every new number of 128-token blocks). fast_path now uses sdpa. Its peak "
-        "came at step 1, where rank 0 held the 4 longest samples packed (4,055 tokens) and SGD had no momentum "
-        "yet: the planner plans for that batch with the momentum (+12.81 GiB); without it, it gives 57.14 GiB "
-        "allocated against 57.38. This run is why the planner no longer adds gradients to activations when a "
-        "step has one micro-batch (it said 82.76 before)"),
+        "(45 s and 18 s for the first two, compiling; then 1.39 s a step over steps 3-12 against 1.58 s for the "
+        "committed run's, at about the same tokens), then stopped by the runner's 200 s limit still compiling "
+        "flex_attention for the 64-row evaluation (a new kernel at every new number of 128-token blocks). "
+        "fast_path now uses sdpa. Its peak came at step 1 (inferred: the record holds the epoch's peak), where "
+        "rank 0 held the 4 longest samples packed (4,055 tokens) and SGD had no momentum yet: the planner plans "
+        "for that batch with the momentum (+12.81 GiB); without it, it gives 57.14 GiB allocated against 57.38. "
+        "This run is why the planner no longer adds gradients to activations when a step has one micro-batch "
+        "(it said 82.76 before)"),
     "smollm2_epoch": "cut off at 39% of the epoch when the session's device time ran out (~9,500 tokens/s "
                      "at batch 16); the logged train loss went 1.85 (epoch 0.09) to 1.67 (epoch 0.39); no eval yet",
 }
