@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The device calls of the GPU sessions (nvidia-h200; s3* to s6* on nvidia-h200-x2, s6* in session 2026-11-30;
-# s7* in session 2026-11-30b), each started as
+# s7* in session 2026-11-30b; s8* is the next session's plan, not yet run), each started as
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
 #     && export PYTHONPATH=/tmp/site:$PWD || exit; export SAMSUM_TUNER_CACHE=$PWD/.gpudata/cache \
 #     SAMSUM_DATA_DIR=$PWD/.gpudata HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false; \
@@ -41,6 +41,16 @@ gguf() {  # the second half joins the first; the SmolLM2 safetensors folder is w
 
 reap
 case $1 in
+s8call1)  # cold, carry .whl .gpudata: both GPUs: rank 0's profile of ours compiled under NCCL's Simple protocol (the
+          # one-GPU profile of 2026-11-30b does not bound the 2-GPU step: what does each rank spend its 0.237 s on?),
+          # then full_sgd.yaml with fast_path=true now that it uses sdpa (2026-11-30b's flex run was killed compiling)
+  env_txt
+  NCCL_PROTO=Simple python benchmarks/throughput.py --suite fsdp --nproc 2 --steps 20 --only ours_fsdp_sgd_compiled \
+    --profile ours_fsdp_sgd_compiled --out /tmp/bp --timeout 150 > "$OUT/bench_fsdp_simple_profile.log" 2>&1
+  cp /tmp/bp/throughput.json "$OUT/throughput_fsdp_simple_profile.json"; cp /tmp/bp/profile_*.txt "$OUT/" 2>/dev/null
+  python benchmarks/gpu_matrix.py --out "$OUT" --deadline $(($(left) - 20)) --timeout 240 --steps 12 --rows 64 \
+    --only fsdp2_full_sgd_fast
+  ;;
 s7call4)  # cold, carry .whl .gpudata: both GPUs: the 13B AdamW pair again under NCCL's default protocol (s7call2's
           # ours timed out at 110 s, where session 2026-11-30's 13B SGD pair took 71 s); a timeout now prints stacks
   env_txt
