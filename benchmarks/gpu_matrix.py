@@ -92,7 +92,7 @@ RUNS: dict[str, tuple[list[str] | None, str, list[str], str]] = {
     "fsdp2_full_sgd": (FSDP2, R + "full_sgd.yaml", [M7], "ok"),
     "fsdp2_full_sgd_fp16": (FSDP2, R + "fsdp_full_sgd_fp16.yaml", [M7], "ok"),
     # The mission's command with the one override that moves it to the fast path (its 4 samples per step packed
-    # into one flex_attention row): beside fsdp2_full_sgd in the same call.
+    # into one row): beside fsdp2_full_sgd in the same call.
     "fsdp2_full_sgd_fast": (FSDP2, R + "full_sgd.yaml", [M7, "fast_path=true"], "ok"),
     # Evaluation under offload moves every layer's weights to the GPU per batch (32 rows outlasted a 330 s limit
     # in session 2026-11-30): 4 rows.
