@@ -24,15 +24,18 @@ carries over) for --warmup + --steps optimizer steps; the timed window is the la
            tokens as the naive run's 4 rows,
            the same optimizer (SGD without momentum: not recipes/full_sgd.yaml's 0.9) / ours_fsdp_adamw_big: 8,192
            tokens per GPU with gradient checkpointing, ours at its best (more tokens per step than the anchor) /
-           ours_fsdp_sgd_compiled / ours_fsdp_adamw_compiled: ours_fsdp_sgd / ours_fsdp_adamw with model.compile.
+           ours_fsdp_sgd_compiled / ours_fsdp_adamw_compiled: ours_fsdp_sgd / ours_fsdp_adamw with model.compile
+           / ours_fsdp_sgd_compiled_sdpa: ours_fsdp_sgd_compiled with sdpa, rows padded to a multiple of 64 only.
            Each ours configuration compares with the naive run of its optimizer; no --cap unless given.
 MFU counts against 794 TFLOP/s per GPU (dense bf16 measured on an H100; the H200 has the same chip).
 """
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -68,7 +71,7 @@ SUITES = {
     "smollm2": ["trl_default", "ours_smollm2", "ours_smollm2_compiled", "ours_smollm2_32k", "flex_loop_16k"],
     # Pairs first: a run cut short by its deadline still has something to compare.
     "fsdp": ["naive_fsdp_adamw", "ours_fsdp_adamw", "naive_fsdp_sgd", "ours_fsdp_sgd", "ours_fsdp_adamw_big",
-             "ours_fsdp_sgd_compiled", "ours_fsdp_adamw_compiled"],
+             "ours_fsdp_sgd_compiled", "ours_fsdp_adamw_compiled", "ours_fsdp_sgd_compiled_sdpa"],
 }
 BASELINE = {"7b": ("naive_lora", "flex_lora_b16"), "qlora": ("naive_qlora", None),
             "smollm2": ("trl_default", "flex_loop_16k"), "fsdp": ("naive_fsdp_adamw", None)}
@@ -95,7 +98,10 @@ def _stream(recipe, rows: int):
 
 
 class Timer:
-    """Times optimizer steps warmup+1 .. warmup+steps; tokens from the Trainer's non-padding count."""
+    """Times optimizer steps warmup+1 .. warmup+steps. Tokens: the non-padding count of samsum_tuner's
+    TokenCounting (`timer.trainer`, every configuration's Trainer has it), which like the clock is read at the
+    window's two ends only: a read every step would stall the host's queue of launches, costing a fast step more
+    than a slow one."""
 
     def __init__(self, warmup: int):
         from transformers import TrainerCallback
@@ -104,13 +110,17 @@ class Timer:
 
         class _CB(TrainerCallback):
             def on_step_end(self, args, state, control, **kw):
+                if state.global_step not in (warmup, state.max_steps):
+                    return
+                tokens = timer.trainer.tokens_seen()
                 _sync()
                 if state.global_step == warmup:
-                    timer.t0, timer.tok0 = time.perf_counter(), int(state.num_input_tokens_seen)
-                timer.t1, timer.tok1, timer.steps = time.perf_counter(), int(state.num_input_tokens_seen), \
-                    state.global_step - warmup
+                    timer.t0, timer.tok0 = time.perf_counter(), tokens
+                else:
+                    timer.t1, timer.tok1, timer.steps = time.perf_counter(), tokens, state.global_step - warmup
 
         self.callback = _CB()
+        self.trainer = None
         self.t0 = self.t1 = None
         self.tok0 = self.tok1 = self.steps = 0
 
@@ -125,7 +135,7 @@ def _hf_args(out: str, steps: int, batch: int, **overrides):
     return TrainingArguments(**{**dict(output_dir=out, max_steps=steps, per_device_train_batch_size=batch,
                                        bf16=DEVICE == "cuda", use_cpu=DEVICE == "cpu", learning_rate=1e-4,
                                        logging_steps=1000, save_strategy="no", report_to=[], disable_tqdm=True,
-                                       include_num_input_tokens_seen="non_padding", remove_unused_columns=False),
+                                       remove_unused_columns=False),
                                 **overrides})
 
 
@@ -158,12 +168,18 @@ def _lora(model):
 def _trainer_run(model, tokenizer, dataset, batch: int, steps: int, warmup: int, collator=None, **args) -> dict:
     from transformers import DataCollatorForSeq2Seq, Trainer
 
+    from samsum_tuner.trainer import TokenCounting
+
+    class CountingTrainer(TokenCounting, Trainer):  # otherwise the plain Trainer, with its defaults
+        pass
+
     timer = Timer(warmup)
     collator = collator or DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100,
                                                   return_tensors="pt")
-    trainer = Trainer(model=model, args=_hf_args("/tmp/bench_run", warmup + steps, batch, **args),
-                      train_dataset=dataset, data_collator=collator, processing_class=tokenizer,
-                      callbacks=[timer.callback])
+    trainer = timer.trainer = CountingTrainer(model=model, args=_hf_args("/tmp/bench_run", warmup + steps, batch,
+                                                                         **args),
+                                              train_dataset=dataset, data_collator=collator,
+                                              processing_class=tokenizer, callbacks=[timer.callback])
     trainer.train()
     return {**timer.result(), "fsdp_units": _fsdp_units(trainer)}
 
@@ -210,7 +226,7 @@ def _ours(a, path: str, overrides: list[str]) -> dict:
                             "train.output_dir=/tmp/bench_ours", "data.longest_first=false", *overrides,
                             *CPU_OVERRIDES])
     timer = Timer(a.warmup)
-    trainer = build_trainer(recipe, callbacks=[timer.callback])
+    trainer = timer.trainer = build_trainer(recipe, callbacks=[timer.callback])
     if a.profile:
         _profile_last_steps(trainer, a)
     trainer.train()
@@ -237,6 +253,12 @@ def _profile_last_steps(trainer, a) -> None:
             if int(os.environ.get("RANK", 0)) == 0:  # under FSDP every rank profiles; one table is enough
                 table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
                 Path(a.out, f"profile_{a.config}.txt").write_text(table)
+                if a.trace:  # the timeline: where the GPU waits on the host, and for what
+                    raw = Path(a.out, f"trace_{a.config}.json")
+                    prof.export_chrome_trace(str(raw))
+                    with raw.open("rb") as src, gzip.open(f"{raw}.gz", "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+                    raw.unlink()
 
     trainer.add_callback(_Prof())
 
@@ -363,6 +385,13 @@ def ours_fsdp_adamw_compiled(a) -> dict:
     return _ours_fsdp(a, ADAMW, extra=("model.compile=true",))
 
 
+def ours_fsdp_sgd_compiled_sdpa(a) -> dict:
+    """ours_fsdp_sgd_compiled with sdpa and rows padded to a multiple of 64 only, not to the budget: no matmul
+    over padding (a fifth of the budget-padded row's tokens), at the cost of a shape that varies."""
+    return _ours_fsdp(a, "sgd", extra=("model.compile=true", "model.attn_implementation=sdpa",
+                                       "data.pad_to_multiple_of=64"))
+
+
 def ours_fsdp_adamw_big(a) -> dict:
     """Ours at its best: 8,192 tokens per GPU, about 10x the anchor's real tokens per step (not like for like).
     Gradient checkpointing keeps the activations (about 40 GiB without it on 7B) under the naive run's peak."""
@@ -377,6 +406,10 @@ def trl_default(a) -> dict:
 
     from samsum_tuner.data import load_clean_split
     from samsum_tuner.model import embedded_model_dir
+    from samsum_tuner.trainer import TokenCounting
+
+    class CountingSFTTrainer(TokenCounting, SFTTrainer):  # otherwise TRL's own, with its defaults
+        pass
 
     recipe = _recipe("recipes/smollm2_gpu.yaml", [])
     rows = load_clean_split(recipe.data, "train")[0][: a.rows]
@@ -385,10 +418,10 @@ def trl_default(a) -> dict:
                                   "completion": [{"role": "assistant", "content": r["summary"]}]} for r in rows])
     timer = Timer(a.warmup)
     config = SFTConfig(output_dir="/tmp/bench_trl", max_steps=a.warmup + a.steps, report_to=[], save_strategy="no",
-                       logging_steps=1000, disable_tqdm=True, include_num_input_tokens_seen="non_padding",
+                       logging_steps=1000, disable_tqdm=True,
                        **({} if DEVICE == "cuda" else {"use_cpu": True, "bf16": False}))
-    trainer = SFTTrainer(model=str(embedded_model_dir()), args=config, train_dataset=dataset,
-                         callbacks=[timer.callback])
+    trainer = timer.trainer = CountingSFTTrainer(model=str(embedded_model_dir()), args=config,
+                                                 train_dataset=dataset, callbacks=[timer.callback])
     trainer.train()
     out = timer.result()
     out["settings"] = {k: getattr(config, k) for k in ("per_device_train_batch_size", "gradient_checkpointing",
@@ -496,7 +529,8 @@ def _peaks(gather: bool) -> dict:
 
 def _command(a, suite: str, name: str, target: Path, cap: float) -> list[str]:
     args = [__file__, "--config", name, "--json-out", str(target), "--out", str(a.out), "--rows", str(a.rows),
-            "--warmup", str(a.warmup), "--steps", str(a.steps), "--cap", str(cap), "--profile", a.profile]
+            "--warmup", str(a.warmup), "--steps", str(a.steps), "--cap", str(cap), "--profile", a.profile,
+            *(["--trace"] if a.trace else [])]
     if suite not in MULTI_GPU_SUITES or (DEVICE == "cpu" and a.nproc == 1):
         # Without CUDA accelerate does not engage FSDP and samsum_tuner refuses an FSDP launch (launch.py): the
         # check of the script on a CPU runs its one process without the launcher.
@@ -523,6 +557,8 @@ def main() -> None:
     p.add_argument("--cap", type=float, default=None,
                    help=f"GiB per process; 0 = none; default {DEFAULT_CAP} (an H100 80GB on an H200), none for fsdp")
     p.add_argument("--profile", default="ours_lora", help="configurations that also write a profiler table")
+    p.add_argument("--trace", action="store_true", help="the profiled configurations also write a gzipped "
+                   "chrome trace (trace_<config>.json.gz)")
     p.add_argument("--timeout", type=int, default=400, help="per configuration")
     p.add_argument("--deadline", type=float, default=0,
                    help="seconds from start after which no configuration starts (a device call has a hard limit)")

@@ -173,10 +173,10 @@ def build_trainer(recipe: Recipe, *, prepared: Prepared | None = None, callbacks
         eval_dataset=prepared.splits["eval"].dataset if "eval" in prepared.splits else None,
         data_collator=build_collator(recipe, prepared.tokenizer),
         processing_class=prepared.tokenizer,
-        callbacks=[memory_cb, ThroughputCallback(), NonFiniteGuard(recipe.guard, recipe.train.output_dir),
-                   *(callbacks or [])],
+        callbacks=[memory_cb, NonFiniteGuard(recipe.guard, recipe.train.output_dir), *(callbacks or [])],
         recipe=recipe,
     )
+    trainer.add_callback(ThroughputCallback(trainer.tokens_seen))
     trainer.prepared = prepared
     return trainer
 

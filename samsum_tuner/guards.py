@@ -1,11 +1,15 @@
 """NaN guard: stop a run whose loss is no longer finite, or whose fp16 loss scaler skips step after step.
 
-Checked at the end of each optimizer step, before the Trainer may save at that step, so a checkpoint
-written after the guard trips never exists; the message names the last checkpoint from before the streak.
+Every optimizer step is accounted for, in order. Its loss is read back from the GPU without waiting, once the
+GPU has got there (a wait every step would leave the GPU idle while the host queues the next step); at a step
+where the Trainer may save, evaluate or log, at an epoch's and at training's end, the guard waits for it. So
+a checkpoint written after the guard trips never exists; the message names the last checkpoint from before
+the streak.
 """
 from __future__ import annotations
 
 import math
+from collections import deque
 
 import torch
 from transformers import TrainerCallback
@@ -20,6 +24,8 @@ class NonFiniteGuard(TrainerCallback):
         self.cfg, self.run_dir = cfg, run_dir
         self._bad: torch.Tensor | None = None  # any non-finite micro-batch loss in this optimizer step
         self._worst: torch.Tensor | None = None
+        # Steps not yet accounted for: (step, [bad, loss] on the host once `ready` has passed, ready, skipped)
+        self._pending: deque = deque()
         self.nonfinite = self.skipped = 0  # streaks, in optimizer steps
         self.first_nonfinite = self.first_skipped = 0
 
@@ -32,32 +38,64 @@ class NonFiniteGuard(TrainerCallback):
         self._worst = first if self._worst is None else torch.where(bad, first, self._worst)
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
-        bad = bool(self._bad) if self._bad is not None else False
-        value = float(self._worst) if self._worst is not None else math.nan
+        # accelerate's AcceleratedOptimizer knows whether the GradScaler skipped this step (on the host already).
+        self._pending.append((state.global_step, *self._read_back(), getattr(optimizer, "step_was_skipped", False)))
         self._bad = self._worst = None
-        step = state.global_step
+        # The Trainer decided in its own on_step_end (the first callback) whether this step saves, evaluates or
+        # logs; an epoch-end save is decided later, in on_epoch_end.
+        self._account(state.global_step, wait=control.should_save or control.should_evaluate or control.should_log
+                      or control.should_training_stop)
+        return control
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._account(state.global_step, wait=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._account(state.global_step, wait=True)
+
+    def _read_back(self) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        if self._bad is None:
+            return torch.tensor([0.0, math.nan]), None
+        values = torch.stack([self._bad.float(), self._worst])
+        if not values.is_cuda:
+            return values, None
+        host = torch.empty(2, pin_memory=True)
+        host.copy_(values, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return host, ready
+
+    def _account(self, now: int, wait: bool) -> None:
+        while self._pending:
+            step, values, ready, skipped = self._pending[0]
+            if ready is not None:
+                if not wait and not ready.query():
+                    return
+                ready.synchronize()
+            self._pending.popleft()
+            self._step(step, now, bool(values[0]), float(values[1]), skipped)
+
+    def _step(self, step: int, now: int, bad: bool, value: float, skipped: bool) -> None:
         if bad:
             self.nonfinite += 1
             self.first_nonfinite = self.first_nonfinite if self.nonfinite > 1 else step
         else:
             self.nonfinite = 0
-        # accelerate's AcceleratedOptimizer knows whether the GradScaler skipped this step; a skipped step
-        # leaves the weights as checkpoint-(first skipped - 1) has them.
-        if getattr(optimizer, "step_was_skipped", False):
+        # A skipped step leaves the weights as checkpoint-(first skipped - 1) has them.
+        if skipped:
             self.skipped += 1
             self.first_skipped = self.first_skipped if self.skipped > 1 else step
         else:
             self.skipped = 0
         limit_nf, limit_skip = self.cfg.max_nonfinite_steps, self.cfg.max_skipped_steps
+        upto = f" up to step {step}" if step != now else ""
         if limit_nf and self.nonfinite >= limit_nf:
             # The loss of step k is computed from the weights saved as checkpoint-(k-1): those are suspect too.
-            self._stop(step, self.first_nonfinite - 1,
-                       f"loss is {value} for {self.nonfinite} step(s) in a row (guard.max_nonfinite_steps={limit_nf})")
+            self._stop(now, self.first_nonfinite - 1, f"loss is {value} for {self.nonfinite} step(s) in a row{upto} "
+                                                      f"(guard.max_nonfinite_steps={limit_nf})")
         if limit_skip and self.skipped >= limit_skip:
-            self._stop(step, self.first_skipped,
-                       f"the fp16 loss scaler skipped {self.skipped} steps in a row "
-                       f"(guard.max_skipped_steps={limit_skip})")
-        return control
+            self._stop(now, self.first_skipped, f"the fp16 loss scaler skipped {self.skipped} steps in a row{upto} "
+                                                f"(guard.max_skipped_steps={limit_skip})")
 
     def _stop(self, step: int, suspect_from: int, why: str) -> None:
         good = latest_checkpoint(self.run_dir, before_step=suspect_from)

@@ -23,7 +23,40 @@ from .launch import Launch, fsdp_training_args
 from .memory import MemoryCallback
 
 
-class SamsumTrainer(Trainer):
+class TokenCounting:
+    """A transformers.Trainer mixin: the non-padding input tokens fed (state.num_input_tokens_seen, in every log
+    line) without a host sync per micro-batch.
+
+    The Trainer's own count (include_num_input_tokens_seen) gathers it and reads it back after every micro-batch,
+    and the wait leaves the GPU idle while the host queues the next work. Here it is summed on the device and
+    read only when asked for: at log lines, or at a throughput window's ends."""
+
+    _tokens: torch.Tensor | None = None  # this process's count since train() began
+    _tokens_base = 0  # a resumed run's count goes on from its checkpoint's
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        n = non_padding_tokens(inputs, getattr(self.processing_class, "pad_token_id", None))
+        if self._tokens is None:
+            self._tokens, self._tokens_base = n, self.state.num_input_tokens_seen
+        else:
+            self._tokens = self._tokens + n
+        return loss
+
+    def tokens_seen(self) -> int:
+        """Summed over processes: a collective, so every process asks at the same point of the loop (the
+        Trainer logs on every process at the same steps)."""
+        if self._tokens is not None:
+            total = self.accelerator.reduce(self._tokens, "sum") if self.accelerator.num_processes > 1 else self._tokens
+            self.state.num_input_tokens_seen = self._tokens_base + int(total)
+        return self.state.num_input_tokens_seen
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        logs["num_input_tokens_seen"] = self.tokens_seen()
+        super().log(logs, start_time)
+
+
+class SamsumTrainer(TokenCounting, Trainer):
     """Trainer plus the original's optimizer and schedule, and perplexity in every log."""
 
     def __init__(self, *args, recipe: Recipe, **kwargs):
@@ -167,6 +200,15 @@ class SamsumTrainer(Trainer):
         super().log(logs, start_time)
 
 
+def non_padding_tokens(inputs: dict, pad_token_id: int | None) -> torch.Tensor:
+    """The Trainer's "non_padding" count of one batch, left on the device: the attention mask's ones, else the
+    input ids that are not the pad id (a packed row's tail is made of it)."""
+    if "attention_mask" in inputs:
+        return inputs["attention_mask"].sum()
+    ids = inputs["input_ids"]
+    return (ids != pad_token_id).sum() if pad_token_id is not None else torch.tensor(ids.numel(), device=ids.device)
+
+
 def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
     """Positions t whose logits predict a supervised label at t + 1, in any row."""
     return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
@@ -271,25 +313,33 @@ class BatchSamplerEpoch(TrainerCallback):
 
 
 class ThroughputCallback(TrainerCallback):
-    """Seconds per optimizer step and real (non-pad) tokens per second, first step excluded (warm-up)."""
+    """Seconds per optimizer step and real (non-pad) tokens per second, first step excluded (warm-up).
 
-    def __init__(self):
+    `tokens` gives the non-padding tokens seen so far over all processes (SamsumTrainer.tokens_seen). The GPU is
+    waited for at the window's two ends only: a wait every step would stall the host's queue of launches."""
+
+    def __init__(self, tokens):
+        self.tokens = tokens
         self.t0 = self.tokens0 = self.step0 = None
         self.summary: dict[str, float] = {}
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def _now(self) -> float:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        now = time.perf_counter()
+        return time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
         if self.t0 is None:
-            self.t0, self.tokens0, self.step0 = now, state.num_input_tokens_seen, state.global_step
+            self.tokens0, self.step0 = self.tokens(), state.global_step
+            self.t0 = self._now()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.t0 is None:
             return
-        steps, dt = state.global_step - self.step0, now - self.t0
-        if steps > 0 and dt > 0:
-            # num_input_tokens_seen is already summed over processes by the Trainer.
-            self.summary = {"s_per_step": dt / steps,
-                            "real_tokens_per_s": (state.num_input_tokens_seen - self.tokens0) / dt,
-                            "timed_steps": steps}
+        now, steps = self._now(), state.global_step - self.step0
+        if steps > 0:
+            self.summary = {"s_per_step": (now - self.t0) / steps,
+                            "real_tokens_per_s": (self.tokens() - self.tokens0) / (now - self.t0), "timed_steps": steps}
 
 
 def build_collator(recipe: Recipe, tokenizer):
@@ -364,11 +414,18 @@ def training_arguments(recipe: Recipe, launch: Launch, layer_cls: list[str], has
         gradient_checkpointing=recipe.model.gradient_checkpointing and not recipe.quantization.bits,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         remove_unused_columns=False,
-        include_num_input_tokens_seen="non_padding",
+        # Counted by TokenCounting instead: the Trainer's count reads the GPU back every micro-batch.
+        include_num_input_tokens_seen="no",
+        # Its NaN filter of the logged loss reads the loss back every micro-batch too; NonFiniteGuard stops a run
+        # whose loss is not finite, and with the guard off a non-finite loss is logged as it is.
+        logging_nan_inf_filter=False,
         use_cpu=not torch.cuda.is_available(),
         ddp_find_unused_parameters=False if launch.world_size > 1 and not launch.fsdp else None,
     )
+    # Batches come from pinned memory (the Trainer's default): copied without blocking, the next batch no longer
+    # waits for the previous optimizer step to finish on the GPU before the host can queue its forward.
+    kwargs["accelerator_config"] = {"non_blocking": True}
     if launch.fsdp and t.gradient_accumulation_steps > 1 and recipe.fsdp.reduce_every_micro_batch:
-        kwargs["accelerator_config"] = {"gradient_accumulation_kwargs": {"sync_each_batch": True}}
+        kwargs["accelerator_config"]["gradient_accumulation_kwargs"] = {"sync_each_batch": True}
     kwargs.update(fsdp_training_args(recipe, launch, layer_cls))
     return TrainingArguments(**kwargs)

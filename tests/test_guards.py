@@ -104,3 +104,19 @@ def test_fp16_scaler_skipping_in_a_row_stops_a_real_grad_scaler():
     with pytest.raises(TrainingDiverged, match=r"at step 8: the fp16 loss scaler skipped 4 steps in a row "
                                                r"\(guard.max_skipped_steps=4\); no good checkpoint"):
         step(True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_gpu_the_guard_reads_the_loss_back_late_but_always_before_a_save(nan_model_dir, tiny_data, tmp_path,
+                                                                              capsys):
+    """On CUDA a step's loss is read back once the GPU has got there, and waited for at a save step."""
+    out = tmp_path / "run"
+    code = _train(nan_model_dir, tiny_data, out, "--use_peft", "train.max_steps=12", "train.logging_steps=1000",
+                  "train.save_strategy=steps", "train.save_steps=4", "guard.max_nonfinite_steps=2")
+    err = _error(capsys)
+    m = re.fullmatch(r"samsum-tuner: error: training stopped at step (\d+): loss is nan for 2 step\(s\) in a row"
+                     r"( up to step 2)? \(guard.max_nonfinite_steps=2\); no good checkpoint was saved before it", err)
+    assert code == 4 and m, err
+    assert 2 <= int(m.group(1)) <= 4 and (m.group(2) is None) == (m.group(1) == "2")
+    assert ck.complete_checkpoints(out) == []

@@ -102,6 +102,31 @@ def test_full_finetune_fp32_lowers_loss(tiny_model_dir, tiny_data, tmp_path):
     assert losses[-1] < losses[0] and (tmp_path / "run" / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_tokens_seen_are_the_non_padding_tokens_of_every_batch(layout, tiny_model_dir, tiny_data, tmp_path):
+    """The Trainer's own count reads the GPU back every micro-batch; ours is read at log lines and at the end."""
+    extra = (["train.per_device_train_batch_size=4"] if layout == "padded" else
+             ["data.packing=true", "data.max_tokens_per_batch=160", "data.pad_to_multiple_of=32"])
+    r = _recipe(tiny_model_dir, tiny_data, tmp_path / "run", *extra, "train.logging_steps=2",
+                "train.gradient_accumulation_steps=1", "train.num_train_epochs=1", "train.save_strategy=no",
+                "train.save_model=false", "train.eval_strategy=no")
+    trainer = st.build_trainer(r)
+    assert trainer.args.include_num_input_tokens_seen == "no" and not trainer.args.logging_nan_inf_filter
+    pad = trainer.processing_class.pad_token_id
+    counts = [int(b["attention_mask"].sum()) if "attention_mask" in b else int((b["input_ids"] != pad).sum())
+              for b in trainer.get_train_dataloader()]
+    if layout == "packed":  # a packed row's padded tail is left out, and it is there to be left out
+        rows = [b["input_ids"] for b in trainer.get_train_dataloader()]
+        assert all(ids.shape[1] % 32 == 0 for ids in rows) and any(ids[0, -1] == pad for ids in rows)
+    metrics = st.train(r, trainer=trainer)
+    assert trainer.state.global_step == len(counts)
+    assert trainer.state.num_input_tokens_seen == metrics["num_input_tokens_seen"] == sum(counts)
+    logged = [(h["step"], h["num_input_tokens_seen"]) for h in trainer.state.log_history if "loss" in h]
+    assert logged[1:] and all(n == sum(counts[:step]) for step, n in logged)
+    # first step excluded from the throughput window (warm-up)
+    assert metrics["timed_steps"] == len(counts) - 1 and metrics["real_tokens_per_s"] > 0
+
+
 def test_existing_run_dir_is_never_overwritten(tiny_model_dir, tiny_data, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
