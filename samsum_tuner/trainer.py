@@ -66,14 +66,21 @@ class SamsumTrainer(TokenCounting, Trainer):
         if recipe.train.supervised_logits_only:
             kwargs.setdefault("compute_loss_func", supervised_loss)
         super().__init__(*args, **kwargs)
+        if self.compute_loss_func is supervised_loss:
+            self.data_collator = WithSupervisedPositions(self.data_collator)
         if recipe.data.max_tokens_per_batch or recipe.data.longest_first:
             self.add_callback(BatchSamplerEpoch())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.compute_loss_func is supervised_loss and "labels" in inputs:
             # Through the model's own forward (so FSDP, DDP and PEFT hooks all run): lm_head sees only the
-            # positions whose next token is a target, in any row of the batch.
-            inputs = {**inputs, "logits_to_keep": supervised_positions(inputs["labels"])}
+            # positions whose next token is a target, in any row of the batch, and the loss their targets.
+            keep = inputs.get("logits_to_keep")
+            if keep is None:  # a batch from another collator: the same positions, found on the GPU (a host sync)
+                keep = supervised_positions(inputs["labels"])
+            inputs = {**inputs, "logits_to_keep": keep, "labels": inputs["labels"][:, 1:][:, keep]}
+        else:
+            inputs = {k: v for k, v in inputs.items() if k != "logits_to_keep"}
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def _get_output_dir(self, trial) -> str:
@@ -214,12 +221,27 @@ def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
 
 
-def supervised_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
-    """Causal-LM cross-entropy from logits kept at `supervised_positions(labels)` only: the same value as the
-    model's own loss (sum over supervised tokens / their count, or / num_items_in_batch under accumulation)."""
-    keep = supervised_positions(labels)
+class WithSupervisedPositions:
+    """A collator whose batches also carry `logits_to_keep`, the supervised positions, found on the host: on
+    the GPU the search (a nonzero) would wait for the GPU to finish the previous step before the host could
+    queue anything more."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        if "labels" in batch:
+            batch["logits_to_keep"] = supervised_positions(batch["labels"])
+        return batch
+
+
+def supervised_loss(outputs, targets: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """Causal-LM cross-entropy from logits kept at `keep = supervised_positions(labels)` only, `targets` being
+    `labels[:, 1:][:, keep]`: the same value as the model's own loss (sum over supervised tokens / their count,
+    or / num_items_in_batch under accumulation)."""
     logits = outputs.logits.float()
-    targets = labels[:, 1:][:, keep].to(logits.device)
+    targets = targets.to(logits.device)
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
                                              ignore_index=IGNORE_INDEX, reduction="sum")
     n = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE_INDEX).sum()

@@ -198,7 +198,7 @@ def test_supervised_logits_only_is_the_same_loss_and_gradients(tokenizer, packin
     keep = supervised_positions(batch["labels"])
     out = model(**inputs, logits_to_keep=keep)
     assert out.logits.shape[1] == len(keep) < batch["input_ids"].shape[1]
-    mine = supervised_loss(out, batch["labels"])
+    mine = supervised_loss(out, batch["labels"][:, 1:][:, keep])
     mine.backward()
     torch.testing.assert_close(mine, full, atol=1e-6, rtol=1e-6)
     for got, exp in zip((p.grad for p in model.parameters()), want):
@@ -207,6 +207,7 @@ def test_supervised_logits_only_is_the_same_loss_and_gradients(tokenizer, packin
 
 def test_trainer_with_and_without_supervised_logits_only_logs_the_same_losses(tiny_model_dir, tmp_path):
     import samsum_tuner as st
+    from samsum_tuner.trainer import supervised_positions
 
     rows = varied_rows(16)
     write_jsonl(tmp_path / "d", "train", rows)
@@ -219,6 +220,11 @@ def test_trainer_with_and_without_supervised_logits_only_logs_the_same_losses(ti
                                   "train.gradient_accumulation_steps=2", "train.learning_rate=1e-3",
                                   "data.max_length=128", *QUIET_RUN])
         trainer = st.build_trainer(r)
+        batch = next(iter(trainer.get_train_dataloader()))
+        # the positions come with the batch, found on the host: on the GPU the search would wait for it
+        assert ("logits_to_keep" in batch) == flag
+        if flag:
+            assert torch.equal(batch["logits_to_keep"], supervised_positions(batch["labels"]))
         metrics = st.train(r, trainer=trainer)
         curves[flag] = [h["loss"] for h in trainer.state.log_history if "loss" in h] + [metrics["eval_loss"]]
     assert curves[True] == pytest.approx(curves[False], abs=1e-5)
