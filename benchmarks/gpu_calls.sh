@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The device calls of the GPU sessions (nvidia-h200; s3* to s6* on nvidia-h200-x2, s6* in session 2026-11-30;
-# s7* in session 2026-11-30b; s8* is the next session's plan, not yet run), each started as
+# s7* in session 2026-11-30b; s9* is the next session's plan, not yet run: session 2026-12-04 had one H200
+# only, its calls are in benchmarks/results/2026-12-04-h200/commands.md), each started as
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
 #     && export PYTHONPATH=/tmp/site:$PWD || exit; export SAMSUM_TUNER_CACHE=$PWD/.gpudata/cache \
 #     SAMSUM_DATA_DIR=$PWD/.gpudata HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false; \
@@ -41,15 +42,35 @@ gguf() {  # the second half joins the first; the SmolLM2 safetensors folder is w
 
 reap
 case $1 in
-s8call1)  # cold, carry .whl .gpudata: both GPUs: rank 0's profile of ours compiled under NCCL's Simple protocol (the
-          # one-GPU profile of 2026-11-30b does not bound the 2-GPU step: what does each rank spend its 0.237 s on?),
-          # then full_sgd.yaml with fast_path=true now that it uses sdpa (2026-11-30b's flex run was killed compiling)
+s9call1)  # cold, carry .whl .gpudata: both GPUs, NCCL's Simple protocol: the 7B pairs again, each run twice and
+          # interleaved (one H200 host's tokens/s moved by up to a quarter between runs of the same code in
+          # session 2026-12-04), with samsum_tuner's per-step host syncs gone and the naive runs no longer paying
+          # the benchmark's own (a token count read back and a clock synchronised every step)
   env_txt
-  NCCL_PROTO=Simple python benchmarks/throughput.py --suite fsdp --nproc 2 --steps 20 --only ours_fsdp_sgd_compiled \
-    --profile ours_fsdp_sgd_compiled --out /tmp/bp --timeout 150 > "$OUT/bench_fsdp_simple_profile.log" 2>&1
-  cp /tmp/bp/throughput.json "$OUT/throughput_fsdp_simple_profile.json"; cp /tmp/bp/profile_*.txt "$OUT/" 2>/dev/null
-  python benchmarks/gpu_matrix.py --out "$OUT" --deadline $(($(left) - 20)) --timeout 240 --steps 12 --rows 64 \
+  NCCL_PROTO=Simple python benchmarks/throughput.py --suite fsdp --nproc 2 --steps 20 --repeat 2 \
+    --only naive_fsdp_sgd,ours_fsdp_sgd_compiled,naive_fsdp_adamw,ours_fsdp_adamw_compiled --out /tmp/b7 \
+    --timeout 120 --deadline $(($(left) - 10)) > "$OUT/bench_fsdp7_simple.log" 2>&1
+  cp /tmp/b7/throughput.json "$OUT/throughput_fsdp7_simple_2gpu.json"
+  ;;
+s9call2)  # warm, carry .whl .gpudata: both GPUs: rank 0's profile and timeline of ours under Simple (where do the
+          # 2-GPU step's 0.237 s go: the one-GPU trace of 2026-12-04 showed the host, not the GPU, setting the pace),
+          # then the 13B pairs under NCCL's default
+  env_txt
+  NCCL_PROTO=Simple python benchmarks/throughput.py --suite fsdp --nproc 2 --steps 6 --only ours_fsdp_sgd_compiled \
+    --profile ours_fsdp_sgd_compiled --trace --out /tmp/bp --timeout 150 > "$OUT/bench_fsdp_simple_profile.log" 2>&1
+  cp /tmp/bp/profile_*.txt /tmp/bp/trace_*.json.gz "$OUT/" 2>/dev/null
+  python benchmarks/throughput.py --suite fsdp --nproc 2 --model random:llama2-13b --steps 20 \
+    --only naive_fsdp_sgd,ours_fsdp_sgd_compiled,naive_fsdp_adamw,ours_fsdp_adamw_compiled --out /tmp/b13 \
+    --timeout 110 --deadline $(($(left) - 10)) > "$OUT/bench_fsdp13.log" 2>&1
+  cp /tmp/b13/throughput.json "$OUT/throughput_fsdp13_2gpu.json"
+  ;;
+s9call3)  # warm, carry .whl .gpudata: both GPUs: full_sgd.yaml with fast_path=true now that it uses sdpa
+          # (2026-11-30b's flex run was killed compiling its evaluation); the GPU tests (the NaN guard's late read-back)
+  env_txt
+  python benchmarks/gpu_matrix.py --out "$OUT" --deadline $(($(left) - 200)) --timeout 240 --steps 12 --rows 64 \
     --only fsdp2_full_sgd_fast
+  timeout $(($(left) - 10)) python -m pytest -q -m gpu tests/test_gpu.py tests/test_gpu_resume.py tests/test_guards.py \
+    > "$OUT/gpu_tests.txt" 2>&1
   ;;
 s7call4)  # cold, carry .whl .gpudata: both GPUs: the 13B AdamW pair again under NCCL's default protocol (s7call2's
           # ours timed out at 110 s, where session 2026-11-30's 13B SGD pair took 71 s); a timeout now prints stacks

@@ -552,6 +552,8 @@ def main() -> None:
     p.add_argument("--nproc", type=int, default=torch.cuda.device_count() or 1,
                    help="processes (GPUs) of the fsdp suite's accelerate launch")
     p.add_argument("--rows", type=int, default=4096, help="train rows in the token stream")
+    p.add_argument("--repeat", type=int, default=1, help="runs of each configuration, interleaved; ratios use "
+                   "each configuration's median run")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--cap", type=float, default=None,
@@ -577,11 +579,12 @@ def main() -> None:
     wanted = a.only.split(",") if a.only else list(suite_of)
     if unknown := [c for c in wanted if c not in suite_of]:
         p.error(f"--only: {', '.join(unknown)} not in --suite {a.suite}")
-    plan = [(suite_of[c], c) for c in wanted]
+    # Repeats interleave (A B A B ...): on a shared host one configuration's samples do not all fall in a slow spell.
+    plan = [(suite_of[c], c) for _ in range(a.repeat) for c in wanted]
     env = {**os.environ, "BENCH_MODEL": a.model}
     results: list[dict] = []
     start = time.time()
-    for suite, name in plan:
+    for i, (suite, name) in enumerate(plan):
         left = a.deadline - (time.time() - start) if a.deadline else a.timeout
         if left < 30:
             results.append({"config": name, "suite": suite, "status": "not run (deadline)"})
@@ -601,7 +604,7 @@ def main() -> None:
             stderr = "\n".join(x for x in stderr.splitlines() if "Extension modules:" not in x)
             r = {"config": name, "status": "timeout" if code is None else f"failed({code})",
                  "stderr_tail": stderr[-4000:]}
-        r.update(suite=suite, cap_gib=cap)
+        r.update(suite=suite, cap_gib=cap, **({"repeat": i // len(wanted) + 1} if a.repeat > 1 else {}))
         flops = _flops_per_token(suite, a.model)
         if r.get("real_tokens_per_s") and flops:
             r["mfu_pct"] = round(100 * flops * r["real_tokens_per_s"] / (PEAK_FLOPS * r.get("gpus", 1)), 1)
@@ -617,19 +620,35 @@ def main() -> None:
             "steps": a.steps, "nproc": a.nproc, "device": next((r["device"] for r in results if r.get("device")), None),
             "results": results}, indent=1, default=str))
     for r in results:
-        print(f"{r['suite']:8s} {r['config']:20s} {r['status']:8s} tok/s {r.get('real_tokens_per_s') or 0:>9.0f}  "
+        print(f"{r['suite']:8s} {r['config']:20s} #{r.get('repeat', 1)} {r['status']:8s} "
+              f"tok/s {r.get('real_tokens_per_s') or 0:>9.0f}  "
               f"tok/step {r.get('real_tokens_per_step') or 0:>7.0f}  MFU {r.get('mfu_pct', 0):>5}%  "
               f"peak {r.get('peak_allocated_gib')} GiB  x {r.get('naive', 'naive')} {r.get('x_naive')}  "
               f"x off-the-shelf {r.get('x_offshelf')}  peak/naive {r.get('peak_vs_naive')}")
 
 
+def _median_runs(results: list[dict]) -> dict[str, dict]:
+    """Each configuration's run of median tokens/s among its repeats (the lower middle one of an even count)."""
+    runs: dict[str, list[dict]] = {}
+    for r in results:
+        if r.get("real_tokens_per_s"):
+            runs.setdefault(r["config"], []).append(r)
+    return {c: sorted(rs, key=lambda r: r["real_tokens_per_s"])[(len(rs) - 1) // 2] for c, rs in runs.items()}
+
+
 def _ratios(results: list[dict]) -> None:
-    """Each configuration against its naive anchor and its suite's off-the-shelf baseline (tokens/s; peak memory)."""
+    """Each run against its naive anchor and its suite's off-the-shelf baseline (tokens/s; peak memory), each of
+    those taken as its median run when repeated."""
+    medians = _median_runs(results)
     for r in results:
         naive, offshelf = BASELINE[r["suite"]]
         if r["suite"] == "fsdp" and "_sgd" in r["config"]:  # like with like: an SGD run against the naive SGD run
             naive = "naive_fsdp_sgd"
-        by = {x["config"]: x for x in results if x["suite"] == r["suite"]}
+        by = {c: x for c, x in medians.items() if x["suite"] == r["suite"]}
+        samples = [x["real_tokens_per_s"] for x in results if x["config"] == r["config"] and x.get("real_tokens_per_s")]
+        if len(samples) > 1:
+            r["repeat_tokens_per_s"] = [round(x) for x in samples]
+            r["median_of_repeats"] = medians[r["config"]] is r
         r["naive"] = naive
         for base, key in ((naive, "x_naive"), (offshelf, "x_offshelf")):
             if base and by.get(base, {}).get("real_tokens_per_s") and r.get("real_tokens_per_s"):

@@ -124,3 +124,31 @@ def test_every_gpu_matrix_run_builds_a_valid_recipe():
         except ConfigError as e:
             assert expect == "refused", f"{name}: {e}"
     assert built >= len(gpu_matrix.RUNS) - 2
+
+
+def _bench_module(name: str):
+    sys.path.insert(0, str(BENCH))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_trace_gaps_counts_overlapping_kernels_once_and_finds_the_idle_stretches():
+    trace_gaps = _bench_module("trace_gaps")
+    kernels = [{"ts": 0, "dur": 10}, {"ts": 5, "dur": 10}, {"ts": 40, "dur": 5}, {"ts": 90, "dur": 20}]
+    busy, gaps = trace_gaps.busy_and_gaps(kernels, t0=0, t1=100)
+    assert busy == 15 + 5 + 10  # [0, 15), [40, 45), [90, 100): the last kernel is cut at the step's end
+    assert gaps == [(25, 15), (45, 45)]
+
+
+def test_repeated_benchmark_runs_compare_by_their_median_run():
+    throughput = _bench_module("throughput")
+    runs = [{"config": c, "suite": "fsdp", "real_tokens_per_s": t, "peak_allocated_gib": 10.0}
+            for c, t in [("naive_fsdp_sgd", 100), ("ours_fsdp_sgd", 290), ("naive_fsdp_sgd", 80),
+                         ("ours_fsdp_sgd", 310), ("naive_fsdp_sgd", 120), ("ours_fsdp_sgd", 200)]]
+    throughput._ratios(runs)
+    ours = [r for r in runs if r["config"] == "ours_fsdp_sgd"]
+    assert [r["x_naive"] for r in ours] == [2.9, 3.1, 2.0]  # each against the naive median, 100
+    assert [r["median_of_repeats"] for r in ours] == [True, False, False]
+    assert ours[0]["repeat_tokens_per_s"] == [290, 310, 200]
