@@ -72,6 +72,11 @@ class SamsumTrainer(TokenCounting, Trainer):
             self.add_callback(BatchSamplerEpoch())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        attn = self.recipe.model.attn_implementation
+        if "position_ids" in inputs and inputs.get("attention_mask") is None and attn in PACKED_MASKS:
+            # Left to the model, a packed row's mask starts with transformers asking the GPU whether the row holds
+            # several samples: a host sync at every forward. The row is packed; its mask is built here instead.
+            inputs = {**inputs, "attention_mask": packed_attention_mask(inputs["position_ids"], attn)}
         if self.compute_loss_func is supervised_loss and "labels" in inputs:
             # Through the model's own forward (so FSDP, DDP and PEFT hooks all run): lm_head sees only the
             # positions whose next token is a target, in any row of the batch, and the loss their targets.
@@ -219,6 +224,40 @@ def non_padding_tokens(inputs: dict, pad_token_id: int | None) -> torch.Tensor:
 def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
     """Positions t whose logits predict a supervised label at t + 1, in any row."""
     return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+
+
+def _sample_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """Which sample of a packed row each token belongs to: a new one wherever the position does not follow on
+    (transformers' own rule, find_packed_sequence_indices)."""
+    first = position_ids[:, :1] - 1
+    return (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
+
+
+def _flex_packed_mask(position_ids: torch.Tensor):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    sample = _sample_ids(position_ids)
+
+    def causal_within_sample(b, h, q, kv):
+        return (q >= kv) & (sample[b, q] == sample[b, kv])
+
+    rows, length = sample.shape
+    return create_block_mask(causal_within_sample, rows, None, length, length, device=sample.device, _compile=True)
+
+
+def _sdpa_packed_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    sample = _sample_ids(position_ids)
+    causal = torch.ones(sample.shape[1], sample.shape[1], dtype=torch.bool, device=sample.device).tril()
+    return ((sample[:, :, None] == sample[:, None, :]) & causal)[:, None]  # True: attend
+
+
+PACKED_MASKS = {"flex_attention": _flex_packed_mask, "sdpa": _sdpa_packed_mask}
+
+
+def packed_attention_mask(position_ids: torch.Tensor, attn_implementation: str):
+    """The attention mask of packed rows, ready for the model (a 4D mask or flex_attention's BlockMask, which
+    transformers takes as given): causal, and each token sees only its own sample."""
+    return PACKED_MASKS[attn_implementation](position_ids)
 
 
 class WithSupervisedPositions:

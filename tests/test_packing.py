@@ -254,6 +254,27 @@ def test_packed_row_padded_to_a_fixed_shape_changes_no_loss(attn, tokenizer):
     assert (got[n - 1:] == 0).all()
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "flex_attention"])
+def test_the_packed_mask_built_beforehand_gives_the_models_own_logits(attn, tokenizer):
+    """SamsumTrainer hands the model a packed row's mask (transformers would ask the GPU whether the row is
+    packed, a host sync every forward): the same logits as the mask transformers builds, tail included."""
+    from samsum_tuner.trainer import packed_attention_mask
+
+    model = tiny_llama(vocab_size=256)
+    model.config._attn_implementation = attn
+    model.config.use_cache = False
+    batch = build_collator(build_recipe(None, ["data.packing=true", "data.pad_to_multiple_of=128"]), tokenizer)(
+        _samples())
+    mask = packed_attention_mask(batch["position_ids"], attn)
+    assert mask.shape == (1, 1, 128, 128)
+    if attn == "sdpa":  # sample 2 (from token 9 on) sees itself causally, not sample 1
+        assert mask[0, 0, 9, :10].tolist() == [False] * 9 + [True] and mask[0, 0, 12, 9:13].all()
+    with torch.no_grad():
+        want = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        got = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_padded_batches_round_up_to_the_multiple(tokenizer):
     batch = build_collator(build_recipe(None, ["data.pad_to_multiple_of=64"]), tokenizer)(_samples())
     assert batch["input_ids"].shape == (4, 64)
