@@ -26,6 +26,7 @@ class NonFiniteGuard(TrainerCallback):
         self._worst: torch.Tensor | None = None
         # Steps not yet accounted for: (step, [bad, loss] on the host once `ready` has passed, ready, skipped)
         self._pending: deque = deque()
+        self._trip: tuple | None = None  # the first limit reached, raised at the next wait point
         self.nonfinite = self.skipped = 0  # streaks, in optimizer steps
         self.first_nonfinite = self.first_skipped = 0
 
@@ -42,9 +43,9 @@ class NonFiniteGuard(TrainerCallback):
         self._pending.append((state.global_step, *self._read_back(), getattr(optimizer, "step_was_skipped", False)))
         self._bad = self._worst = None
         # The Trainer decided in its own on_step_end (the first callback) whether this step saves, evaluates or
-        # logs; an epoch-end save is decided later, in on_epoch_end.
+        # logs; an epoch-end save is decided later, in on_epoch_end. Off a GPU every step costs nothing to check.
         self._account(state.global_step, wait=control.should_save or control.should_evaluate or control.should_log
-                      or control.should_training_stop)
+                      or control.should_training_stop or args is None or args.device.type != "cuda")
         return control
 
     def on_epoch_end(self, args, state, control, **kwargs):
@@ -66,16 +67,26 @@ class NonFiniteGuard(TrainerCallback):
         return host, ready
 
     def _account(self, now: int, wait: bool) -> None:
+        """Steps whose loss has reached the host, in order; at a wait point all of them, and the run stops
+        there if the guard tripped on any process: every process stops at the same step."""
         while self._pending:
             step, values, ready, skipped = self._pending[0]
             if ready is not None:
                 if not wait and not ready.query():
-                    return
+                    break
                 ready.synchronize()
             self._pending.popleft()
-            self._step(step, now, bool(values[0]), float(values[1]), skipped)
+            if self._trip is None:
+                self._trip = self._step(step, bool(values[0]), float(values[1]), skipped)
+        if wait and _any_process(self._trip is not None):
+            if self._trip is None:
+                raise TrainingDiverged(f"training stopped at step {now}: the NaN guard tripped on another process "
+                                       "(its message names the last good checkpoint)")
+            step, suspect_from, head, tail = self._trip
+            self._stop(now, suspect_from, f"{head}{f' up to step {step}' if step != now else ''} {tail}")
 
-    def _step(self, step: int, now: int, bad: bool, value: float, skipped: bool) -> None:
+    def _step(self, step: int, bad: bool, value: float, skipped: bool) -> tuple | None:
+        """The streaks after `step`; (step, first suspect step, message halves) if a limit is reached."""
         if bad:
             self.nonfinite += 1
             self.first_nonfinite = self.first_nonfinite if self.nonfinite > 1 else step
@@ -88,17 +99,29 @@ class NonFiniteGuard(TrainerCallback):
         else:
             self.skipped = 0
         limit_nf, limit_skip = self.cfg.max_nonfinite_steps, self.cfg.max_skipped_steps
-        upto = f" up to step {step}" if step != now else ""
         if limit_nf and self.nonfinite >= limit_nf:
             # The loss of step k is computed from the weights saved as checkpoint-(k-1): those are suspect too.
-            self._stop(now, self.first_nonfinite - 1, f"loss is {value} for {self.nonfinite} step(s) in a row{upto} "
-                                                      f"(guard.max_nonfinite_steps={limit_nf})")
+            return (step, self.first_nonfinite - 1, f"loss is {value} for {self.nonfinite} step(s) in a row",
+                    f"(guard.max_nonfinite_steps={limit_nf})")
         if limit_skip and self.skipped >= limit_skip:
-            self._stop(now, self.first_skipped, f"the fp16 loss scaler skipped {self.skipped} steps in a row{upto} "
-                                                f"(guard.max_skipped_steps={limit_skip})")
+            return (step, self.first_skipped, f"the fp16 loss scaler skipped {self.skipped} steps in a row",
+                    f"(guard.max_skipped_steps={limit_skip})")
+        return None
 
     def _stop(self, step: int, suspect_from: int, why: str) -> None:
         good = latest_checkpoint(self.run_dir, before_step=suspect_from)
         where = (f"last good checkpoint: {good} (resume from it with train.resume_from_checkpoint={good}, "
                  "after lowering train.learning_rate)") if good else "no good checkpoint was saved before it"
         raise TrainingDiverged(f"training stopped at step {step}: {why}; {where}")
+
+
+def _any_process(flag: bool) -> bool:
+    """`flag` of any process of the run (a collective: every process calls it at the same point)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return flag
+    on_gpu = dist.get_backend() == "nccl"
+    value = torch.tensor([float(flag)], device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())

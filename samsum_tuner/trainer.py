@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from transformers import (DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer, TrainerCallback,
                           TrainingArguments)
+from transformers.trainer_utils import speed_metrics
 
 from .checkpoint import atomic_checkpoint, rotate
 from .config import Recipe
@@ -34,6 +35,10 @@ class TokenCounting:
     _tokens: torch.Tensor | None = None  # this process's count since train() began
     _tokens_base = 0  # a resumed run's count goes on from its checkpoint's
 
+    def train(self, *args, **kwargs):
+        self._tokens = None
+        return super().train(*args, **kwargs)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         n = non_padding_tokens(inputs, getattr(self.processing_class, "pad_token_id", None))
@@ -51,8 +56,14 @@ class TokenCounting:
             self.state.num_input_tokens_seen = self._tokens_base + int(total)
         return self.state.num_input_tokens_seen
 
+    def _save_checkpoint(self, model, trial) -> None:
+        self.tokens_seen()  # into the checkpoint's trainer_state.json, which a resumed run's count starts from
+        super()._save_checkpoint(model, trial)
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        logs["num_input_tokens_seen"] = self.tokens_seen()
+        logs["num_input_tokens_seen"] = tokens = self.tokens_seen()
+        if start_time is not None:  # what the Trainer's own count adds to a training log line
+            logs.update(speed_metrics("train", start_time, num_tokens=tokens - self._tokens_base))
         super().log(logs, start_time)
 
 
@@ -374,33 +385,45 @@ class BatchSamplerEpoch(TrainerCallback):
 
 
 class ThroughputCallback(TrainerCallback):
-    """Seconds per optimizer step and real (non-pad) tokens per second, first step excluded (warm-up).
+    """Seconds per optimizer step and real (non-pad) tokens per second, from the end of the first step (warm-up)
+    to the end of the last one.
 
-    `tokens` gives the non-padding tokens seen so far over all processes (SamsumTrainer.tokens_seen). The GPU is
-    waited for at the window's two ends only: a wait every step would stall the host's queue of launches."""
+    `tokens` gives the non-padding tokens seen so far over all processes (SamsumTrainer.tokens_seen). On a GPU
+    each step's end is a CUDA event on the GPU's own timeline: a wait every step would stall the host's queue of
+    launches, and a window closed at training's end would take in its final evaluation and save."""
 
     def __init__(self, tokens):
         self.tokens = tokens
-        self.t0 = self.tokens0 = self.step0 = None
+        self.tokens0 = None
+        self.first = self.last = None  # (mark, step)
         self.summary: dict[str, float] = {}
 
-    def _now(self) -> float:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return time.perf_counter()
+    @staticmethod
+    def _mark(args):
+        if args.device.type != "cuda":
+            return time.perf_counter()
+        mark = torch.cuda.Event(enable_timing=True)
+        mark.record()
+        return mark
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.t0 is None:
-            self.tokens0, self.step0 = self.tokens(), state.global_step
-            self.t0 = self._now()
+        if self.first is None:
+            self.tokens0 = self.tokens()
+            self.first = (self._mark(args), state.global_step)
+        else:
+            self.last = (self._mark(args), state.global_step)
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.t0 is None:
+        if self.first is None or self.last is None:
             return
-        now, steps = self._now(), state.global_step - self.step0
-        if steps > 0:
-            self.summary = {"s_per_step": (now - self.t0) / steps,
-                            "real_tokens_per_s": (self.tokens() - self.tokens0) / (now - self.t0), "timed_steps": steps}
+        (start, step0), (end, step1) = self.first, self.last
+        if isinstance(end, float):
+            seconds = end - start
+        else:
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1000
+        self.summary = {"s_per_step": seconds / (step1 - step0),
+                        "real_tokens_per_s": (self.tokens() - self.tokens0) / seconds, "timed_steps": step1 - step0}
 
 
 def build_collator(recipe: Recipe, tokenizer):

@@ -100,6 +100,12 @@ def test_torchrun_two_processes_on_cpu(tiny_model_dir, tiny_data, tmp_path):
     assert summary["status"] == "ok" and summary["world_size"] == 2
     # 4 steps x 2 ranks x 2 samples of the 40-row tiny split
     assert summary["metrics"]["epoch"] == pytest.approx(16 / 40)
+    # tokens summed over both ranks: one rank's 8 samples could not make this many
+    from samsum_tuner import load_recipe
+    from samsum_tuner.api import train_lengths
+
+    lengths = train_lengths(load_recipe(out / "recipe.yaml"))[0]
+    assert 8 * max(lengths) < 16 * min(lengths) <= summary["metrics"]["num_input_tokens_seen"] <= 16 * max(lengths)
     mem = [json.loads(x) for x in (out / "memory.jsonl").read_text().splitlines()]
     epoch = [m for m in mem if m["event"] == "epoch"]
     node = [m for m in mem if m["event"] == "node" and m["window"] == "epoch"][-1]

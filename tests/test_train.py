@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -107,9 +108,10 @@ def test_tokens_seen_are_the_non_padding_tokens_of_every_batch(layout, tiny_mode
     """The Trainer's own count reads the GPU back every micro-batch; ours is read at log lines and at the end."""
     extra = (["train.per_device_train_batch_size=4"] if layout == "padded" else
              ["data.packing=true", "data.max_tokens_per_batch=160", "data.pad_to_multiple_of=32"])
-    r = _recipe(tiny_model_dir, tiny_data, tmp_path / "run", *extra, "train.logging_steps=2",
-                "train.gradient_accumulation_steps=1", "train.num_train_epochs=1", "train.save_strategy=no",
-                "train.save_model=false", "train.eval_strategy=no")
+    out = tmp_path / "run"
+    r = _recipe(tiny_model_dir, tiny_data, out, *extra, "train.logging_steps=2", "train.save_strategy=steps",
+                "train.save_steps=3", "train.save_total_limit=10", "train.gradient_accumulation_steps=1",
+                "train.num_train_epochs=1", "train.save_model=false", "train.eval_strategy=no")
     trainer = st.build_trainer(r)
     assert trainer.args.include_num_input_tokens_seen == "no" and not trainer.args.logging_nan_inf_filter
     pad = trainer.processing_class.pad_token_id
@@ -121,10 +123,36 @@ def test_tokens_seen_are_the_non_padding_tokens_of_every_batch(layout, tiny_mode
     metrics = st.train(r, trainer=trainer)
     assert trainer.state.global_step == len(counts)
     assert trainer.state.num_input_tokens_seen == metrics["num_input_tokens_seen"] == sum(counts)
-    logged = [(h["step"], h["num_input_tokens_seen"]) for h in trainer.state.log_history if "loss" in h]
-    assert logged[1:] and all(n == sum(counts[:step]) for step, n in logged)
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert logged[1:] and all(h["num_input_tokens_seen"] == sum(counts[:h["step"]]) for h in logged)
+    assert all(h["train_tokens_per_second"] > 0 for h in logged)
+    # a checkpoint at a step without a log line carries the count a resumed run goes on from
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["num_input_tokens_seen"] == sum(counts[:3])
     # first step excluded from the throughput window (warm-up)
     assert metrics["timed_steps"] == len(counts) - 1 and metrics["real_tokens_per_s"] > 0
+    trainer.train()  # a second run on the same trainer counts from zero again
+    assert trainer.state.num_input_tokens_seen == sum(counts)
+
+
+def test_the_throughput_window_ends_with_the_last_step_not_training():
+    """Training's end comes after its final evaluation and save: those are not steps."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from samsum_tuner.trainer import ThroughputCallback
+
+    args, state, control = TrainingArguments("/tmp/unused", use_cpu=True, report_to=[]), TrainerState(), \
+        TrainerControl()
+    tokens = iter([100, 400])
+    cb = ThroughputCallback(lambda: next(tokens))
+    for _ in range(3):
+        time.sleep(0.05)
+        state.global_step += 1
+        cb.on_step_end(args, state, control)
+    time.sleep(0.5)  # the final evaluation
+    cb.on_train_end(args, state, control)
+    assert cb.summary["timed_steps"] == 2 and 0.05 <= cb.summary["s_per_step"] < 0.25
+    assert cb.summary["real_tokens_per_s"] == pytest.approx(300 / (2 * cb.summary["s_per_step"]))
 
 
 def test_existing_run_dir_is_never_overwritten(tiny_model_dir, tiny_data, tmp_path):
