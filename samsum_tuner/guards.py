@@ -49,10 +49,15 @@ class NonFiniteGuard(TrainerCallback):
         return control
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        self._account(state.global_step, wait=True)
+        self.check(state.global_step)
 
     def on_train_end(self, args, state, control, **kwargs):
-        self._account(state.global_step, wait=True)
+        self.check(state.global_step)
+
+    def check(self, step: int) -> None:
+        """Every step up to `step` accounted for, waiting for the GPU; stops the run if the guard tripped. Also
+        called before every checkpoint (SamsumTrainer), whoever asked for the save."""
+        self._account(step, wait=True)
 
     def _read_back(self) -> tuple[torch.Tensor, torch.cuda.Event | None]:
         if self._bad is None:

@@ -105,6 +105,9 @@ class SamsumTrainer(TokenCounting, Trainer):
     def _save_checkpoint(self, model, trial) -> None:
         # The Trainer writes checkpoint-N in place; here it writes into staging and the folder appears
         # complete or not at all (checkpoint.py). Its own rotation then only sees the staging folder.
+        for cb in self.callback_handler.callbacks:
+            if isinstance(cb, NonFiniteGuard):
+                cb.check(self.state.global_step)
         run_dir = super()._get_output_dir(trial)
         with atomic_checkpoint(run_dir, self.state.global_step, is_main=self.args.should_save,
                                barrier=self.accelerator.wait_for_everyone) as stage:
