@@ -166,6 +166,8 @@ def build_trainer(recipe: Recipe, *, prepared: Prepared | None = None, callbacks
     memory_cb = MemoryCallback(recipe.train.output_dir, log_every_steps=recipe.memory.log_every_steps,
                                sample_interval_s=recipe.memory.sample_interval_s,
                                gpu_limit_gib=recipe.memory.gpu_limit_gib)
+    g = recipe.guard  # both limits 0: no guard at all, not one that checks and never stops
+    guard = [NonFiniteGuard(g, recipe.train.output_dir)] if g.max_nonfinite_steps or g.max_skipped_steps else []
     trainer = SamsumTrainer(
         model=model,
         args=args,
@@ -173,7 +175,7 @@ def build_trainer(recipe: Recipe, *, prepared: Prepared | None = None, callbacks
         eval_dataset=prepared.splits["eval"].dataset if "eval" in prepared.splits else None,
         data_collator=build_collator(recipe, prepared.tokenizer),
         processing_class=prepared.tokenizer,
-        callbacks=[memory_cb, NonFiniteGuard(recipe.guard, recipe.train.output_dir), *(callbacks or [])],
+        callbacks=[memory_cb, *guard, *(callbacks or [])],
         recipe=recipe,
     )
     trainer.add_callback(ThroughputCallback(trainer.tokens_seen))

@@ -22,6 +22,9 @@ from .errors import TrainingDiverged
 class NonFiniteGuard(TrainerCallback):
     def __init__(self, cfg: GuardConfig, run_dir: str):
         self.cfg, self.run_dir = cfg, run_dir
+        self.on_train_begin(None, None, None)
+
+    def on_train_begin(self, args, state, control, **kwargs):
         self._bad: torch.Tensor | None = None  # any non-finite micro-batch loss in this optimizer step
         self._worst: torch.Tensor | None = None
         # Steps not yet accounted for: (step, [bad, loss] on the host once `ready` has passed, ready, skipped)
@@ -29,9 +32,12 @@ class NonFiniteGuard(TrainerCallback):
         self._trip: tuple | None = None  # the first limit reached, raised at the next wait point
         self.nonfinite = self.skipped = 0  # streaks, in optimizer steps
         self.first_nonfinite = self.first_skipped = 0
+        self._device = args.device if args is not None else torch.device("cpu")  # of the processes' all-reduce
 
     def observe(self, loss: torch.Tensor) -> None:
         """Called by SamsumTrainer.training_step for every micro-batch; no host sync here."""
+        if not self.cfg.max_nonfinite_steps:
+            return
         loss = loss.detach().float()
         bad = ~torch.isfinite(loss).all()
         self._bad = bad if self._bad is None else self._bad | bad
@@ -83,11 +89,14 @@ class NonFiniteGuard(TrainerCallback):
             self._pending.popleft()
             if self._trip is None:
                 self._trip = self._step(step, bool(values[0]), float(values[1]), skipped)
-        if wait and _any_process(self._trip is not None):
+        if not wait:
+            return
+        # Every process learns whether any tripped, and the earliest suspect step: all name the same checkpoint.
+        tripped, suspect_from = _any_process(self._trip is not None, self._trip[1] if self._trip else 0, self._device)
+        if tripped:
             if self._trip is None:
-                raise TrainingDiverged(f"training stopped at step {now}: the NaN guard tripped on another process "
-                                       "(its message names the last good checkpoint)")
-            step, suspect_from, head, tail = self._trip
+                self._stop(now, suspect_from, "the NaN guard tripped on another process")
+            step, _, head, tail = self._trip
             self._stop(now, suspect_from, f"{head}{f' up to step {step}' if step != now else ''} {tail}")
 
     def _step(self, step: int, bad: bool, value: float, skipped: bool) -> tuple | None:
@@ -120,13 +129,14 @@ class NonFiniteGuard(TrainerCallback):
         raise TrainingDiverged(f"training stopped at step {step}: {why}; {where}")
 
 
-def _any_process(flag: bool) -> bool:
-    """`flag` of any process of the run (a collective: every process calls it at the same point)."""
+def _any_process(flag: bool, step: int, device: torch.device) -> tuple[bool, int]:
+    """Whether `flag` holds on any process, and the smallest `step` of those where it does (a collective: every
+    process calls it at the same point). `device` is the one the processes train on, which their group serves."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-        return flag
-    on_gpu = dist.get_backend() == "nccl"
-    value = torch.tensor([float(flag)], device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
+        return flag, step
+    # MAX of (flag, -step) over the processes where flag holds: -step is -inf elsewhere
+    value = torch.tensor([float(flag), -float(step) if flag else -math.inf], device=device, dtype=torch.float64)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    return bool(value[0]), int(-value[1]) if value[0] else step

@@ -389,17 +389,22 @@ class BatchSamplerEpoch(TrainerCallback):
 
 class ThroughputCallback(TrainerCallback):
     """Seconds per optimizer step and real (non-pad) tokens per second, from the end of the first step (warm-up)
-    to the end of the last one.
+    to the end of the last one, less the evaluations and saves in between.
 
     `tokens` gives the non-padding tokens seen so far over all processes (SamsumTrainer.tokens_seen). On a GPU
-    each step's end is a CUDA event on the GPU's own timeline: a wait every step would stall the host's queue of
-    launches, and a window closed at training's end would take in its final evaluation and save."""
+    the marks are CUDA events on the GPU's own timeline: a wait every step would stall the host's queue of
+    launches."""
 
     def __init__(self, tokens):
         self.tokens = tokens
+        self.on_train_begin(None, None, None)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.summary: dict[str, float] = {}
         self.tokens0 = None
         self.first = self.last = None  # (mark, step)
-        self.summary: dict[str, float] = {}
+        self.paused = None  # the mark where an evaluation or a save began
+        self.pauses: list[tuple] = []
 
     @staticmethod
     def _mark(args):
@@ -409,22 +414,38 @@ class ThroughputCallback(TrainerCallback):
         mark.record()
         return mark
 
+    @staticmethod
+    def _seconds(start, end) -> float:
+        if isinstance(end, float):
+            return end - start
+        end.synchronize()
+        return start.elapsed_time(end) / 1000
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.paused is not None:
+            self.pauses.append((self.paused, self._mark(args)))
+            self.paused = None
+
     def on_step_end(self, args, state, control, **kwargs):
         if self.first is None:
             self.tokens0 = self.tokens()
             self.first = (self._mark(args), state.global_step)
         else:
             self.last = (self._mark(args), state.global_step)
+        self._pause_if(args, control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._pause_if(args, control)
+
+    def _pause_if(self, args, control) -> None:
+        if self.first is not None and self.paused is None and (control.should_evaluate or control.should_save):
+            self.paused = self._mark(args)
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.first is None or self.last is None:
+        if self.first is None or self.last is None or self.last[1] <= self.first[1]:
             return
         (start, step0), (end, step1) = self.first, self.last
-        if isinstance(end, float):
-            seconds = end - start
-        else:
-            end.synchronize()
-            seconds = start.elapsed_time(end) / 1000
+        seconds = self._seconds(start, end) - sum(self._seconds(a, b) for a, b in self.pauses)
         self.summary = {"s_per_step": seconds / (step1 - step0),
                         "real_tokens_per_s": (self.tokens() - self.tokens0) / seconds, "timed_steps": step1 - step0}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,8 +116,58 @@ def test_on_a_gpu_the_guard_reads_the_loss_back_late_but_always_before_a_save(na
     code = _train(nan_model_dir, tiny_data, out, "--use_peft", "train.max_steps=12", "train.logging_steps=1000",
                   "train.save_strategy=steps", "train.save_steps=4", "guard.max_nonfinite_steps=2")
     err = _error(capsys)
-    m = re.fullmatch(r"samsum-tuner: error: training stopped at step (\d+): loss is nan for 2 step\(s\) in a row"
-                     r"( up to step 2)? \(guard.max_nonfinite_steps=2\); no good checkpoint was saved before it", err)
-    assert code == 4 and m, err
-    assert 2 <= int(m.group(1)) <= 4 and (m.group(2) is None) == (m.group(1) == "2")
+    # step 1 logs (logging_first_step), step 4 saves: the streak reached at step 2 stops the run at step 4
+    assert code == 4 and err == ("samsum-tuner: error: training stopped at step 4: loss is nan for 2 step(s) in a row "
+                                 "up to step 2 (guard.max_nonfinite_steps=2); no good checkpoint was saved before it")
     assert ck.complete_checkpoints(out) == []
+
+
+def _drive(guard, losses, args=None):
+    """Optimizer steps of a real Trainer's callback order: a micro-batch loss each, then on_step_end."""
+    from transformers import TrainerControl, TrainerState
+
+    state, control = TrainerState(), TrainerControl()
+    guard.on_train_begin(args, state, control)
+    for loss in losses:
+        guard.observe(torch.tensor(loss))
+        state.global_step += 1
+        guard.on_step_end(args, state, control)
+
+
+def test_a_tripped_guard_starts_afresh_with_the_next_training_run():
+    guard = NonFiniteGuard(GuardConfig(max_nonfinite_steps=1), "/nonexistent")
+    with pytest.raises(TrainingDiverged, match="at step 2: loss is nan"):
+        _drive(guard, [1.0, math.nan, 1.0])
+    _drive(guard, [1.0, 1.0, 1.0])  # the same trainer, resumed with a lower learning rate: nothing left over
+
+
+def _rank_of_two(rank: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+    from transformers import TrainingArguments
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    guard = NonFiniteGuard(GuardConfig(max_nonfinite_steps=1), f"{out}/run")
+    args = TrainingArguments(f"{out}/args", use_cpu=True, report_to=[])
+    try:
+        _drive(guard, [1.0, 1.0, math.nan if rank == 1 else 1.0, 1.0], args)
+        message = "not stopped"
+    except TrainingDiverged as e:
+        message = str(e)
+    Path(out, f"rank{rank}.txt").write_text(message)
+    dist.destroy_process_group()
+
+
+def test_when_one_process_trips_every_process_stops_naming_the_same_checkpoint(tmp_path):
+    """An fp16 overflow in one rank's batch: both ranks stop at the same step, and rank 0 (whose message the CLI
+    shows) names the checkpoint before the bad step too."""
+    import torch.multiprocessing as mp
+
+    for step in (1, 2):
+        (tmp_path / "run" / f"checkpoint-{step}").mkdir(parents=True)
+        (tmp_path / "run" / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    mp.spawn(_rank_of_two, args=(f"file://{tmp_path / 'rendezvous'}", str(tmp_path)), nprocs=2)
+    good = f"last good checkpoint: {tmp_path / 'run' / 'checkpoint-1'} "
+    assert (tmp_path / "rank1.txt").read_text().startswith("training stopped at step 3: loss is nan for 1 step(s) "
+                                                           "in a row (guard.max_nonfinite_steps=1); " + good)
+    assert (tmp_path / "rank0.txt").read_text().startswith("training stopped at step 3: the NaN guard tripped on "
+                                                           "another process; " + good)

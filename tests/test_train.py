@@ -135,24 +135,38 @@ def test_tokens_seen_are_the_non_padding_tokens_of_every_batch(layout, tiny_mode
     assert trainer.state.num_input_tokens_seen == sum(counts)
 
 
-def test_the_throughput_window_ends_with_the_last_step_not_training():
-    """Training's end comes after its final evaluation and save: those are not steps."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_the_throughput_window_counts_steps_not_evaluations_or_saves(device):
+    """From the first step's end to the last one's, less an evaluation in between: the final evaluation and save
+    come after the last step, a mid-run one between two steps."""
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
     from samsum_tuner.trainer import ThroughputCallback
 
-    args, state, control = TrainingArguments("/tmp/unused", use_cpu=True, report_to=[]), TrainerState(), \
-        TrainerControl()
-    tokens = iter([100, 400])
-    cb = ThroughputCallback(lambda: next(tokens))
-    for _ in range(3):
+    args = TrainingArguments("/tmp/unused", use_cpu=device == "cpu", report_to=[])
+    assert args.device.type == device
+    seen = iter(range(100, 10_000, 100))
+    cb = ThroughputCallback(lambda: next(seen))
+    state, control = TrainerState(), TrainerControl()
+    cb.on_train_begin(args, state, control)
+    for step in range(1, 5):
+        cb.on_step_begin(args, state, control)
         time.sleep(0.05)
-        state.global_step += 1
+        state.global_step = step
+        control.should_evaluate = step == 2
         cb.on_step_end(args, state, control)
-    time.sleep(0.5)  # the final evaluation
+        if step == 2:
+            time.sleep(0.5)  # the evaluation the Trainer runs after this step
+    time.sleep(0.5)  # the final evaluation and save
     cb.on_train_end(args, state, control)
-    assert cb.summary["timed_steps"] == 2 and 0.05 <= cb.summary["s_per_step"] < 0.25
-    assert cb.summary["real_tokens_per_s"] == pytest.approx(300 / (2 * cb.summary["s_per_step"]))
+    assert cb.summary["timed_steps"] == 3 and 0.05 <= cb.summary["s_per_step"] < 0.2
+    assert cb.summary["real_tokens_per_s"] == pytest.approx(100 / (3 * cb.summary["s_per_step"]))
+    # a second run on the same trainer: its own window, here a single step that times nothing
+    cb.on_train_begin(args, TrainerState(), control)
+    cb.on_step_end(args, state, control)
+    cb.on_train_end(args, state, control)
+    assert cb.summary == {}
 
 
 def test_existing_run_dir_is_never_overwritten(tiny_model_dir, tiny_data, tmp_path):
