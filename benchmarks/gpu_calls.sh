@@ -43,7 +43,7 @@ gguf() {  # the second half joins the first; the SmolLM2 safetensors folder is w
 reap
 case $1 in
 s9call1)  # cold, carry .whl .gpudata: both GPUs, NCCL's Simple protocol: the 7B pairs again, each run twice and
-          # interleaved (one H200 host's tokens/s moved by up to a quarter between runs of the same code in
+          # interleaved (one H200 host's tokens/s moved by 28% between runs of the same code in
           # session 2026-12-04), with samsum_tuner's per-step host syncs gone and the naive runs no longer paying
           # the benchmark's own (a token count read back and a clock synchronised every step)
   env_txt
