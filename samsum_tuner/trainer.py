@@ -99,15 +99,17 @@ class SamsumTrainer(TokenCounting, Trainer):
             inputs = {k: v for k, v in inputs.items() if k != "logits_to_keep"}
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
+    def _callbacks(self, kind: type) -> list:
+        return [cb for cb in self.callback_handler.callbacks if isinstance(cb, kind)]
+
     def _get_output_dir(self, trial) -> str:
         return self._staging or super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model, trial) -> None:
         # The Trainer writes checkpoint-N in place; here it writes into staging and the folder appears
         # complete or not at all (checkpoint.py). Its own rotation then only sees the staging folder.
-        for cb in self.callback_handler.callbacks:
-            if isinstance(cb, NonFiniteGuard):
-                cb.check(self.state.global_step)
+        for guard in self._callbacks(NonFiniteGuard):
+            guard.check(self.state.global_step)
         run_dir = super()._get_output_dir(trial)
         with atomic_checkpoint(run_dir, self.state.global_step, is_main=self.args.should_save,
                                barrier=self.accelerator.wait_for_everyone) as stage:
@@ -156,9 +158,8 @@ class SamsumTrainer(TokenCounting, Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        for cb in self.callback_handler.callbacks:
-            if isinstance(cb, NonFiniteGuard):
-                cb.observe(loss)
+        for guard in self._callbacks(NonFiniteGuard):
+            guard.observe(loss)
         return loss
 
     def get_train_dataloader(self):
@@ -217,9 +218,8 @@ class SamsumTrainer(TokenCounting, Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # Callbacks see a log line only after it is in log_history: memory figures join here instead.
-        for cb in self.callback_handler.callbacks:
-            if isinstance(cb, MemoryCallback):
-                logs.update(cb.pop_pending())
+        for memory in self._callbacks(MemoryCallback):
+            logs.update(memory.pop_pending())
         for loss_key, ppl_key in (("loss", "ppl"), ("train_loss", "train_ppl"), ("eval_loss", "eval_ppl")):
             if loss_key in logs:
                 logs[ppl_key] = math.exp(min(logs[loss_key], 50.0))
