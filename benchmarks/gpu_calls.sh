@@ -42,6 +42,19 @@ gguf() {  # the second half joins the first; the SmolLM2 safetensors folder is w
 
 reap
 case $1 in
+s10call1)  # cold, carry .whl .gpudata: one H200 (the two-GPU kind was not lent in session 2026-12-04b): the GPU tests
+           # (the NaN guard's late read-back, the throughput window's CUDA events), then the compiled FSDP SGD step on
+           # one GPU timed and traced, its packed rows' flex BlockMask built by SamsumTrainer for the first time on a GPU
+  env_txt
+  timeout 330 python -m pytest -q -m gpu tests/ > "$OUT/gpu_tests.txt" 2>&1
+  python benchmarks/throughput.py --suite fsdp --nproc 1 --steps 20 --only ours_fsdp_sgd_compiled --profile none \
+    --out /tmp/t1 --timeout 120 > "$OUT/bench_1gpu.log" 2>&1
+  cp /tmp/t1/throughput.json "$OUT/throughput_1gpu.json"
+  python benchmarks/throughput.py --suite fsdp --nproc 1 --steps 6 --only ours_fsdp_sgd_compiled \
+    --profile ours_fsdp_sgd_compiled --trace --out /tmp/p1 --timeout $(($(left) - 15)) > "$OUT/bench_1gpu_trace.log" 2>&1
+  for t in /tmp/p1/trace_*.json.gz; do python benchmarks/trace_gaps.py "$t" --gaps 6 > "$OUT/trace_gaps.txt" 2>&1; done
+  cp /tmp/p1/profile_*.txt /tmp/p1/trace_*.json.gz "$OUT/" 2>/dev/null
+  ;;
 s9call1)  # cold, carry .whl .gpudata: both GPUs, NCCL's Simple protocol: the 7B pairs again, each run twice and
           # interleaved (one H200 host's tokens/s moved by 28% between runs of the same code in
           # session 2026-12-04), with samsum_tuner's per-step host syncs gone and the naive runs no longer paying
