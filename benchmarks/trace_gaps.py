@@ -6,6 +6,8 @@ Per profiled step: its length on the host, the time some kernel or copy ran on t
 host's waits for the GPU (synchronisations, with the operator that asked for each) and the longest stretches
 with nothing on the GPU, each with the host operators under way at the time: a host that cannot queue work
 fast enough shows as many short gaps inside the layers' hooks, a host sync as one wait and a gap after it.
+Then, per host thread (the forward's and the autograd engine's), how long it was busy and its costliest
+top-level operators: which of the two sets the pace once the GPU waits for the host.
 The profiler slows the host: compare shares between traces, not these lengths with unprofiled step times.
 """
 from __future__ import annotations
@@ -42,6 +44,23 @@ def busy_and_gaps(kernels: list[dict], t0: float, t1: float) -> tuple[float, lis
     return busy, gaps
 
 
+def top_level(host: list[dict], t0: float, t1: float) -> dict[int, tuple[float, dict[str, float]]]:
+    """Per thread: its busy time within [t0, t1] (outermost operators only, so nothing counts twice) and that
+    time by operator name, in microseconds."""
+    threads: dict[int, tuple[float, dict[str, float]]] = {}
+    for tid in sorted({h["tid"] for h in host if t0 <= h["ts"] < t1}):
+        busy, names, end = 0.0, {}, None
+        ops = sorted((h for h in host if h["tid"] == tid and t0 <= h["ts"] < t1), key=lambda h: (h["ts"], -h["dur"]))
+        for h in ops:
+            if end is None or h["ts"] >= end:
+                name = h["name"].split(" (")[0].replace("autograd::engine::evaluate_function: ", "backward of ")
+                names[name] = names.get(name, 0.0) + h["dur"]
+                busy += h["dur"]
+                end = h["ts"] + h["dur"]
+        threads[tid] = (busy, names)
+    return threads
+
+
 def report(events: list[dict], top: int) -> list[str]:
     steps = sorted((e for e in events if e["name"].startswith("ProfilerStep#") and e.get("cat") == "user_annotation"),
                    key=lambda e: e["ts"])
@@ -66,6 +85,10 @@ def report(events: list[dict], top: int) -> list[str]:
             under_way = sorted((h for h in host if h["ts"] <= mid <= h["ts"] + h["dur"]), key=lambda h: h["dur"])
             out.append(f"  GPU idle {length / 1e3:6.2f} ms at +{(at - t0) / 1e3:6.1f} ms; host in: "
                        + " < ".join(h["name"][:50] for h in under_way[:3]))
+        for tid, (busy, names) in top_level(host, t0, t1).items():
+            costliest = sorted(names.items(), key=lambda kv: -kv[1])[:4]
+            out.append(f"  host thread {tid} busy {busy / 1e3:6.1f} ms: "
+                       + ", ".join(f"{n[:45]} {d / 1e3:.1f}" for n, d in costliest))
     return out
 
 

@@ -142,6 +142,17 @@ def test_trace_gaps_counts_overlapping_kernels_once_and_finds_the_idle_stretches
     assert gaps == [(25, 15), (45, 45)]
 
 
+def test_trace_gaps_counts_a_threads_host_time_once_by_its_outermost_operators():
+    trace_gaps = _bench_module("trace_gaps")
+    host = [{"tid": 1, "ts": 0, "dur": 30, "name": "FSDP::pre_forward (model.layers.0)"},
+            {"tid": 1, "ts": 5, "dur": 10, "name": "aten::copy_"},  # inside pre_forward: not counted again
+            {"tid": 1, "ts": 40, "dur": 20, "name": "FSDP::pre_forward (model.layers.1)"},
+            {"tid": 2, "ts": 50, "dur": 30, "name": "autograd::engine::evaluate_function: MmBackward0"},
+            {"tid": 2, "ts": 120, "dur": 5, "name": "aten::mm"}]  # after the step
+    threads = trace_gaps.top_level(host, t0=0, t1=100)
+    assert threads == {1: (50, {"FSDP::pre_forward": 50}), 2: (30, {"backward of MmBackward0": 30})}
+
+
 def test_repeated_benchmark_runs_compare_by_their_median_run():
     throughput = _bench_module("throughput")
     runs = [{"config": c, "suite": "fsdp", "real_tokens_per_s": t, "peak_allocated_gib": 10.0}
