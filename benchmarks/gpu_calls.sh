@@ -55,6 +55,17 @@ s10call1)  # cold, carry .whl .gpudata: one H200 (the two-GPU kind was not lent 
   for t in /tmp/p1/trace_*.json.gz; do python benchmarks/trace_gaps.py "$t" --gaps 6 > "$OUT/trace_gaps.txt" 2>&1; done
   cp /tmp/p1/profile_*.txt /tmp/p1/trace_*.json.gz "$OUT/" 2>/dev/null
   ;;
+s10call2)  # warm or cold, carry .whl .gpudata: one H200: the FSDP pairs on one GPU, no inter-GPU traffic (how far
+           # ours is ahead of the naive setup per GPU, on the host that measured 3,925 tokens/s in s10call1): SGD
+           # twice, interleaved, then AdamW once
+  env_txt
+  python benchmarks/throughput.py --suite fsdp --nproc 1 --steps 20 --repeat 2 --only naive_fsdp_sgd,ours_fsdp_sgd_compiled \
+    --out /tmp/s1 --timeout 110 --deadline $(($(left) - 170)) > "$OUT/bench_sgd_1gpu.log" 2>&1
+  cp /tmp/s1/throughput.json "$OUT/throughput_sgd_1gpu.json"
+  python benchmarks/throughput.py --suite fsdp --nproc 1 --steps 20 --only naive_fsdp_adamw,ours_fsdp_adamw_compiled \
+    --out /tmp/a1 --timeout 110 --deadline $(($(left) - 10)) > "$OUT/bench_adamw_1gpu.log" 2>&1
+  cp /tmp/a1/throughput.json "$OUT/throughput_adamw_1gpu.json"
+  ;;
 s9call1)  # cold, carry .whl .gpudata: both GPUs, NCCL's Simple protocol: the 7B pairs again, each run twice and
           # interleaved (one H200 host's tokens/s moved by 28% between runs of the same code in
           # session 2026-12-04), with samsum_tuner's per-step host syncs gone and the naive runs no longer paying
