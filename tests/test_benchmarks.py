@@ -163,3 +163,13 @@ def test_repeated_benchmark_runs_compare_by_their_median_run():
     assert [r["x_naive"] for r in ours] == [2.9, 3.1, 2.0]  # each against the naive median, 100
     assert [r["median_of_repeats"] for r in ours] == [True, False, False]
     assert ours[0]["repeat_tokens_per_s"] == [290, 310, 200]
+
+
+def test_an_even_count_of_baseline_runs_compares_against_their_middle_twos_mean():
+    throughput = _bench_module("throughput")
+    runs = [{"config": c, "suite": "fsdp", "real_tokens_per_s": t, "peak_allocated_gib": 10.0}
+            for c, t in [("naive_fsdp_sgd", 80), ("ours_fsdp_sgd", 300), ("naive_fsdp_sgd", 120),
+                         ("ours_fsdp_sgd", 310)]]
+    throughput._ratios(runs)
+    # the lower naive run (80) alone would make ours 3.75x
+    assert [r["x_naive"] for r in runs if r["config"] == "ours_fsdp_sgd"] == [3.0, 3.1]
