@@ -1,4 +1,4 @@
-"""Turn the GPU matrix's raw results (benchmarks/results/*/call*.jsonl) into docs/gpu_results.{json,md}.
+"""Turn the GPU matrix's raw results (benchmarks/results/*/call<N>*.jsonl) into docs/gpu_results.{json,md}.
 
     python benchmarks/gpu_table.py            # all result folders, newest session last
 
@@ -16,6 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS, DOCS = ROOT / "benchmarks" / "results", ROOT / "docs"
+MATRIX_RECORDS = "call[0-9]*.jsonl"  # gpu_matrix.py's output, one file per device call (or lane)
 sys.path.insert(0, str(ROOT))
 
 # Why a run's outcome is what it is, where the figures alone do not say.
@@ -302,7 +303,7 @@ def main() -> None:
                   if (folder / "device.csv").is_file() else "?")
         versions = (ast.literal_eval((folder / "versions.txt").read_text().strip())
                     if (folder / "versions.txt").is_file() else {})
-        records = [json.loads(line) for call in sorted(folder.glob("call*.jsonl"))
+        records = [json.loads(line) for call in sorted(folder.glob(MATRIX_RECORDS))
                    for line in call.read_text().splitlines()]
         recipes = [r["summary"]["recipe"] for r in records if r["summary"].get("recipe")]
         extra = [override for section, key, override in LEGACY if any(key not in rec[section] for rec in recipes)]

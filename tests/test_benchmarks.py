@@ -173,3 +173,15 @@ def test_an_even_count_of_baseline_runs_compares_against_their_middle_twos_mean(
     throughput._ratios(runs)
     # the lower naive run (80) alone would make ours 3.75x
     assert [r["x_naive"] for r in runs if r["config"] == "ours_fsdp_sgd"] == [3.0, 3.1]
+
+
+def test_the_gpu_table_reads_matrix_records_only():
+    """Every committed file that gpu_table.py reads holds matrix records; other result lines (an A/B's, a
+    benchmark's) live under other names, or the table cannot be rebuilt."""
+    gpu_table = _bench_module("gpu_table")
+    read = [call for folder in gpu_table.RESULTS.iterdir() if folder.is_dir()
+            for call in folder.glob(gpu_table.MATRIX_RECORDS)]
+    assert read
+    for call in read:
+        for line in call.read_text().splitlines():
+            assert "summary" in json.loads(line), call
