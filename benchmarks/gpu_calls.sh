@@ -66,6 +66,12 @@ s10call2)  # warm or cold, carry .whl .gpudata: one H200: the FSDP pairs on one 
     --out /tmp/a1 --timeout 110 --deadline $(($(left) - 10)) > "$OUT/bench_adamw_1gpu.log" 2>&1
   cp /tmp/a1/throughput.json "$OUT/throughput_adamw_1gpu.json"
   ;;
+s10call3)  # warm or cold, carry .whl .gpudata: one H200: the mission's full_sgd.yaml as committed and with
+           # fast_path=true (sdpa since its 2-GPU flex run was stopped compiling its evaluation), 12 steps, 64-row eval
+  env_txt
+  python benchmarks/gpu_matrix.py --out "$OUT" --deadline $(($(left) - 20)) --timeout 240 --steps 12 --rows 64 \
+    --only h200_full_sgd_fsdp1,h200_full_sgd_fast_fsdp1
+  ;;
 s9call1)  # cold, carry .whl .gpudata: both GPUs, NCCL's Simple protocol: the 7B pairs again, each run twice and
           # interleaved (one H200 host's tokens/s moved by 28% between runs of the same code in
           # session 2026-12-04), with samsum_tuner's per-step host syncs gone and the naive runs no longer paying

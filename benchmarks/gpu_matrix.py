@@ -71,6 +71,9 @@ RUNS: dict[str, tuple[list[str] | None, str, list[str], str]] = {
     # H200 only (141 GB).
     "h200_full_bf16_mixed_adamw": (None, R + "full_fp32.yaml", [M7, "train.bf16=true"], "ok"),
     "h200_full_sgd_fsdp1": (FSDP1, R + "full_sgd.yaml", [M7], "ok"),
+    # The mission's recipe with the one override that moves it to the fast path, evaluation included (its
+    # 2-GPU run of 2026-11-30b, under flex_attention, was stopped compiling its evaluation; fast_path uses sdpa).
+    "h200_full_sgd_fast_fsdp1": (FSDP1, R + "full_sgd.yaml", [M7, "fast_path=true"], "ok"),
     # Malloc retries: 3 epochs of 16 rows, longest batch first in each; the probe measures the peaks, the
     # capped runs set their caps just under its first epoch's reserved peak ("{probe_cap}", 0.1 GiB lower
     # "{probe_cap_lo}"), so the cache must be flushed and retried.
