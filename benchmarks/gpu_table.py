@@ -136,6 +136,13 @@ NOTES = {
         "for that batch with the momentum (+12.81 GiB); without it, it gives 57.14 GiB allocated against 57.38. "
         "This run is why the planner no longer adds gradients to activations when a step has one micro-batch "
         "(it said 82.76 before)"),
+    "2026-12-04b-h200/h200_full_sgd_fsdp1": "the mission's recipe as committed, beside its fast_path run in the same "
+                                            "call",
+    "h200_full_sgd_fast_fsdp1": (
+        "full_sgd.yaml with fast_path=true (sdpa), evaluation included: 0.84 s a step against 1.28 for the committed "
+        "recipe in the same call (1.48x its real tokens/s), at a lower peak, to the same eval_loss. The planner's "
+        "1.20: it adds SGD's momentum buffers (25.1 GiB) to the worst batch's activations, which this 12-step run "
+        "meets at step 1 (longest_first), before SGD has made its buffers; a later epoch's longest batch meets them"),
     "smollm2_epoch": "cut off at 39% of the epoch when the session's device time ran out (~9,500 tokens/s "
                      "at batch 16); the logged train loss went 1.85 (epoch 0.09) to 1.67 (epoch 0.39); no eval yet",
 }
