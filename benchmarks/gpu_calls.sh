@@ -72,6 +72,17 @@ s10call3)  # warm or cold, carry .whl .gpudata: one H200: the mission's full_sgd
   python benchmarks/gpu_matrix.py --out "$OUT" --deadline $(($(left) - 20)) --timeout 240 --steps 12 --rows 64 \
     --only h200_full_sgd_fsdp1,h200_full_sgd_fast_fsdp1
   ;;
+s10call4)  # cold, carry .whl .gpudata .ab: one H200: session 2026-12-04's unfinished A/B, interleaved old, new, old, new:
+           # the compiled FSDP SGD step on one GPU at 8900d3d (.ab/old: git archive 8900d3d samsum_tuner accelerate_configs
+           # recipes pyproject.toml setup.cfg benchmarks/throughput.py benchmarks/proctree.py) and at this checkout
+  env_txt
+  for v in old_1 new_1 old_2 new_2; do
+    case $v in old*) dir=$PWD/.ab/old ;; *) dir=$PWD ;; esac
+    (cd "$dir" && PYTHONPATH=/tmp/site:$dir python benchmarks/throughput.py --suite fsdp --nproc 1 --steps 20 \
+      --only ours_fsdp_sgd_compiled --profile none --out /tmp/ab_$v --timeout 110) > "$OUT/ab_$v.log" 2>&1
+    grep -h '"config"' "$OUT/ab_$v.log" | sed "s/^/$v /" >> "$OUT/ab.jsonl"
+  done
+  ;;
 s9call1)  # cold, carry .whl .gpudata: both GPUs, NCCL's Simple protocol: the 7B pairs again, each run twice and
           # interleaved (one H200 host's tokens/s moved by 28% between runs of the same code in
           # session 2026-12-04), with samsum_tuner's per-step host syncs gone and the naive runs no longer paying
