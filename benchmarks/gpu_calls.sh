@@ -84,6 +84,14 @@ s10call4)  # cold, carry .whl .gpudata .ab: one H200: session 2026-12-04's unfin
     grep -h '"config"' "$OUT/ab_$v.log" | sed "s/^/$v /" >> "$OUT/ab.jsonl"
   done
   ;;
+s10x2)  # cold, carry .whl .gpudata: both GPUs, with the little device time a session has left: the 7B SGD pair once
+        # under NCCL's Simple protocol, now that neither side waits for the GPU every step
+  env_txt
+  NCCL_PROTO=Simple python benchmarks/throughput.py --suite fsdp --nproc 2 --steps 20 \
+    --only naive_fsdp_sgd,ours_fsdp_sgd_compiled --out /tmp/b7 --timeout 90 --deadline $(($(left) - 10)) \
+    > "$OUT/bench_fsdp7_simple.log" 2>&1
+  cp /tmp/b7/throughput.json "$OUT/throughput_fsdp7_simple_2gpu.json"
+  ;;
 s9call1)  # cold, carry .whl .gpudata: both GPUs, NCCL's Simple protocol: the 7B pairs again, each run twice and
           # interleaved (one H200 host's tokens/s moved by 28% between runs of the same code in
           # session 2026-12-04), with samsum_tuner's per-step host syncs gone and the naive runs no longer paying
