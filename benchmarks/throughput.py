@@ -628,35 +628,28 @@ def main() -> None:
               f"x off-the-shelf {r.get('x_offshelf')}  peak/naive {r.get('peak_vs_naive')}")
 
 
-def _median_runs(results: list[dict]) -> dict[str, dict]:
-    """Each configuration's run of median tokens/s among its repeats (the lower middle one of an even count)."""
-    runs: dict[str, list[dict]] = {}
-    for r in results:
-        if r.get("real_tokens_per_s"):
-            runs.setdefault(r["config"], []).append(r)
-    return {c: sorted(rs, key=lambda r: r["real_tokens_per_s"])[(len(rs) - 1) // 2] for c, rs in runs.items()}
-
-
 def _ratios(results: list[dict]) -> None:
     """Each run against its naive anchor and its suite's off-the-shelf baseline: tokens/s against the baseline's
     median tokens/s when repeated (of an even count, the mean of the middle two: the lower one would favour the
-    runs measured against it), peak memory against its median run's."""
-    medians = _median_runs(results)
+    runs measured against it), peak memory against its median run's (the lower middle one of an even count)."""
+    runs: dict[str, list[dict]] = {}  # each configuration's measured runs, in run order
+    for r in results:
+        if r.get("real_tokens_per_s"):
+            runs.setdefault(r["config"], []).append(r)
+    medians = {c: sorted(rs, key=lambda r: r["real_tokens_per_s"])[(len(rs) - 1) // 2] for c, rs in runs.items()}
+    median_tokens = {c: statistics.median(r["real_tokens_per_s"] for r in rs) for c, rs in runs.items()}
     for r in results:
         naive, offshelf = BASELINE[r["suite"]]
         if r["suite"] == "fsdp" and "_sgd" in r["config"]:  # like with like: an SGD run against the naive SGD run
             naive = "naive_fsdp_sgd"
         by = {c: x for c, x in medians.items() if x["suite"] == r["suite"]}
-        samples = [x["real_tokens_per_s"] for x in results if x["config"] == r["config"] and x.get("real_tokens_per_s")]
-        if len(samples) > 1:
-            r["repeat_tokens_per_s"] = [round(x) for x in samples]
+        if len(runs.get(r["config"], [])) > 1:
+            r["repeat_tokens_per_s"] = [round(x["real_tokens_per_s"]) for x in runs[r["config"]]]
             r["median_of_repeats"] = medians[r["config"]] is r
         r["naive"] = naive
         for base, key in ((naive, "x_naive"), (offshelf, "x_offshelf")):
             if base in by and r.get("real_tokens_per_s"):
-                median = statistics.median(x["real_tokens_per_s"] for x in results
-                                           if x["config"] == base and x.get("real_tokens_per_s"))
-                r[key] = round(r["real_tokens_per_s"] / median, 2)
+                r[key] = round(r["real_tokens_per_s"] / median_tokens[base], 2)
         if by.get(naive, {}).get("peak_allocated_gib") and r.get("peak_allocated_gib"):
             r["peak_vs_naive"] = round(r["peak_allocated_gib"] / by[naive]["peak_allocated_gib"], 2)
 
