@@ -102,10 +102,72 @@ def _tokenized(recipe: Recipe, data: DataConfig):
     return tokenizer, tokenize_splits(data, tokenizer, raw)
 
 
+class HubUnreachable(ConfigError):
+    """The tokenizer or the data is on the hub, which cannot be reached now, and the local cache has no copy."""
+
+
+HUB_PROBE_TIMEOUT_S = 5.0
+
+
+def _in_hub_cache(repo_id: str, filenames: tuple[str, ...], repo_type: str | None = None,
+                  revision: str | None = None) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return all(isinstance(try_to_load_from_cache(repo_id, f, revision=revision, repo_type=repo_type), str)
+               for f in filenames)
+
+
+def _hub_problem(repo_id: str, filename: str, offline: bool, repo_type: str | None = None,
+                 revision: str | None = None) -> str | None:
+    """Why the hub cannot serve `filename` of a repository now (None: it can), found at once: one request without
+    retries (huggingface_hub's fast-fallback mode), where a download retries an unreachable hub for ~25 s."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    if offline:
+        return "offline mode, and the hub cache has no copy"
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, filename, repo_type=repo_type, revision=revision),
+                             timeout=HUB_PROBE_TIMEOUT_S)
+    except Exception as e:  # unreachable, timed out, gated, unknown: the download would fail the same way
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        return f"{type(e).__name__}: {first}" if first else type(e).__name__
+    return None
+
+
 def train_lengths(recipe: Recipe) -> tuple[list[int], list[int]]:
     """Per-sample token counts of the train split as training would see them, and their supervised (summary)
-    tokens: data and tokenizer, no model."""
-    split = _tokenized(recipe, replace(recipe.data, eval_split=None))[1]["train"]
+    tokens: data and tokenizer, never the model. A tokenizer in the hub cache is read from there; HubUnreachable,
+    at once, when the tokenizer or the data must come from a hub that cannot serve it now."""
+    from huggingface_hub import constants
+
+    from .data import resolve_source
+    from .model import EMBEDDED, _looks_local, check_model_source, load_tokenizer, random_shape_name
+
+    name, source = recipe.model.name, resolve_source(recipe.data)
+    missing, cached_tokenizer = [], False  # missing: (what, why)
+    if name == EMBEDDED or random_shape_name(name) is not None or _looks_local(name):
+        check_model_source(recipe)  # a missing folder or an unknown shape, refused by name
+    else:  # the model's config.json only, which AutoTokenizer reads too; the planner has its own shapes
+        cached_tokenizer = _in_hub_cache(name, ("config.json", "tokenizer_config.json"), revision=recipe.model.revision)
+        why = None if cached_tokenizer else _hub_problem(name, "config.json", constants.HF_HUB_OFFLINE,
+                                                         revision=recipe.model.revision)
+        missing += [(f"the tokenizer of {name}", why)] if why else []
+    if not _looks_local(source):
+        import datasets
+
+        offline = datasets.config.HF_HUB_OFFLINE  # HF_DATASETS_OFFLINE, else HF_HUB_OFFLINE
+        cached = _in_hub_cache(source, ("README.md",), repo_type="dataset")
+        # datasets reads its cache in offline mode only: online it retries an unreachable hub file by file.
+        why = None if offline and cached else _hub_problem(source, "README.md", offline, repo_type="dataset")
+        why = why and why + ("; HF_DATASETS_OFFLINE=1 reads the cached copy" if cached else "")
+        missing += [(f"the data {source}", why)] if why else []
+    if missing:
+        whys = {why for _, why in missing}
+        raise HubUnreachable("cannot reach " + " or ".join(what for what, _ in missing) + f" ({whys.pop()})"
+                             if len(whys) == 1 else "cannot reach " + " or ".join(f"{w} ({y})" for w, y in missing))
+    data = replace(recipe.data, eval_split=None)
+    raw = read_splits(data)  # data errors (file:line) before the tokenizer
+    split = tokenize_splits(data, load_tokenizer(recipe, local_files_only=cached_tokenizer), raw)["train"]
     return split.lengths, split.supervised
 
 

@@ -1,14 +1,22 @@
-"""`samsum-tuner train|plan ...`: errors for people are one line and an exit code (0 ok, 2 bad input, 3 won't fit)."""
+"""`samsum-tuner COMMAND ...`: errors for people are one line and an exit code (0 ok, 2 bad input, 3 won't fit)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
 import json
+import math
+import os
+import re
 import sys
-from typing import Callable
+from typing import Any, Callable
 
 from .errors import SamsumTunerError
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_WONT_FIT = 0, 2, 3
+RECIPE_HELP = "a recipe file (recipes/*.yaml); omit it for the original's defaults"
+OVERRIDE_HELP = ("key.sub=value (train.learning_rate=2e-5, lora.target_modules=q_proj,v_proj) or an original "
+                 "llama-recipes flag (--use_peft, --lr 1e-4, --quantization True); `samsum-tuner keys` lists them all")
 
 
 def _split_recipe(rest: list[str]) -> tuple[str | None, list[str]]:
@@ -17,11 +25,18 @@ def _split_recipe(rest: list[str]) -> tuple[str | None, list[str]]:
     return None, rest
 
 
-def _guard(fn: Callable[[], int]) -> int:
+def _speaks_for_the_launch() -> bool:
+    """Local rank 0 (or a process not launched at all): the one process of a launch on this machine that reports
+    an error every process reaches alike."""
+    return os.environ.get("LOCAL_RANK", "0").strip() in ("0", "")
+
+
+def _guard(fn: Callable[[], int], say: bool = True) -> int:
     try:
         return fn()
     except SamsumTunerError as e:
-        print(f"samsum-tuner: error: {e}", file=sys.stderr, flush=True)
+        if say:
+            print(f"samsum-tuner: error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
 
 
@@ -34,42 +49,79 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{self.prog}: {message}")
 
 
-def _train_parser(prog: str) -> argparse.ArgumentParser:
-    p = _Parser(
-        prog=prog,
-        allow_abbrev=False,  # never let --lr or --use_fp16 be taken for a prefix of our own flags
-        description="Fine-tune on SAMSum. RECIPE is a YAML file (omit it for the original's defaults); "
-        "overrides are key.sub=value or the original llama-recipes flags (--use_peft, --lr 1e-4, ...).",
-    )
+def _parse_with_recipe(argv: list[str], prog: str, description: str, add_options: Callable[[Any], None],
+                       epilog: str | None = None) -> tuple[argparse.Namespace, list[str]] | None:
+    """(our options, RECIPE and the overrides as given), or None after printing --help. argparse parses our
+    options alone: it would split an override such as `--lr 1e-4` into an unknown option and a positional. A twin
+    parser that also declares RECIPE and the overrides answers --help."""
+    if "-h" in argv or "--help" in argv:
+        shown = _Parser(prog=prog, description=description, epilog=epilog, allow_abbrev=False,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+        shown.add_argument("recipe", metavar="RECIPE.yaml", nargs="?", help=RECIPE_HELP)
+        shown.add_argument("overrides", metavar="OVERRIDE", nargs="*", help=OVERRIDE_HELP)
+        add_options(shown)
+        shown.print_help()
+        return None
+    options = _Parser(prog=prog, allow_abbrev=False, add_help=False)  # never take --lr for a prefix of ours
+    add_options(options)
+    return options.parse_known_args(argv)
+
+
+TRAIN_EPILOG = """examples:
+  samsum-tuner train recipes/demo_cpu.yaml train.max_steps=10 data.split_slice=1%
+  samsum-tuner train recipes/full_sgd.yaml --dry-run
+  python -m samsum_tuner.train --use_peft --peft_method lora --quantization True --use_fp16 --model_name DIR
+
+Overrides apply after the recipe, left to right. Exit codes: 0 done, 2 bad input, 3 will not fit (or CUDA out
+of memory), 4 diverged. Under torchrun or accelerate launch the same refusal reaches every process and local
+rank 0 prints it."""
+
+
+def _train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="resolve, check and prepare the data; load no model")
     p.add_argument("--force", action="store_true", help="train even if the memory planner says it will not fit")
-    return p
 
 
 def main_train(argv: list[str], prog: str = "samsum-tuner train") -> int:
-    parser = _train_parser(prog)
+    ready: dict[str, Any] = {}
 
-    def run() -> int:
+    def prepare() -> int:
         from . import api
 
-        opts, rest = parser.parse_known_args(argv)
+        parsed = _parse_with_recipe(argv, prog, "Fine-tune on SAMSum: a recipe, then overrides of its keys.",
+                                    _train_options, TRAIN_EPILOG)
+        if parsed is None:
+            return EXIT_OK
+        opts, rest = parsed
         path, overrides = _split_recipe(rest)
         recipe = api.load_recipe(path, overrides)
-        prepared = api.prepare(recipe, dry_run=opts.dry_run, force=opts.force)
-        if prepared.launch.is_main:
-            print(prepared.summary(), flush=True)
-        if opts.dry_run:
-            if prepared.launch.is_main:
-                print("--- resolved recipe ---\n" + recipe.to_yaml(), end="", flush=True)
-            return EXIT_OK
-        metrics = api.train(recipe, trainer=api.build_trainer(recipe, prepared=prepared))
-        if prepared.launch.is_main:
-            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
-            print(f"samsum_tuner: done: {shown}; saved in {recipe.train.output_dir}", flush=True)
-        _close_process_group()
+        ready.update(opts=opts, recipe=recipe,
+                     prepared=api.prepare(recipe, dry_run=opts.dry_run, force=opts.force))
         return EXIT_OK
 
-    return _guard(run)
+    # A refusal before training (recipe, machine, data, memory plan) reaches every process of a launch alike:
+    # one line from local rank 0, not one per process; every process still exits with its code.
+    code = _guard(prepare, say=_speaks_for_the_launch())
+    if code != EXIT_OK or not ready:
+        return code
+    return _guard(lambda: _train(**ready))
+
+
+def _train(opts: argparse.Namespace, recipe, prepared) -> int:
+    from . import api
+
+    if prepared.launch.is_main:
+        print(prepared.summary(), flush=True)
+    if opts.dry_run:
+        if prepared.launch.is_main:
+            print("--- resolved recipe ---\n" + recipe.to_yaml(), end="", flush=True)
+        return EXIT_OK
+    metrics = api.train(recipe, trainer=api.build_trainer(recipe, prepared=prepared))
+    if prepared.launch.is_main:
+        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
+        print(f"samsum_tuner: done: {shown}; saved in {recipe.train.output_dir}", flush=True)
+    _close_process_group()
+    return EXIT_OK
 
 
 def _close_process_group() -> None:
@@ -83,43 +135,83 @@ def _close_process_group() -> None:
         dist.destroy_process_group()
 
 
-def main_plan(argv: list[str], prog: str = "samsum-tuner plan") -> int:
-    p = _Parser(prog=prog, allow_abbrev=False,
-                description="Predict peak GPU and host memory; exit 0 fits, 3 will not fit.")
-    p.add_argument("--gpus", type=int, default=1)
-    p.add_argument("--gpu-memory", default=None, help="per GPU, e.g. 32GiB or 80")
-    p.add_argument("--host-memory", default=None, help="whole node, e.g. 63GiB")
+# Size units: binary ones (GiB, G, a bare number) as the planner counts; SI ones (GB = 10^9 bytes) converted.
+SIZE_UNITS = {"": 2**30, "g": 2**30, "gib": 2**30, "t": 2**40, "tib": 2**40, "m": 2**20, "mib": 2**20,
+              "gb": 10**9, "tb": 10**12, "mb": 10**6}
+SIZE_HELP = "32GiB, 32G or 32 mean 32 x 2^30 bytes; 32GB means 32 x 10^9 bytes (SI, said when read); MiB/MB, TiB/TB too"
+
+
+def parse_size_gib(text: str, flag: str) -> tuple[float, str | None]:
+    """A size in GiB, and a line saying how an SI size (GB, TB, MB) was read, where one was."""
+    from .errors import ConfigError
+
+    m = re.fullmatch(r"\s*(.*?)\s*([a-z]*)\s*", text.lower())
+    number, unit = m.groups() if m and m.group(2) not in ("nan", "inf", "infinity") else (text, "")
+    try:
+        value = float(number) * SIZE_UNITS[unit] / 2**30
+    except (ValueError, KeyError):
+        raise ConfigError(f"{flag}: expected a size such as 32GiB, 32G or 32 (GiB) or 32GB (10^9 bytes), "
+                          f"got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{flag}: expected a positive finite size like 32GiB, got {text!r}")
+    if not unit.endswith("b") or unit.endswith("ib"):
+        return value, None
+    binary = unit[0] + "ib"
+    return value, (f"{flag} {text.strip()} read as {value:.2f} GiB ({unit.upper()} = 10^"
+                   f"{len(str(SIZE_UNITS[unit])) - 1} bytes; {number}{binary[0].upper()}iB would be {number} x 2^"
+                   f"{SIZE_UNITS[binary].bit_length() - 1})")
+
+
+def _plan_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gpus", type=int, default=1, help="GPUs (one process each); default 1")
+    p.add_argument("--gpu-memory", default=None, metavar="SIZE",
+                   help=f"per GPU: {SIZE_HELP}; default: not checked")
+    p.add_argument("--host-memory", default=None, metavar="SIZE", help="the whole node, same units; default: not "
+                   "checked")
     p.add_argument("--lengths", choices=("data", "default"), default="data",
                    help="worst batch from the recipe's tokenized train split (default; needs the data and the "
-                        "tokenizer, not the model) or from built-in SAMSum length statistics")
+                        "tokenizer, not the model; where the hub holds either and cannot be reached, the built-in "
+                        "lengths, said in one line) or from built-in SAMSum length statistics")
     p.add_argument("--cpu", action="store_true", help="a run without CUDA: everything in host memory")
-    opts, rest = p.parse_known_args(argv)
 
+
+PLAN_EPILOG = """examples:
+  samsum-tuner plan recipes/full_sgd.yaml --gpus 4 --gpu-memory 32GiB --host-memory 63GiB
+  samsum-tuner plan recipes/lora_fp16.yaml --gpu-memory 32GB model.name=random:llama2-13b
+
+Exit codes: 0 fits (or nothing to check against), 3 will not fit (naming the nearest configuration that does),
+2 bad input."""
+
+
+def main_plan(argv: list[str], prog: str = "samsum-tuner plan") -> int:
     def run() -> int:
         from . import api
         from .errors import ConfigError
         from .planner import plan
 
-        def gib(text: str | None, flag: str) -> float | None:
-            if text is None:
-                return None
-            t = text.strip().lower().removesuffix("ib").removesuffix("g").removesuffix("b")
-            try:
-                value = float(t)
-            except ValueError:
-                raise ConfigError(f"{flag}: expected a size like 32GiB, got {text!r}") from None
-            if value <= 0:
-                raise ConfigError(f"{flag}: must be positive, got {text!r}")
-            return value
-
+        parsed = _parse_with_recipe(argv, prog, "Predict peak GPU memory per rank and host memory per node before "
+                                    "anything loads.", _plan_options, PLAN_EPILOG)
+        if parsed is None:
+            return EXIT_OK
+        opts, rest = parsed
         if opts.gpus <= 0:
             raise ConfigError(f"--gpus must be positive, got {opts.gpus}")
+        sizes = {}
+        for flag, text in (("--gpu-memory", opts.gpu_memory), ("--host-memory", opts.host_memory)):
+            sizes[flag], said = parse_size_gib(text, flag) if text is not None else (None, None)
+            if said:
+                print(f"samsum-tuner: note: {said}", file=sys.stderr, flush=True)
         path, overrides = _split_recipe(rest)
         recipe = api.load_recipe(path, overrides)
-        lengths, supervised = api.train_lengths(recipe) if opts.lengths == "data" else (None, None)
-        result = plan(recipe, gpus=opts.gpus, gpu_memory_gib=gib(opts.gpu_memory, "--gpu-memory"),
-                      host_memory_gib=gib(opts.host_memory, "--host-memory"), token_lengths=lengths,
-                      supervised_lengths=supervised,
+        lengths = supervised = None
+        if opts.lengths == "data":
+            try:
+                lengths, supervised = api.train_lengths(recipe)
+            except api.HubUnreachable as e:
+                print(f"samsum-tuner: note: {e}; planning with the built-in SAMSum lengths (--lengths default)",
+                      file=sys.stderr, flush=True)
+        result = plan(recipe, gpus=opts.gpus, gpu_memory_gib=sizes["--gpu-memory"],
+                      host_memory_gib=sizes["--host-memory"], token_lengths=lengths, supervised_lengths=supervised,
                       device="cpu" if opts.cpu else "cuda")
         print(result.table())
         print(result.verdict)
@@ -193,16 +285,104 @@ def main_report(argv: list[str], prog: str = "samsum-tuner report") -> int:
                              "run directory.", ["run_dir"], act)
 
 
-COMMANDS = {"train": main_train, "plan": main_plan, "eval": main_eval, "merge": main_merge, "report": main_report}
+# The original's flags whose value is translated, or that set more than one key.
+ALIAS_NOTES = {
+    "quantization": "True or 4bit: 4 (NF4); 8bit: 8",
+    "fsdp_config.optimizer": "SGD: sgd; AdamW: adamw_torch",
+    "fsdp_config.pure_bf16": "True: bfloat16 weights",
+    "peft_method": "lora only",
+    "dataset": "samsum_dataset only (checked; SAMSum is the only dataset)",
+    "batch_size_training": "samples per optimizer step: train.gradient_accumulation_steps = N / micro_batch_size",
+    "fast_path": "true: packed padding-free rows, one per optimizer step, sdpa (README: the fast path)",
+}
+
+
+def _shown_default(value: Any) -> str:
+    """A default as it would be written in an override."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return ",".join(value) if value else "[]"
+    if isinstance(value, str) and (value == "" or re.search(r"[\s,:#{}]", value)):
+        return json.dumps(value)
+    return str(value)
+
+
+def main_keys(argv: list[str], prog: str = "samsum-tuner keys") -> int:
+    from .config import ALIASES, SECTIONS, Recipe
+
+    p = _Parser(prog=prog, allow_abbrev=False,
+                description="Every recipe key with its default and one line of help, then the original "
+                "llama-recipes flags and the keys they set. Set a key in a recipe (section: then key: value) "
+                "or on the command line (section.key=value).")
+    p.add_argument("section", nargs="?", choices=[*SECTIONS, "aliases"], metavar="SECTION",
+                   help=f"only this section: {', '.join(SECTIONS)} or aliases")
+
+    def run() -> int:
+        opts = p.parse_args(argv)
+        rows = []
+        for section in [s for s in SECTIONS if opts.section in (None, s)]:
+            obj = getattr(Recipe(), section)
+            rows += [(f"{section}.{f.name}", _shown_default(getattr(obj, f.name)), f.metadata.get("help", ""))
+                     for f in dataclasses.fields(obj)]
+        if opts.section is None:
+            d = next(f for f in dataclasses.fields(Recipe) if f.name == "description")
+            rows.append(("description", _shown_default(d.default), d.metadata.get("help", "")))
+        if opts.section in (None, "aliases"):
+            rows.append(("", "", ""))
+            rows.append(("alias", "sets", "the original llama-recipes flags and our own: --alias value, "
+                         "--alias=value or alias=value"))
+            for alias, (target, _) in ALIASES.items():
+                sets = target if target and not target.startswith("_") else "-"
+                rows.append((f"--{alias}", sets, ALIAS_NOTES.get(alias, "")))
+        key_w = max(len(r[0]) for r in rows)
+        default_w = min(max(len(r[1]) for r in rows), 26)
+        for key, default, text in rows:
+            print(f"{key:<{key_w}}  {default:<{default_w}}  {text}".rstrip())
+        return EXIT_OK
+
+    return _guard(run)
+
+
+COMMANDS = {"train": main_train, "plan": main_plan, "eval": main_eval, "merge": main_merge, "report": main_report,
+            "keys": main_keys}
+SUMMARIES = {
+    "train": "fine-tune on SAMSum: RECIPE.yaml, then key.sub=value overrides or the original's flags",
+    "plan": "predict peak GPU and host memory before anything loads; exit 0 fits, 3 will not fit",
+    "eval": "ROUGE of a run directory or a model, by batched generation",
+    "merge": "merge a LoRA run's adapter into a plain HF model folder",
+    "report": "report.md and PNG plots (loss, perplexity, learning rate, memory) of a run directory",
+    "keys": "every recipe key with its default and help, and the original llama-recipes flags",
+    "help": "this list; samsum-tuner help COMMAND (or COMMAND --help) shows a command's arguments",
+}
+
+
+def _overview() -> str:
+    width = max(map(len, SUMMARIES))
+    lines = ["usage: samsum-tuner COMMAND [ARGUMENTS ...]", "",
+             "Fine-tune Llama-family causal LMs on SAMSum with every memory strategy, and know before a model "
+             "loads whether it fits.", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in SUMMARIES.items()]
+    lines += ["", "Exit codes: 0 done, 2 bad input (one line naming the key or file:line), 3 will not fit, "
+              "4 diverged."]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        names = "|".join(COMMANDS)
-        print(f"usage: samsum-tuner {{{names}}} [RECIPE.yaml] [overrides ...]", file=sys.stderr)
-        return EXIT_OK if argv and argv[0] in ("-h", "--help") else EXIT_BAD_INPUT
-    return _guard(lambda: COMMANDS[argv[0]](argv[1:], prog=f"samsum-tuner {argv[0]}"))
+    if argv[:1] == ["help"] and len(argv) > 1 and argv[1] in COMMANDS:
+        argv = [argv[1], "--help"]
+    if argv[:1] in (["-h"], ["--help"], ["help"]) or not argv:
+        print(_overview(), file=sys.stdout if argv else sys.stderr)
+        return EXIT_OK if argv else EXIT_BAD_INPUT
+    name = argv[0] if argv[0] != "help" else argv[1]
+    if name not in COMMANDS:
+        close = difflib.get_close_matches(name, list(SUMMARIES), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        print(f"samsum-tuner: error: unknown command {name!r}{hint}; the commands: {', '.join(SUMMARIES)} "
+              "(samsum-tuner --help describes them)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return _guard(lambda: COMMANDS[name](argv[1:], prog=f"samsum-tuner {name}"))
 
 
 if __name__ == "__main__":

@@ -22,136 +22,141 @@ from .errors import ConfigError
 ORIGINAL_PROMPT = "Summarize this dialog:\n{dialog}\n---\nSummary:\n"
 
 
+def _knob(default: Any, help: str) -> Any:
+    """A recipe field and its one line of help (`samsum-tuner keys`); a list default is copied per recipe."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelConfig:
-    # Hub id, local HF folder, "smollm2-135m" (embedded) or "random:llama2-7b|13b|70b".
-    name: str = "meta-llama/Llama-2-7b-hf"
-    # Storage dtype of the weights. None = fp32, as the original loaded them;
-    # "bfloat16"/"float16" are pure half-precision weights (an explicit choice).
-    dtype: str | None = None
-    attn_implementation: str = "sdpa"
-    gradient_checkpointing: bool = False
-    # torch.compile each decoder layer in place (one compiled graph serves every layer): fuses the
-    # elementwise chains (RMSNorm, RoPE, SiLU x up, casts) that eager mode launches one kernel at a time.
-    compile: bool = False
-    trust_remote_code: bool = False
-    revision: str | None = None
+    name: str = _knob("meta-llama/Llama-2-7b-hf", "hub id, local HF folder, smollm2-135m (embedded) or "
+                      "random:llama2-7b|13b|70b (real shapes, random weights)")
+    dtype: str | None = _knob(None, "storage dtype of the weights: null = float32, as the original loaded them; "
+                              "bfloat16/float16 = pure half-precision weights (an explicit choice)")
+    attn_implementation: str = _knob("sdpa", "attention kernel: sdpa, eager or flex_attention (CUDA only)")
+    gradient_checkpointing: bool = _knob(False, "recompute activations in backward instead of keeping them")
+    # One compiled graph serves every layer: it fuses the elementwise chains (RMSNorm, RoPE, SiLU x up, casts)
+    # that eager mode launches one kernel at a time.
+    compile: bool = _knob(False, "torch.compile each decoder layer in place")
+    trust_remote_code: bool = _knob(False, "run the model repository's own Python code")
+    revision: str | None = _knob(None, "hub branch, tag or commit of the model (null: main)")
 
 
 @dataclass
 class QuantizationConfig:
-    bits: int | None = None  # None, 4 (NF4 through bitsandbytes) or 8
-    quant_type: str = "nf4"
-    double_quant: bool = True
+    bits: int | None = _knob(None, "null, 4 (NF4 through bitsandbytes, QLoRA) or 8 (LLM.int8)")
+    quant_type: str = _knob("nf4", "4-bit data type: nf4 or fp4")
+    double_quant: bool = _knob(True, "quantize the 4-bit quantization constants too (QLoRA's double quantization)")
 
 
 @dataclass
 class LoraConfig:
-    enabled: bool = False
-    method: str = "lora"
-    r: int = 8
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    bias: str = "none"
+    enabled: bool = _knob(False, "train LoRA adapters on a frozen base (the original's --use_peft)")
+    method: str = _knob("lora", "PEFT method: lora only")
+    r: int = _knob(8, "adapter rank")
+    alpha: int = _knob(32, "adapter scale numerator (scale = alpha / r)")
+    dropout: float = _knob(0.05, "dropout on the adapters' input, in [0, 1)")
+    target_modules: list[str] = _knob(["q_proj", "v_proj"], "linear layers that get adapters (comma-separated)")
+    bias: str = _knob("none", "which biases train: none, all or lora_only")
 
 
 @dataclass
 class DataConfig:
-    # Hub dataset id or a local folder with train/validation/test .jsonl[.gz]/.json.
-    # SAMSUM_DATA_DIR (a folder) stands in for SAMSum's hub ids, e.g. offline; other sources are used as given.
-    source: str = "knkarthick/samsum"
-    train_split: str = "train"
-    eval_split: str | None = "validation"
-    split_slice: str | None = None  # "1%", "10", "[:100]": train and eval alike, as the original
-    eval_slice: str | None = None  # a different slice for the eval split only
-    prompt_template: str = ORIGINAL_PROMPT
-    chat_template: bool = False  # wrap the prompt in the tokenizer's chat template
-    completion_only_loss: bool = True  # False: train on prompt tokens too
-    max_length: int = 2048  # longer rows lose dialogue tokens, never summary tokens
-    packing: bool = False  # padding-free batches (DataCollatorWithFlattening)
-    longest_first: bool = False  # the longest batch trains first: an out-of-memory shows at step 1, not hours in
-    # Batches by tokens instead of rows: as many samples as fit the budget (packed: their sum; padded: rows x
-    # the longest), so memory is bounded by the budget, not the longest sample. Replaces the train and eval
-    # batch sizes.
-    max_tokens_per_batch: int | None = None
-    # Rows padded to a multiple of N tokens (packed: the one row, with a tail that is its own sample and never
-    # supervised). Compiled kernels such as flex_attention compile once per shape: N = max_tokens_per_batch
-    # gives every step the same shape, where varying packed lengths recompile again and again.
-    pad_to_multiple_of: int | None = None
-    num_proc: int | None = None
+    source: str = _knob("knkarthick/samsum", "hub dataset id or a local folder of train/validation/test "
+                        ".jsonl[.gz]/.json; SAMSUM_DATA_DIR (a folder) stands in for SAMSum's hub ids")
+    train_split: str = _knob("train", "split to train on")
+    eval_split: str | None = _knob("validation", "split to evaluate on (null: no evaluation)")
+    split_slice: str | None = _knob(None, "rows of train and eval alike, as the original: 1%, 10 or [:100]")
+    eval_slice: str | None = _knob(None, "a different slice for the eval split only")
+    prompt_template: str = _knob(ORIGINAL_PROMPT, "prompt before the summary; must contain {dialog}")
+    chat_template: bool = _knob(False, "wrap the prompt in the tokenizer's chat template")
+    completion_only_loss: bool = _knob(True, "loss on the summary tokens only (false: on the prompt too)")
+    max_length: int = _knob(2048, "tokens per sample; longer rows lose dialogue tokens, never summary tokens")
+    packing: bool = _knob(False, "padding-free batches: samples packed into one row, attention kept apart")
+    longest_first: bool = _knob(False, "the longest batch trains first: an out-of-memory shows at step 1")
+    # Memory is then bounded by the budget, not by the longest sample.
+    max_tokens_per_batch: int | None = _knob(None, "batches by tokens instead of rows (packed: their sum; padded: "
+                                             "rows x the longest); replaces the train and eval batch sizes")
+    # Compiled kernels such as flex_attention compile once per shape: N = max_tokens_per_batch gives every step
+    # the same shape, where varying packed lengths recompile again and again.
+    pad_to_multiple_of: int | None = _knob(None, "pad rows to a multiple of N tokens (packed: the one row, with an "
+                                           "unsupervised tail sample)")
+    num_proc: int | None = _knob(None, "processes that tokenize the splits (null: one)")
 
 
 @dataclass
 class TrainConfig:
-    output_dir: str = "runs/samsum"
-    overwrite_output_dir: bool = False
-    per_device_train_batch_size: int = 1
-    per_device_eval_batch_size: int = 1
-    gradient_accumulation_steps: int = 4
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.0
-    num_train_epochs: float = 3.0
-    max_steps: int = -1
-    # "steplr" is the original's per-epoch StepLR(gamma); any HF scheduler name works too.
-    lr_scheduler_type: str = "steplr"
-    gamma: float = 0.85
-    warmup_steps: int = 0
-    optim: str = "adamw_torch"  # HF optimizer names, plus "sgd" (a real torch.optim.SGD)
-    momentum: float = 0.9  # SGD only
-    max_grad_norm: float = 0.0  # the original did not clip
-    fp16: bool = False
-    bf16: bool = False
-    seed: int = 42
-    logging_steps: int = 10
-    eval_strategy: str = "epoch"
-    eval_steps: int | None = None
-    eval_on_start: bool = False  # an eval_loss before the first step, to show it falling
-    # Logits only where a label is supervised (the summary): the same loss, without the vocab x prompt-tokens
-    # logits that the loss never reads (SAMSum's prompts are ~85% of the tokens).
-    supervised_logits_only: bool = True
-    eval_rouge_rows: int = 0  # >0: ROUGE by greedy generation on the first N validation rows at every evaluation
-    save_strategy: str = "epoch"
-    save_steps: int | None = None
-    save_total_limit: int | None = 2
-    save_model: bool = True
-    dataloader_num_workers: int = 0
-    # "auto": the last complete checkpoint in output_dir (a fresh start if none), or a checkpoint path.
-    resume_from_checkpoint: str | None = None
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
-    disable_tqdm: bool = False
+    output_dir: str = _knob("runs/samsum", "run directory: checkpoints, adapter or model, logs, summaries")
+    overwrite_output_dir: bool = _knob(False, "reuse a non-empty run directory (old checkpoints move aside)")
+    per_device_train_batch_size: int = _knob(1, "samples per micro-batch per process")
+    per_device_eval_batch_size: int = _knob(1, "samples per evaluation batch per process")
+    gradient_accumulation_steps: int = _knob(4, "micro-batches per optimizer step")
+    learning_rate: float = _knob(1e-4, "peak learning rate")
+    weight_decay: float = _knob(0.0, "decoupled weight decay (AdamW) or L2 (SGD)")
+    num_train_epochs: float = _knob(3.0, "passes over the train split")
+    max_steps: int = _knob(-1, "optimizer steps to stop after (-1: the epochs decide)")
+    lr_scheduler_type: str = _knob("steplr", "steplr (the original's per-epoch StepLR(gamma)) or any HF scheduler "
+                                   "name")
+    gamma: float = _knob(0.85, "StepLR decay per epoch, in (0, 1]")
+    warmup_steps: int = _knob(0, "steps of linear warmup")
+    optim: str = _knob("adamw_torch", "HF optimizer name, or sgd (a real torch.optim.SGD with momentum)")
+    momentum: float = _knob(0.9, "SGD momentum (sgd only)")
+    max_grad_norm: float = _knob(0.0, "gradient clipping norm (0: none, as the original)")
+    fp16: bool = _knob(False, "fp16 mixed precision: fp32 weights, fp16 autocast, loss scaling (--use_fp16)")
+    bf16: bool = _knob(False, "bf16 mixed precision: bf16 autocast over the stored weights")
+    seed: int = _knob(42, "seed of initialisation, data order and dropout")
+    logging_steps: int = _knob(10, "optimizer steps between logged losses")
+    eval_strategy: str = _knob("epoch", "when to evaluate: no, epoch or steps")
+    eval_steps: int | None = _knob(None, "optimizer steps between evaluations (eval_strategy=steps)")
+    eval_on_start: bool = _knob(False, "an eval_loss before the first step, to show it falling")
+    # SAMSum's prompts are ~85% of the tokens: their logits are never read by the loss.
+    supervised_logits_only: bool = _knob(True, "lm_head only where a label is supervised (the summary): the same "
+                                         "loss without the vocab x prompt-tokens logits")
+    eval_rouge_rows: int = _knob(0, "ROUGE by greedy generation on the first N validation rows at every "
+                                 "evaluation (0: off; one process)")
+    save_strategy: str = _knob("epoch", "when to checkpoint: no, epoch or steps")
+    save_steps: int | None = _knob(None, "optimizer steps between checkpoints (save_strategy=steps)")
+    save_total_limit: int | None = _knob(2, "complete checkpoints kept (null: all); the newest is never deleted")
+    save_model: bool = _knob(True, "save the adapter or the model at the end")
+    dataloader_num_workers: int = _knob(0, "data loader worker processes")
+    resume_from_checkpoint: str | None = _knob(None, "auto (the last complete checkpoint in output_dir, or a fresh "
+                                               "start) or a checkpoint folder")
+    report_to: list[str] = _knob(["tensorboard"], "Trainer log integrations (comma-separated; [] for none)")
+    disable_tqdm: bool = _knob(False, "no progress bar")
 
 
 @dataclass
 class FsdpConfig:
-    enabled: bool = False
-    cpu_offload: bool = False
-    sharding_strategy: str = "FULL_SHARD"
-    version: int = 2
+    enabled: bool = _knob(False, "shard with FSDP (torchrun; under accelerate launch it must match the config)")
+    cpu_offload: bool = _knob(False, "FSDP keeps parameters, gradients and optimizer states in host memory")
+    sharding_strategy: str = _knob("FULL_SHARD", "FULL_SHARD, SHARD_GRAD_OP, NO_SHARD or HYBRID_SHARD")
+    version: int = _knob(2, "FSDP 1 or 2 (per-parameter sharding)")
     # With gradient accumulation the Trainer skips gradient sync on all but the last micro-batch; under FSDP2
     # that keeps every layer's gradient unsharded until then (all of them: 4 bytes per fp32 parameter on every
-    # rank, not 4/N). Reducing after each micro-batch keeps them sharded for one reduce-scatter more per
-    # micro-batch; false trades that memory for speed (the planner counts it either way).
-    reduce_every_micro_batch: bool = True
+    # rank, not 4/N). False trades that memory for speed (the planner counts it either way).
+    reduce_every_micro_batch: bool = _knob(True, "reduce-scatter gradients after every micro-batch, so they stay "
+                                           "sharded under gradient accumulation")
 
 
 @dataclass
 class MemoryConfig:
-    log_every_steps: int = 0  # 0: per epoch only
-    sample_interval_s: float = 0.05  # host RSS sampling period of the background thread
-    gpu_limit_gib: float | None = None  # cap the GPU (set_per_process_memory_fraction)
-    preflight: bool = True  # run the memory planner before loading the model
-    gpu_memory_gib: float | None = None  # planner inputs; None = read from the machine
-    host_memory_gib: float | None = None
+    log_every_steps: int = _knob(0, "memory records every N steps too (0: per epoch only)")
+    sample_interval_s: float = _knob(0.05, "host RSS sampling period of the background thread, seconds")
+    gpu_limit_gib: float | None = _knob(None, "cap the GPU at this many GiB (set_per_process_memory_fraction)")
+    preflight: bool = _knob(True, "run the memory planner before loading the model; refuse what will not fit")
+    gpu_memory_gib: float | None = _knob(None, "GPU GiB the planner plans for (null: read from the machine)")
+    host_memory_gib: float | None = _knob(None, "host GiB the planner plans for (null: read from the machine)")
 
 
 @dataclass
 class GuardConfig:
-    # Stop the run (exit 4) naming the last good checkpoint; 0 turns a guard off.
-    max_nonfinite_steps: int = 1  # optimizer steps in a row with a NaN/inf loss
-    # Optimizer steps in a row the fp16 loss scaler skips. From its initial 2**16 a healthy run backs off
-    # a dozen times at most; 30 skips means overflow even at a scale far below 1.
-    max_skipped_steps: int = 30
+    # Both stop the run (exit 4) naming the last good checkpoint. From its initial 2**16 a healthy fp16 run backs
+    # off a dozen times at most; 30 skips means overflow even at a scale far below 1.
+    max_nonfinite_steps: int = _knob(1, "optimizer steps in a row with a NaN/inf loss before stopping (0: off)")
+    max_skipped_steps: int = _knob(30, "optimizer steps in a row the fp16 loss scaler skips before stopping "
+                                   "(0: off)")
 
 
 @dataclass
@@ -164,7 +169,7 @@ class Recipe:
     fsdp: FsdpConfig = field(default_factory=FsdpConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
-    description: str = ""
+    description: str = _knob("", "free text about the recipe")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

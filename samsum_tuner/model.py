@@ -168,7 +168,8 @@ def load_model_config(recipe: Recipe):
     )
 
 
-def load_tokenizer(recipe: Recipe):
+def load_tokenizer(recipe: Recipe, local_files_only: bool = False):
+    """`local_files_only`: from the hub cache alone (an unreachable hub is otherwise retried for every file)."""
     from transformers import AutoTokenizer
 
     name = recipe.model.name
@@ -176,7 +177,8 @@ def load_tokenizer(recipe: Recipe):
         # random: shapes borrow SmolLM2's tokenizer (vocab 49,152 instead of Llama-2's 32,000).
         return embedded_tokenizer()
     tokenizer = AutoTokenizer.from_pretrained(
-        name, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
+        name, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code,
+        local_files_only=local_files_only,
     )
     if tokenizer.pad_token is None:
         # Safe because padded label positions are masked by position, not by pad id (EOS stays supervised).

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from .conftest import ROOT
 
@@ -81,6 +82,35 @@ def test_python_m_train_bad_input_is_one_line(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2
     assert p.stderr.strip() == "samsum-tuner: error: train.learning_rate must be positive, got -1.0"
+
+
+def _one_refusal_under_a_launcher(p: subprocess.CompletedProcess, refusal: str) -> None:
+    """Local rank 0 printed the refusal, no other rank did; the launcher reported a worker's exit code 2. The launcher
+    itself exits 1 after its own report (torch elastic raises ChildFailedError for any failed worker)."""
+    out = p.stdout + p.stderr
+    assert [line for line in out.splitlines() if line.startswith("samsum-tuner: error:")] == [
+        f"samsum-tuner: error: {refusal}"], out[-3000:]
+    assert p.returncode == 1 and "exitcode  : 2" in p.stderr, out[-3000:]
+
+
+@pytest.mark.slow
+def test_a_refusal_under_torchrun_is_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "samsum_tuner.train",
+           "--lr", "-1", f"train.output_dir={tmp_path / 'run'}"]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    _one_refusal_under_a_launcher(p, "train.learning_rate must be positive, got -1.0")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is FSDP without CUDA")
+def test_a_refusal_under_accelerate_launch_is_one_line(real_samsum, tmp_path):
+    """The mission's launch (the FSDP config, two processes here), refused on a machine without CUDA."""
+    cmd = ["accelerate", "launch", "--config_file", "accelerate_configs/fsdp4.yaml", "--num_processes", "2",
+           "-m", "samsum_tuner.train", "recipes/full_sgd.yaml", f"train.output_dir={tmp_path / 'run'}"]
+    p = subprocess.run(cmd, cwd=ROOT, env=_env(real_samsum), capture_output=True, text=True, timeout=300)
+    _one_refusal_under_a_launcher(p, "refused: FSDP needs CUDA GPUs (accelerate does not engage FSDP on CPU); drop "
+                                     "fsdp.enabled / --enable_fsdp to train on CPU")
 
 
 @pytest.mark.slow

@@ -1,0 +1,213 @@
+"""The command line as people meet it: the command list, each command's help, the recipe keys, plan's sizes and
+plan without the hub."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from samsum_tuner import cli
+from samsum_tuner.config import ALIASES, SECTIONS, Recipe
+
+from .conftest import ROOT
+
+
+def _run(argv: list[str], capsys) -> tuple[int, str, str]:
+    """cli.main in-process; argparse's own --help leaves through SystemExit(0)."""
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["-h"], ["help"]])
+def test_the_overview_lists_every_command_with_a_line(argv, capsys):
+    code, out, err = _run(argv, capsys)
+    assert code == 0 and err == ""
+    listed = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
+    assert set(listed) == {*cli.COMMANDS, "help"}
+    assert all(len(line.split()) > 3 for line in listed.values())  # a description, not just the name
+
+
+def test_no_command_or_an_unknown_one_is_bad_input(capsys):
+    code, out, err = _run([], capsys)
+    assert code == 2 and "commands:" in err and out == ""
+    code, out, err = _run(["trian"], capsys)
+    assert code == 2 and out == ""
+    assert err.strip() == ("samsum-tuner: error: unknown command 'trian' (did you mean train?); the commands: train, "
+                           "plan, eval, merge, report, keys, help (samsum-tuner --help describes them)")
+
+
+@pytest.mark.parametrize("argv, shows", [
+    (["train", "--help"], ["RECIPE.yaml", "OVERRIDE", "key.sub=value", "--use_peft", "--dry-run", "--force"]),
+    (["help", "train"], ["RECIPE.yaml", "OVERRIDE", "key.sub=value"]),
+    (["plan", "--help"], ["RECIPE.yaml", "OVERRIDE", "--gpus", "--gpu-memory", "32GB", "10^9", "--lengths"]),
+    (["help", "plan"], ["RECIPE.yaml", "--host-memory"]),
+    (["eval", "--help"], ["run_or_model", "--split"]),
+    (["merge", "--help"], ["run_dir", "out"]),
+    (["report", "--help"], ["run_dir"]),
+    (["keys", "--help"], ["SECTION", "aliases"]),
+])
+def test_each_command_help_shows_its_arguments(argv, shows, capsys):
+    code, out, err = _run(argv, capsys)
+    assert code == 0 and err == "", err
+    positional = out.split("positional arguments:")[1].split("options:")[0]
+    assert [s for s in shows if s not in out] == []
+    assert positional.strip(), out
+    assert f"usage: samsum-tuner {argv[-1] if argv[0] == 'help' else argv[0]}" in out
+
+
+def test_python_m_train_help_shows_the_recipe_and_overrides():
+    p = subprocess.run([sys.executable, "-m", "samsum_tuner.train", "--help"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0 and p.stderr == ""
+    assert "[RECIPE.yaml] [OVERRIDE ...]" in p.stdout and "key.sub=value" in p.stdout
+
+
+def test_keys_lists_every_field_with_its_default_and_help(capsys):
+    code, out, err = _run(["keys"], capsys)
+    assert code == 0 and err == ""
+    lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
+    recipe = Recipe()
+    for section in SECTIONS:
+        for f in dataclasses.fields(getattr(recipe, section)):
+            key, default = f"{section}.{f.name}", cli._shown_default(getattr(getattr(recipe, section), f.name))
+            assert f.metadata.get("help"), f"{key} has no help"
+            assert key in lines, key
+            rest = lines[key][len(key):].strip()
+            assert rest.startswith(default) and rest[len(default):].strip() == f.metadata["help"], lines[key]
+    assert lines["train.learning_rate"].split()[1] == "0.0001"
+    assert lines["lora.target_modules"].split()[1] == "q_proj,v_proj"
+    assert lines["model.dtype"].split()[1] == "null"
+    for alias, (target, _) in ALIASES.items():
+        assert f"--{alias}" in lines
+        if target and not target.startswith("_"):
+            assert lines[f"--{alias}"].split()[1] == target
+
+
+def test_keys_of_one_section_and_an_unknown_section(capsys):
+    code, out, _ = _run(["keys", "lora"], capsys)
+    assert code == 0
+    fields = [f"lora.{f.name}" for f in dataclasses.fields(Recipe().lora)]
+    assert [line.split()[0] for line in out.splitlines()] == fields
+    code, out, _ = _run(["keys", "aliases"], capsys)
+    assert code == 0 and "--use_peft" in out and "lora.r" not in out
+    code, out, err = _run(["keys", "loar"], capsys)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and "invalid choice: 'loar'" in err
+
+
+# ---------------------------------------------------------------- plan: sizes
+@pytest.mark.parametrize("text, gib, note", [
+    ("32GiB", 32.0, None), ("32G", 32.0, None), ("32", 32.0, None), ("63 GiB", 63.0, None), ("1TiB", 1024.0, None),
+    ("512MiB", 0.5, None),
+    ("32GB", 29.802322, "--gpu-memory 32GB read as 29.80 GiB (GB = 10^9 bytes; 32GiB would be 32 x 2^30)"),
+    ("1TB", 931.322575, "--gpu-memory 1TB read as 931.32 GiB (TB = 10^12 bytes; 1TiB would be 1 x 2^40)"),
+])
+def test_size_units(text, gib, note):
+    value, said = cli.parse_size_gib(text, "--gpu-memory")
+    assert value == pytest.approx(gib) and said == note
+
+
+def test_plan_says_how_it_read_gb_and_plans_for_it(capsys):
+    code, out, err = _run(["plan", "--gpus", "4", "--gpu-memory", "32GB", "--host-memory", "63GiB",
+                           "--lengths", "default"], capsys)
+    assert code in (0, 3)
+    assert err.strip() == ("samsum-tuner: note: --gpu-memory 32GB read as 29.80 GiB (GB = 10^9 bytes; 32GiB would "
+                           "be 32 x 2^30)")
+    assert "GPU peak per rank" in out and " of 29.80" in out and " of 63.00" in out
+
+
+@pytest.mark.parametrize("flag", ["--gpu-memory", "--host-memory"])
+@pytest.mark.parametrize("size", ["nan", "inf", "-inf", "-1", "0", "1e400", "0GB", "32XB", "lots", ""])
+def test_plan_refuses_a_size_that_is_no_size_in_one_line(flag, size, capsys):
+    # --flag=-inf: argparse takes a lone -inf for an option (-1 it knows as a number)
+    code, out, err = _run(["plan", f"{flag}={size}", "--lengths", "default"], capsys)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and err.startswith(f"samsum-tuner: error: {flag}: expected a ")
+    assert repr(size) in err
+
+
+@pytest.mark.parametrize("gpus, says", [("0", "--gpus must be positive, got 0"), ("-1", "--gpus must be positive"),
+                                        ("two", "invalid int value: 'two'"), ("2.5", "invalid int value: '2.5'")])
+def test_plan_refuses_a_gpu_count_that_is_no_count_in_one_line(gpus, says, capsys):
+    code, out, err = _run(["plan", "--gpus", gpus, "--lengths", "default"], capsys)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and says in err
+
+
+# ---------------------------------------------------------------- plan without the hub
+README_PLAN = ["plan", "recipes/full_sgd.yaml", "--gpus", "4", "--gpu-memory", "32GiB", "--host-memory", "63GiB"]
+
+
+def _offline_env(tmp_path, hub_offline: bool) -> dict[str, str]:
+    """The hub unreachable on any machine (a closed local port), an empty hub cache, with or without the hub's
+    own offline switch."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "SAMSUM_DATA_DIR")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_CACHE=str(tmp_path / "hub"),
+               HF_DATASETS_CACHE=str(tmp_path / "datasets"), TOKENIZERS_PARALLELISM="false")
+    if hub_offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    return env
+
+
+def _plan(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "samsum_tuner", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("hub_offline", [False, True], ids=["hub-unreachable", "HF_HUB_OFFLINE"])
+@pytest.mark.parametrize("local_data", [True, False], ids=["SAMSUM_DATA_DIR", "hub-data"])
+def test_readme_plan_without_the_hub_falls_back_to_built_in_lengths_at_once(hub_offline, local_data, tmp_path,
+                                                                            tiny_data):
+    env = _offline_env(tmp_path, hub_offline)
+    if local_data:
+        env["SAMSUM_DATA_DIR"] = str(tiny_data)
+    p = _plan(README_PLAN, env)
+    assert p.returncode in (0, 3), p.stderr[-3000:]
+    assert "Retrying" not in p.stderr  # huggingface_hub's backoff: ~25 s per file
+    notes = [line for line in p.stderr.splitlines() if line.strip()]
+    assert len(notes) == 1, p.stderr
+    unreachable = "the tokenizer of meta-llama/Llama-2-7b-hf" + ("" if local_data else " or the data knkarthick/samsum")
+    assert notes[0].startswith(f"samsum-tuner: note: cannot reach {unreachable} (")
+    assert notes[0].endswith("; planning with the built-in SAMSum lengths (--lengths default)")
+    assert ("offline mode" in notes[0]) == hub_offline
+    assert "default SAMSum lengths" in p.stdout and p.stdout.strip().splitlines()[-1].startswith(("fits", "will not"))
+
+
+@pytest.mark.slow
+def test_plan_reads_a_cached_tokenizer_without_the_hub(tmp_path, tiny_data, tokenizer):
+    """A tokenizer in the hub cache is read from there: no retries of the unreachable hub, the real lengths."""
+    from .conftest import tiny_llama
+
+    repo = tmp_path / "hub" / "models--meta-llama--Llama-2-7b-hf"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    tokenizer.save_pretrained(snapshot)
+    tiny_llama().config.save_pretrained(snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    p = _plan([*README_PLAN, f"data.source={tiny_data}"], _offline_env(tmp_path, hub_offline=False))
+    assert p.returncode in (0, 3), p.stderr[-3000:]
+    assert "Retrying" not in p.stderr and "samsum-tuner: note" not in p.stderr, p.stderr[-3000:]
+    assert "(40 real samples, longest" in p.stdout
+
+
+def test_plan_with_a_missing_local_model_folder_is_still_bad_input(tmp_path, tiny_data, capsys):
+    code, out, err = _run(["plan", f"model.name={tmp_path / 'nowhere'}", f"data.source={tiny_data}"], capsys)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert "model.name: local model folder" in err and "does not exist" in err
+
+
+def test_keys_output_is_valid_for_overrides():
+    """Every default as `keys` shows it is accepted back as an override and gives the same recipe."""
+    recipe = Recipe()
+    overrides = [f"{s}.{f.name}={cli._shown_default(getattr(getattr(recipe, s), f.name))}"
+                 for s in SECTIONS for f in dataclasses.fields(getattr(recipe, s))]
+    from samsum_tuner import load_recipe
+
+    assert json.dumps(load_recipe(None, overrides).to_dict()) == json.dumps(recipe.to_dict())
