@@ -33,7 +33,8 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     # torch.compile each decoder layer in place (one compiled graph serves every layer): fuses the
     # elementwise chains (RMSNorm, RoPE, SiLU x up, casts) that eager mode launches one kernel at a time.
-    compile: bool = False
+    # true, false, or auto: compiled where CUDA is available, eager elsewhere (a CPU gains little from it).
+    compile: typing.Literal["auto"] | bool = False
     trust_remote_code: bool = False
     revision: str | None = None
 
@@ -515,6 +516,8 @@ def validate(recipe: Recipe) -> None:
         raise ConfigError(f"train.max_steps must be positive or -1 (epochs decide), got {t.max_steps}")
     if m.dtype not in (None, "float32", "bfloat16", "float16"):
         raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {m.dtype!r}")
+    if m.compile != "auto" and not isinstance(m.compile, bool):
+        raise ConfigError(f"model.compile: expected true, false or auto, got {m.compile!r}")
     if q.bits not in (None, 4, 8):
         raise ConfigError(f"quantization.bits must be 4, 8 or null, got {q.bits!r}")
     if q.quant_type not in ("nf4", "fp4"):
