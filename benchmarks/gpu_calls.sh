@@ -43,15 +43,16 @@ gguf() {  # the second half joins the first; the SmolLM2 safetensors folder is w
 
 reap
 case $1 in
-s11call2)  # cold or warm, carry .whl .gpudata: one H200 (issue 33): in ONE benchmark invocation the honest naive 7B
-           # LoRA (a plain Trainer + peft, nothing of ours in its loop), lora_fast as committed (compiled by default
-           # now; its cold start is in first_step_after_launch_s), the naive QLoRA and qlora_fast as committed; then,
-           # as time allows, naive_lora on Llama-2's 32,000 vocabulary, lora_fast eager, the naive QLoRA with the
-           # docs' gradient checkpointing and naive_lora again (its spread). Last, qlora_fast compiled through an
-           # evaluation (never run compiled on a GPU before; on a CPU its compiled evaluation fails in bitsandbytes)
+s11call2)  # cold or warm, carry .whl .gpudata: one H200 (issue 33): in ONE benchmark invocation, after an unmeasured
+           # naive_lora (--warm: the first GPU process on a fresh machine ran the naive run at half speed), the honest
+           # naive 7B LoRA (a plain Trainer + peft, nothing of ours in its loop), lora_fast as committed (compiled by
+           # default now; its cold start is in first_step_after_launch_s), the naive QLoRA and qlora_fast as
+           # committed; then, as time allows, naive_lora on Llama-2's 32,000 vocabulary, lora_fast eager and the naive
+           # QLoRA with the docs' gradient checkpointing. Last, qlora_fast compiled through an evaluation (never run
+           # compiled on a GPU before; on a CPU its compiled evaluation fails inside bitsandbytes)
   env_txt
-  python benchmarks/throughput.py --suite 7b,qlora --warmup 5 --steps 20 --profile none \
-    --only naive_lora,ours_lora,naive_qlora,ours_qlora,naive_lora_v32k,ours_lora_eager,naive_qlora_ckpt,naive_lora \
+  python benchmarks/throughput.py --suite 7b,qlora --warmup 5 --steps 20 --profile none --warm naive_lora \
+    --only naive_lora,ours_lora,naive_qlora,ours_qlora,naive_lora_v32k,ours_lora_eager,naive_qlora_ckpt \
     --out /tmp/s11 --timeout 240 --deadline $(($(left) - 100)) > "$OUT/bench.log" 2>&1
   cp /tmp/s11/throughput.json "$OUT/throughput_s11call2.json"
   timeout $(($(left) - 10)) python -m samsum_tuner.train recipes/qlora_fast.yaml model.name=random:llama2-7b \

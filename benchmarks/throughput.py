@@ -5,7 +5,8 @@ on the same GPU(s) and the same SAMSum token stream (the first --rows rows of th
     python benchmarks/throughput.py --suite fsdp --nproc 2 [--model random:llama2-13b] --out results_dir
 
 Each configuration runs in its own process (no compile cache, allocator state or flex-attention singleton
-carries over) for --warmup + --steps optimizer steps; the timed window is the last --steps. Suites:
+carries over) for --warmup + --steps optimizer steps; the timed window is the last --steps. `--warm CONFIG` runs
+CONFIG once first, outside the comparison (a fresh machine's first GPU process is slower). Suites:
   7b       random Llama-2-7B shape, LoRA r=8 on q_proj,v_proj, bf16 weights (4·N FLOPs per token for MFU):
            naive_lora (the baseline below) / flex_lora_b16: the same Trainer + DataCollatorWithFlattening +
            flex_attention, batch 16 (what switching padding-free on gives) / ours_lora: samsum_tuner
@@ -640,6 +641,9 @@ def main() -> None:
     p.add_argument("--timeout", type=int, default=400, help="per configuration")
     p.add_argument("--deadline", type=float, default=0,
                    help="seconds from start after which no configuration starts (a device call has a hard limit)")
+    p.add_argument("--warm", default="", metavar="CONFIG",
+                   help="run CONFIG once before the others, outside the comparison: the first GPU process on a fresh "
+                   "machine runs slower (docs/throughput.md), and no measured run should be that one")
     p.add_argument("--config", help=argparse.SUPPRESS)
     p.add_argument("--json-out", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -653,14 +657,16 @@ def main() -> None:
     # --only runs in the order given (a device call puts first what must not meet its deadline), else suite order.
     suite_of = {c: s for s in a.suite.split(",") for c in SUITES[s]}
     wanted = a.only.split(",") if a.only else list(suite_of)
-    if unknown := [c for c in wanted if c not in suite_of]:
-        p.error(f"--only: {', '.join(unknown)} not in --suite {a.suite}")
+    if unknown := [c for c in wanted + ([a.warm] if a.warm else []) if c not in suite_of]:
+        p.error(f"--only/--warm: {', '.join(unknown)} not in --suite {a.suite}")
     # Repeats interleave (A B A B ...): on a shared host one configuration's samples do not all fall in a slow spell.
-    plan = [(suite_of[c], c) for _ in range(a.repeat) for c in wanted]
+    plan = [(suite_of[c], c, n + 1) for n in range(a.repeat) for c in wanted]
+    if a.warm:
+        plan.insert(0, (suite_of[a.warm], a.warm, "warm-up"))
     env = {**os.environ, "BENCH_MODEL": a.model}
     results: list[dict] = []
     start = time.time()
-    for i, (suite, name) in enumerate(plan):
+    for suite, name, repeat in plan:
         left = a.deadline - (time.time() - start) if a.deadline else a.timeout
         if left < 30:
             results.append({"config": name, "suite": suite, "status": "not run (deadline)"})
@@ -680,7 +686,7 @@ def main() -> None:
             stderr = "\n".join(x for x in stderr.splitlines() if "Extension modules:" not in x)
             r = {"config": name, "status": "timeout" if code is None else f"failed({code})",
                  "stderr_tail": stderr[-4000:]}
-        r.update(suite=suite, cap_gib=cap, **({"repeat": i // len(wanted) + 1} if a.repeat > 1 else {}))
+        r.update(suite=suite, cap_gib=cap, **({"repeat": repeat} if a.repeat > 1 or repeat == "warm-up" else {}))
         flops = _flops_per_token(suite, a.model)
         if r.get("real_tokens_per_s") and flops:
             r["mfu_pct"] = round(100 * flops * r["real_tokens_per_s"] / (PEAK_FLOPS * r.get("gpus", 1)), 1)
@@ -707,10 +713,11 @@ def main() -> None:
 def _ratios(results: list[dict]) -> None:
     """Each run against its naive anchor and its suite's off-the-shelf baseline: tokens/s against the baseline's
     median tokens/s when repeated (of an even count, the mean of the middle two: the lower one would favour the
-    runs measured against it), peak memory against its median run's (the lower middle one of an even count)."""
+    runs measured against it), peak memory against its median run's (the lower middle one of an even count). A
+    --warm run gets its ratios too but is no baseline: it ran on the machine as it was."""
     runs: dict[str, list[dict]] = {}  # each configuration's measured runs, in run order
     for r in results:
-        if r.get("real_tokens_per_s"):
+        if r.get("real_tokens_per_s") and r.get("repeat") != "warm-up":
             runs.setdefault(r["config"], []).append(r)
     medians = {c: sorted(rs, key=lambda r: r["real_tokens_per_s"])[(len(rs) - 1) // 2] for c, rs in runs.items()}
     median_tokens = {c: statistics.median(r["real_tokens_per_s"] for r in rs) for c, rs in runs.items()}

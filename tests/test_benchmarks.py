@@ -210,3 +210,13 @@ def test_the_benchmark_counts_the_real_tokens_of_its_timed_steps_on_the_host(lay
                                      collator=collator)
     assert result["timed_steps"] == 3 and result["real_tokens_per_step"] == sum(lengths)
     assert result["real_tokens_per_s"] == pytest.approx(sum(lengths) / result["s_per_step"])
+
+
+def test_a_warm_up_run_is_compared_but_is_no_baseline():
+    throughput = _bench_module("throughput")
+    runs = [{"config": c, "suite": "7b", "real_tokens_per_s": t, "peak_allocated_gib": 10.0, **extra}
+            for c, t, extra in [("naive_lora", 50, {"repeat": "warm-up"}), ("naive_lora", 100, {}),
+                                ("ours_lora", 400, {})]]
+    throughput._ratios(runs)
+    assert [r["x_naive"] for r in runs] == [0.5, 1.0, 4.0]  # against the measured naive run alone
+    assert "repeat_tokens_per_s" not in runs[1]
