@@ -55,11 +55,12 @@ s11call2)  # cold or warm, carry .whl .gpudata: one H200 (issue 33): in ONE benc
     --only naive_lora,ours_lora,naive_qlora,ours_qlora,naive_lora_v32k,ours_lora_eager,naive_qlora_ckpt \
     --out /tmp/s11 --timeout 240 --deadline $(($(left) - 100)) > "$OUT/bench.log" 2>&1
   cp /tmp/s11/throughput.json "$OUT/throughput_s11call2.json"
-  timeout $(($(left) - 10)) python -m samsum_tuner.train recipes/qlora_fast.yaml model.name=random:llama2-7b \
+  t=$(($(left) - 10))  # timeout 0 would mean no limit at all
+  [ "$t" -gt 30 ] && timeout "$t" python -m samsum_tuner.train recipes/qlora_fast.yaml model.name=random:llama2-7b \
     data.split_slice=[:256] data.eval_slice=[:32] train.max_steps=3 train.output_dir=/tmp/s11q \
     train.overwrite_output_dir=true train.save_strategy=no train.save_model=false train.report_to=[] \
     train.disable_tqdm=true train.logging_steps=1 > "$OUT/qlora_fast_eval.log" 2>&1
-  echo "exit $?" >> "$OUT/qlora_fast_eval.log"
+  echo "exit $? (limit ${t} s)" >> "$OUT/qlora_fast_eval.log"
   ;;
 s10call1)  # cold, carry .whl .gpudata: one H200 (the two-GPU kind was not lent in session 2026-12-04b): the GPU tests
            # (the NaN guard's late read-back, the throughput window's CUDA events), then the compiled FSDP SGD step on
