@@ -43,6 +43,25 @@ gguf() {  # the second half joins the first; the SmolLM2 safetensors folder is w
 
 reap
 case $1 in
+s11call2)  # cold or warm, carry .whl .gpudata: one H200 (issue 33): in ONE benchmark invocation, after an unmeasured
+           # naive_lora (--warm: the first GPU process on a fresh machine ran the naive run at half speed), the honest
+           # naive 7B LoRA (a plain Trainer + peft, nothing of ours in its loop), lora_fast as committed (compiled by
+           # default now; its cold start is in first_step_after_launch_s), the naive QLoRA and qlora_fast as
+           # committed; then, as time allows, naive_lora on Llama-2's 32,000 vocabulary, lora_fast eager and the naive
+           # QLoRA with the docs' gradient checkpointing. Last, qlora_fast compiled through an evaluation (never run
+           # compiled on a GPU before; on a CPU its compiled evaluation fails inside bitsandbytes)
+  env_txt
+  python benchmarks/throughput.py --suite 7b,qlora --warmup 5 --steps 20 --profile none --warm naive_lora \
+    --only naive_lora,ours_lora,naive_qlora,ours_qlora,naive_lora_v32k,ours_lora_eager,naive_qlora_ckpt \
+    --out /tmp/s11 --timeout 240 --deadline $(($(left) - 100)) > "$OUT/bench.log" 2>&1
+  cp /tmp/s11/throughput.json "$OUT/throughput_s11call2.json"
+  t=$(($(left) - 10))  # timeout 0 would mean no limit at all
+  [ "$t" -gt 30 ] && timeout "$t" python -m samsum_tuner.train recipes/qlora_fast.yaml model.name=random:llama2-7b \
+    data.split_slice=[:256] data.eval_slice=[:32] train.max_steps=3 train.output_dir=/tmp/s11q \
+    train.overwrite_output_dir=true train.save_strategy=no train.save_model=false train.report_to=[] \
+    train.disable_tqdm=true train.logging_steps=1 > "$OUT/qlora_fast_eval.log" 2>&1
+  echo "exit $? (limit ${t} s)" >> "$OUT/qlora_fast_eval.log"
+  ;;
 s10call1)  # cold, carry .whl .gpudata: one H200 (the two-GPU kind was not lent in session 2026-12-04b): the GPU tests
            # (the NaN guard's late read-back, the throughput window's CUDA events), then the compiled FSDP SGD step on
            # one GPU timed and traced, its packed rows' flex BlockMask built by SamsumTrainer for the first time on a GPU

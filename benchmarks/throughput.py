@@ -5,16 +5,22 @@ on the same GPU(s) and the same SAMSum token stream (the first --rows rows of th
     python benchmarks/throughput.py --suite fsdp --nproc 2 [--model random:llama2-13b] --out results_dir
 
 Each configuration runs in its own process (no compile cache, allocator state or flex-attention singleton
-carries over) for --warmup + --steps optimizer steps; the timed window is the last --steps. Suites:
+carries over) for --warmup + --steps optimizer steps; the timed window is the last --steps. `--warm CONFIG` runs
+CONFIG once first, outside the comparison (a fresh machine's first GPU process is slower). Suites:
   7b       random Llama-2-7B shape, LoRA r=8 on q_proj,v_proj, bf16 weights (4·N FLOPs per token for MFU):
-           naive Trainer + peft, padded batches of 8, sdpa / Trainer + DataCollatorWithFlattening + flex
-           batch 16 / samsum_tuner recipes/lora_fast.yaml / the same at 2,048 tokens per step (memory at
-           about the naive run's real tokens per step) / lora_fast.yaml with model.compile (each decoder layer
-           compiled), at its own budget and at 2,048 tokens
-  qlora    the same shape in NF4: naive padded batch 8 / samsum_tuner recipes/qlora_fast.yaml
+           naive_lora (the baseline below) / flex_lora_b16: the same Trainer + DataCollatorWithFlattening +
+           flex_attention, batch 16 (what switching padding-free on gives) / ours_lora: samsum_tuner
+           recipes/lora_fast.yaml as committed (model.compile: auto, so each decoder layer is compiled on a GPU) /
+           ours_lora_eager: the same with model.compile=false / ours_lora_2k: the recipe at 2,048 tokens per step
+           (memory at about the naive run's real tokens per step) / naive_lora_v32k: naive_lora with Llama-2's own
+           32,000-token vocabulary (below)
+  qlora    the same shape in NF4 (bf16 compute): naive_qlora: the baseline below with the base quantized and
+           prepare_model_for_kbit_training(model, use_gradient_checkpointing=False) / naive_qlora_ckpt: the same
+           with that call's default, gradient checkpointing on, as the peft and bitsandbytes docs write it /
+           ours_qlora: recipes/qlora_fast.yaml as committed (compiled on a GPU) / ours_qlora_eager: uncompiled
   smollm2  the embedded SmolLM2-135M, full fine-tune (6·N): TRL SFTTrainer defaults / a plain loop over the
-           flattening collator with flex attention and a 16k-token budget / samsum_tuner recipes/smollm2_gpu.yaml,
-           without and with model.compile, and compiled at 32,768 tokens per step
+           flattening collator with flex attention and a 16k-token budget / samsum_tuner recipes/smollm2_gpu.yaml
+           as committed (compiled on a GPU), uncompiled, and at 32,768 tokens per step
   fsdp     full fine-tune of the random 7B shape (--model random:llama2-13b for 13B; 6·N FLOPs per token) on
            --nproc GPUs, each configuration under `accelerate launch --config_file accelerate_configs/fsdp4.yaml`
            (FSDP2 full shard of each LlamaDecoderLayer), fp32 weights + bf16 mixed precision, lr 1e-5:
@@ -27,7 +33,30 @@ carries over) for --warmup + --steps optimizer steps; the timed window is the la
            ours_fsdp_sgd_compiled / ours_fsdp_adamw_compiled: ours_fsdp_sgd / ours_fsdp_adamw with model.compile
            / ours_fsdp_sgd_compiled_sdpa: ours_fsdp_sgd_compiled with sdpa, rows padded to a multiple of 64 only.
            Each ours configuration compares with the naive run of its optimizer; no --cap unless given.
-MFU counts against 794 TFLOP/s per GPU (dense bf16 measured on an H100; the H200 has the same chip).
+
+The naive baseline (naive_lora; every ratio of the 7b suite is against it, measured in the same invocation) is
+what a user writes from the transformers and peft docs, with nothing of samsum_tuner in its training loop:
+`AutoModelForCausalLM.from_config` in bf16 (it stands in for from_pretrained: random weights, no download;
+sdpa, the default attention), `get_peft_model(model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05,
+target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))` (peft keeps the adapters in fp32), a plain
+`transformers.Trainer` with `TrainingArguments(per_device_train_batch_size=8, bf16=True)` and the defaults
+otherwise (the fused AdamW, linear schedule, pinned memory, the NaN filter of the logged loss, no gradient
+checkpointing, no accumulation, a log line every 500 steps), and `DataCollatorForSeq2Seq(tokenizer,
+padding="longest", label_pad_token_id=-100)`. Set only to run it here: output_dir, max_steps,
+save_strategy="no", report_to="none", disable_tqdm=True, use_cache=False in the model config (what the Trainer
+sets in transformers 5.25). The benchmark's own parts are the same for every configuration and read the GPU
+back at the timed window's two ends only: a callback reads the clock there (after a sync), and a wrapper of the
+collator adds up, on the host, the lengths of the samples each batch is made of (real tokens: no pads, no
+packed row's padding tail, each sample's EOS included).
+
+One tokenizer and vocabulary for every configuration of a run: random:llama2-7b is Llama-2-7B's shape with the
+49,152-token vocabulary of SmolLM2's tokenizer, which samsum_tuner ships (Llama-2's own tokenizer is not
+available offline), so all sides read the same token stream. The larger vocabulary costs a run in proportion to
+the positions it computes logits for: the naive run all of them, padding included, ours only where a summary
+token is predicted. naive_lora_v32k measures that part of the naive run: the same rows with every token id
+folded into Llama-2's 32,000 (same lengths, same padding), a model of Llama-2-7B's exact shape.
+MFU counts against 794 TFLOP/s per GPU (dense bf16 measured on an H100; the H200 has the same chip), N being
+Llama-2-7B's 6.74B parameters.
 """
 from __future__ import annotations
 
@@ -65,11 +94,11 @@ def _sync() -> None:
 
 
 SUITES = {
-    "7b": ["naive_lora", "flex_lora_b16", "ours_lora", "ours_lora_2k", "ours_lora_compiled", "ours_lora_2k_compiled"],
-    "qlora": ["naive_qlora", "ours_qlora"],
+    "7b": ["naive_lora", "flex_lora_b16", "ours_lora", "ours_lora_eager", "ours_lora_2k", "naive_lora_v32k"],
+    "qlora": ["naive_qlora", "ours_qlora", "ours_qlora_eager", "naive_qlora_ckpt"],
     # The flex loop last: first on a cold GPU machine it took 194 s (session 2026-11-30), most of it its first
     # flex_attention compilations, and it can take a call's whole deadline.
-    "smollm2": ["trl_default", "ours_smollm2", "ours_smollm2_compiled", "ours_smollm2_32k", "flex_loop_16k"],
+    "smollm2": ["trl_default", "ours_smollm2", "ours_smollm2_eager", "ours_smollm2_32k", "flex_loop_16k"],
     # Pairs first: a run cut short by its deadline still has something to compare.
     "fsdp": ["naive_fsdp_adamw", "ours_fsdp_adamw", "naive_fsdp_sgd", "ours_fsdp_sgd", "ours_fsdp_adamw_big",
              "ours_fsdp_sgd_compiled", "ours_fsdp_adamw_compiled", "ours_fsdp_sgd_compiled_sdpa"],
@@ -99,10 +128,11 @@ def _stream(recipe, rows: int):
 
 
 class Timer:
-    """Times optimizer steps warmup+1 .. warmup+steps. Tokens: the non-padding count of samsum_tuner's
-    TokenCounting (`timer.trainer`, every configuration's Trainer has it), which like the clock is read at the
-    window's two ends only: a read every step would stall the host's queue of launches, costing a fast step more
-    than a slow one."""
+    """Times optimizer steps warmup+1 .. warmup+steps and counts their real tokens, reading the GPU at the
+    window's two ends only (a read every step would stall the host's queue of launches, costing a fast step more
+    than a slow one): the clock after a sync there, and the tokens that `counting(collator)` added up on the host
+    as the collator made each batch (the lengths of its samples). With one batch per optimizer step the n-th
+    batch made is the n-th step's, however far ahead the loader prefetches."""
 
     def __init__(self, warmup: int):
         from transformers import TrainerCallback
@@ -110,37 +140,58 @@ class Timer:
         timer = self
 
         class _CB(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kw):
+                if args.gradient_accumulation_steps != 1:
+                    raise ValueError("Timer counts one batch per optimizer step: gradient_accumulation_steps=1")
+
             def on_step_end(self, args, state, control, **kw):
                 if state.global_step not in (warmup, state.max_steps):
                     return
-                tokens = timer.trainer.tokens_seen()
                 _sync()
                 if state.global_step == warmup:
-                    timer.t0, timer.tok0 = time.perf_counter(), tokens
+                    timer.t0 = time.perf_counter()
                 else:
-                    timer.t1, timer.tok1, timer.steps = time.perf_counter(), tokens, state.global_step - warmup
+                    timer.t1, timer.steps = time.perf_counter(), state.global_step - warmup
 
         self.callback = _CB()
-        self.trainer = None
+        self.warmup = warmup
+        self.batch_tokens: list[int] = []
         self.t0 = self.t1 = None
-        self.tok0 = self.tok1 = self.steps = 0
+        self.steps = 0
+
+    def counting(self, collator):
+        def collate(features):
+            self.batch_tokens.append(sum(len(f["input_ids"]) for f in features))
+            return collator(features)
+
+        return collate
 
     def result(self) -> dict:
         dt = self.t1 - self.t0
-        return {"timed_steps": self.steps, "s_per_step": dt / self.steps,
-                "real_tokens_per_s": (self.tok1 - self.tok0) / dt,
-                "real_tokens_per_step": (self.tok1 - self.tok0) / self.steps}
+        tokens = _sum_over_ranks(sum(self.batch_tokens[self.warmup:self.warmup + self.steps]))
+        return {"timed_steps": self.steps, "s_per_step": dt / self.steps, "real_tokens_per_s": tokens / dt,
+                "real_tokens_per_step": tokens / self.steps}
+
+
+def _sum_over_ranks(n: int) -> int:
+    """n summed over the processes of a multi-GPU run (each counts the batches of its own loader)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return n
+    total = torch.tensor([n], device=DEVICE)
+    dist.all_reduce(total)
+    return int(total.item())
 
 
 def _hf_args(out: str, steps: int, batch: int, **overrides):
+    """The naive runs' TrainingArguments: the defaults, bf16 on a GPU, and what running here needs."""
     return TrainingArguments(**{**dict(output_dir=out, max_steps=steps, per_device_train_batch_size=batch,
-                                       bf16=DEVICE == "cuda", use_cpu=DEVICE == "cpu", learning_rate=1e-4,
-                                       logging_steps=1000, save_strategy="no", report_to=[], disable_tqdm=True,
-                                       remove_unused_columns=False),
+                                       bf16=DEVICE == "cuda", use_cpu=DEVICE == "cpu", save_strategy="no",
+                                       report_to="none", disable_tqdm=True),
                                 **overrides})
 
 
-def _random_7b(attn: str, dtype: torch.dtype = torch.bfloat16):
+def _random_7b(attn: str, dtype: torch.dtype = torch.bfloat16, vocab_size: int | None = None):
     from transformers import AutoModelForCausalLM
 
     from samsum_tuner.model import load_model_config
@@ -148,6 +199,8 @@ def _random_7b(attn: str, dtype: torch.dtype = torch.bfloat16):
     config = load_model_config(_recipe(None, [f"model.name={MODEL}"]))
     config._attn_implementation = attn
     config.use_cache = False
+    if vocab_size:
+        config.vocab_size = vocab_size
     with torch.device(DEVICE):
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
@@ -166,32 +219,44 @@ def _lora(model):
                                             task_type="CAUSAL_LM"))
 
 
-def _trainer_run(model, tokenizer, dataset, batch: int, steps: int, warmup: int, collator=None, **args) -> dict:
+def _trainer_run(model, tokenizer, dataset, batch: int, a, collator=None, **args) -> dict:
+    """A plain transformers.Trainer with its defaults (the naive and off-the-shelf runs)."""
     from transformers import DataCollatorForSeq2Seq, Trainer
 
-    from samsum_tuner.trainer import TokenCounting
-
-    class CountingTrainer(TokenCounting, Trainer):  # otherwise the plain Trainer, with its defaults
-        pass
-
-    timer = Timer(warmup)
+    timer = Timer(a.warmup)
     collator = collator or DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100,
                                                   return_tensors="pt")
-    trainer = timer.trainer = CountingTrainer(model=model, args=_hf_args("/tmp/bench_run", warmup + steps, batch,
-                                                                         **args),
-                                              train_dataset=dataset, data_collator=collator,
-                                              processing_class=tokenizer, callbacks=[timer.callback])
+    trainer = Trainer(model=model, args=_hf_args("/tmp/bench_run", a.warmup + a.steps, batch, **args),
+                      train_dataset=dataset, data_collator=timer.counting(collator), processing_class=tokenizer,
+                      callbacks=[timer.callback])
     trainer.train()
     return {**timer.result(), "fsdp_units": _fsdp_units(trainer)}
 
 
 # ---------------------------------------------------------------- configurations
+LLAMA2_VOCAB = 32000
+
+
 def naive_lora(a) -> dict:
-    """The anchor: transformers.Trainer + peft, bf16 weights, pad-to-longest batches of 8, sdpa."""
+    """The baseline of the module docstring: plain Trainer + peft, bf16 weights, pad-to-longest batches of 8, sdpa."""
     recipe = _recipe(None, [f"model.name={MODEL}"])
     dataset, tokenizer = _stream(recipe, a.rows)
     model = _lora(_random_7b("sdpa"))
-    return _trainer_run(model, tokenizer, dataset, 8, a.steps, a.warmup)
+    return _trainer_run(model, tokenizer, dataset, 8, a)
+
+
+def naive_lora_v32k(a) -> dict:
+    """naive_lora on Llama-2's own vocabulary: the same rows with their ids folded into 32,000 (same lengths and
+    padding, so the same real tokens), against a model of Llama-2-7B's exact shape."""
+    recipe = _recipe(None, [f"model.name={MODEL}"])
+    dataset, tokenizer = _stream(recipe, a.rows)
+
+    def fold(row):
+        return {k: [t % LLAMA2_VOCAB if t >= 0 else t for t in row[k]] for k in ("input_ids", "labels")}
+
+    dataset = dataset.map(fold, keep_in_memory=True)
+    model = _lora(_random_7b("sdpa", vocab_size=LLAMA2_VOCAB))
+    return {**_trainer_run(model, tokenizer, dataset, 8, a), "vocab_size": LLAMA2_VOCAB}
 
 
 def flex_lora_b16(a) -> dict:
@@ -201,12 +266,13 @@ def flex_lora_b16(a) -> dict:
     recipe = _recipe(None, [f"model.name={MODEL}"])
     dataset, tokenizer = _stream(recipe, a.rows)
     model = _lora(_random_7b(FLEX))
-    return _trainer_run(model, tokenizer, dataset, 16, a.steps, a.warmup,
+    return _trainer_run(model, tokenizer, dataset, 16, a,
                         collator=DataCollatorWithFlattening(return_position_ids=True, separator_id=-100))
 
 
-def naive_qlora(a) -> dict:
-    """Naive QLoRA: NF4 base (bf16 compute), prepare_model_for_kbit_training, peft, padded batches of 8."""
+def _naive_qlora(a, checkpointing: bool) -> dict:
+    """The naive run over an NF4 base (bf16 compute, double quantization), prepared by peft's
+    prepare_model_for_kbit_training (fp32 norms and embeddings, input gradients; gradient checkpointing if asked)."""
     from peft import prepare_model_for_kbit_training
 
     from samsum_tuner.model import quantize_linears
@@ -215,23 +281,38 @@ def naive_qlora(a) -> dict:
     dataset, tokenizer = _stream(recipe, a.rows)
     model = _random_7b("sdpa")
     quantize_linears(model, recipe, torch.bfloat16, fsdp=False)
-    model = _lora(prepare_model_for_kbit_training(model, use_gradient_checkpointing=False))
-    return _trainer_run(model, tokenizer, dataset, 8, a.steps, a.warmup)
+    model = _lora(prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing))
+    return {**_trainer_run(model, tokenizer, dataset, 8, a), "gradient_checkpointing": checkpointing}
+
+
+def naive_qlora(a) -> dict:
+    """Without gradient checkpointing: the faster naive QLoRA, so ratios against it do not read high."""
+    return _naive_qlora(a, checkpointing=False)
+
+
+def naive_qlora_ckpt(a) -> dict:
+    """prepare_model_for_kbit_training(model) as the docs call it: its default turns gradient checkpointing on."""
+    return _naive_qlora(a, checkpointing=True)
 
 
 def _ours(a, path: str, overrides: list[str]) -> dict:
-    """samsum_tuner's own path: recipe -> build_trainer -> trainer.train()."""
+    """samsum_tuner's own path: recipe -> build_trainer -> trainer.train(); also how long it waited for its first
+    optimizer step (samsum_tuner's FirstStepTimer: load, compilation)."""
     from samsum_tuner import build_trainer
+    from samsum_tuner.model import compiles
+    from samsum_tuner.trainer import FirstStepTimer
 
     recipe = _recipe(path, [f"data.split_slice=[:{a.rows}]", f"train.max_steps={a.warmup + a.steps}",
                             "train.output_dir=/tmp/bench_ours", "data.longest_first=false", *overrides,
                             *CPU_OVERRIDES])
     timer = Timer(a.warmup)
-    trainer = timer.trainer = build_trainer(recipe, callbacks=[timer.callback])
+    trainer = build_trainer(recipe, callbacks=[timer.callback])
+    trainer.data_collator = timer.counting(trainer.data_collator)  # read when train() builds its loader
     if a.profile:
         _profile_last_steps(trainer, a)
     trainer.train()
-    return {**timer.result(), "fsdp_units": _fsdp_units(trainer)}
+    first_step = next(cb.summary for cb in trainer.callback_handler.callbacks if isinstance(cb, FirstStepTimer))
+    return {**timer.result(), "fsdp_units": _fsdp_units(trainer), "compiled": compiles(recipe), **first_step}
 
 
 def _profile_last_steps(trainer, a) -> None:
@@ -268,37 +349,35 @@ def ours_lora(a) -> dict:
     return _ours(a, "recipes/lora_fast.yaml", [f"model.name={MODEL}"])
 
 
+def ours_lora_eager(a) -> dict:
+    return _ours(a, "recipes/lora_fast.yaml", [f"model.name={MODEL}", "model.compile=false"])
+
+
 def ours_lora_2k(a) -> dict:
+    """The peak target is set at the naive run's real tokens per step: the recipe at 2,048 tokens."""
     return _ours(a, "recipes/lora_fast.yaml", [f"model.name={MODEL}", "data.max_tokens_per_batch=2048",
                                                "data.pad_to_multiple_of=2048"])
-
-
-def ours_lora_compiled(a) -> dict:
-    return _ours(a, "recipes/lora_fast.yaml", [f"model.name={MODEL}", "model.compile=true"])
-
-
-def ours_lora_2k_compiled(a) -> dict:
-    """The peak target is set at the naive run's real tokens per step: the compiled recipe at 2,048 tokens."""
-    return _ours(a, "recipes/lora_fast.yaml", [f"model.name={MODEL}", "model.compile=true",
-                                               "data.max_tokens_per_batch=2048", "data.pad_to_multiple_of=2048"])
 
 
 def ours_qlora(a) -> dict:
     return _ours(a, "recipes/qlora_fast.yaml", [f"model.name={MODEL}"])
 
 
+def ours_qlora_eager(a) -> dict:
+    return _ours(a, "recipes/qlora_fast.yaml", [f"model.name={MODEL}", "model.compile=false"])
+
+
 def ours_smollm2(a) -> dict:
     return _ours(a, "recipes/smollm2_gpu.yaml", [])
 
 
-def ours_smollm2_compiled(a) -> dict:
-    return _ours(a, "recipes/smollm2_gpu.yaml", ["model.compile=true"])
+def ours_smollm2_eager(a) -> dict:
+    return _ours(a, "recipes/smollm2_gpu.yaml", ["model.compile=false"])
 
 
 def ours_smollm2_32k(a) -> dict:
     """Twice the tokens per step: the per-step launch overhead of a narrow model spread over more tokens."""
-    return _ours(a, "recipes/smollm2_gpu.yaml", ["model.compile=true", "data.max_tokens_per_batch=32768",
-                                                 "data.pad_to_multiple_of=32768"])
+    return _ours(a, "recipes/smollm2_gpu.yaml", ["data.max_tokens_per_batch=32768", "data.pad_to_multiple_of=32768"])
 
 
 # The multi-GPU issue's anchor: full fine-tune, fp32 weights + bf16 mixed precision, lr 1e-5, 4 padded rows per GPU.
@@ -323,8 +402,8 @@ def _naive_fsdp(a, optim: str) -> dict:
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    return {**_trainer_run(model, tokenizer, dataset, NAIVE_ROWS_PER_GPU, a.steps, a.warmup, optim=optim,
-                           learning_rate=FSDP_LR), "optim": optim}
+    return {**_trainer_run(model, tokenizer, dataset, NAIVE_ROWS_PER_GPU, a, optim=optim, learning_rate=FSDP_LR),
+            "optim": optim}
 
 
 def naive_fsdp_adamw(a) -> dict:
@@ -407,10 +486,6 @@ def trl_default(a) -> dict:
 
     from samsum_tuner.data import load_clean_split
     from samsum_tuner.model import embedded_model_dir
-    from samsum_tuner.trainer import TokenCounting
-
-    class CountingSFTTrainer(TokenCounting, SFTTrainer):  # otherwise TRL's own, with its defaults
-        pass
 
     recipe = _recipe("recipes/smollm2_gpu.yaml", [])
     rows = load_clean_split(recipe.data, "train")[0][: a.rows]
@@ -418,11 +493,12 @@ def trl_default(a) -> dict:
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": prompt.format(dialog=r["dialogue"])}],
                                   "completion": [{"role": "assistant", "content": r["summary"]}]} for r in rows])
     timer = Timer(a.warmup)
-    config = SFTConfig(output_dir="/tmp/bench_trl", max_steps=a.warmup + a.steps, report_to=[], save_strategy="no",
-                       logging_steps=1000, disable_tqdm=True,
+    config = SFTConfig(output_dir="/tmp/bench_trl", max_steps=a.warmup + a.steps, report_to="none",
+                       save_strategy="no", disable_tqdm=True,
                        **({} if DEVICE == "cuda" else {"use_cpu": True, "bf16": False}))
-    trainer = timer.trainer = CountingSFTTrainer(model=str(embedded_model_dir()), args=config,
-                                                 train_dataset=dataset, callbacks=[timer.callback])
+    trainer = SFTTrainer(model=str(embedded_model_dir()), args=config, train_dataset=dataset,
+                         callbacks=[timer.callback])
+    trainer.data_collator = timer.counting(trainer.data_collator)
     trainer.train()
     out = timer.result()
     out["settings"] = {k: getattr(config, k) for k in ("per_device_train_batch_size", "gradient_checkpointing",
@@ -565,6 +641,9 @@ def main() -> None:
     p.add_argument("--timeout", type=int, default=400, help="per configuration")
     p.add_argument("--deadline", type=float, default=0,
                    help="seconds from start after which no configuration starts (a device call has a hard limit)")
+    p.add_argument("--warm", default="", metavar="CONFIG",
+                   help="run CONFIG once before the others, outside the comparison: the first GPU process on a fresh "
+                   "machine runs slower (docs/throughput.md), and no measured run should be that one")
     p.add_argument("--config", help=argparse.SUPPRESS)
     p.add_argument("--json-out", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -578,14 +657,16 @@ def main() -> None:
     # --only runs in the order given (a device call puts first what must not meet its deadline), else suite order.
     suite_of = {c: s for s in a.suite.split(",") for c in SUITES[s]}
     wanted = a.only.split(",") if a.only else list(suite_of)
-    if unknown := [c for c in wanted if c not in suite_of]:
-        p.error(f"--only: {', '.join(unknown)} not in --suite {a.suite}")
+    if unknown := [c for c in wanted + ([a.warm] if a.warm else []) if c not in suite_of]:
+        p.error(f"--only/--warm: {', '.join(unknown)} not in --suite {a.suite}")
     # Repeats interleave (A B A B ...): on a shared host one configuration's samples do not all fall in a slow spell.
-    plan = [(suite_of[c], c) for _ in range(a.repeat) for c in wanted]
+    plan = [(suite_of[c], c, n + 1) for n in range(a.repeat) for c in wanted]
+    if a.warm:
+        plan.insert(0, (suite_of[a.warm], a.warm, "warm-up"))
     env = {**os.environ, "BENCH_MODEL": a.model}
     results: list[dict] = []
     start = time.time()
-    for i, (suite, name) in enumerate(plan):
+    for suite, name, repeat in plan:
         left = a.deadline - (time.time() - start) if a.deadline else a.timeout
         if left < 30:
             results.append({"config": name, "suite": suite, "status": "not run (deadline)"})
@@ -605,7 +686,7 @@ def main() -> None:
             stderr = "\n".join(x for x in stderr.splitlines() if "Extension modules:" not in x)
             r = {"config": name, "status": "timeout" if code is None else f"failed({code})",
                  "stderr_tail": stderr[-4000:]}
-        r.update(suite=suite, cap_gib=cap, **({"repeat": i // len(wanted) + 1} if a.repeat > 1 else {}))
+        r.update(suite=suite, cap_gib=cap, **({"repeat": repeat} if a.repeat > 1 or repeat == "warm-up" else {}))
         flops = _flops_per_token(suite, a.model)
         if r.get("real_tokens_per_s") and flops:
             r["mfu_pct"] = round(100 * flops * r["real_tokens_per_s"] / (PEAK_FLOPS * r.get("gpus", 1)), 1)
@@ -613,7 +694,8 @@ def main() -> None:
         print(json.dumps({k: r.get(k) for k in ("suite", "config", "status", "real_tokens_per_s", "mfu_pct",
                                                 "peak_allocated_gib", "per_rank_peak_allocated_gib", "s_per_step",
                                                 "real_tokens_per_step", "token_budget_per_gpu", "fsdp_units",
-                                                "wall_s", "stderr_tail")}), flush=True)
+                                                "compiled", "first_step_after_launch_s", "first_step_s", "wall_s",
+                                                "stderr_tail")}), flush=True)
         _ratios(results)
         # Written after every configuration: a call cut short keeps what it measured.
         (out / "throughput.json").write_text(json.dumps({
@@ -631,10 +713,11 @@ def main() -> None:
 def _ratios(results: list[dict]) -> None:
     """Each run against its naive anchor and its suite's off-the-shelf baseline: tokens/s against the baseline's
     median tokens/s when repeated (of an even count, the mean of the middle two: the lower one would favour the
-    runs measured against it), peak memory against its median run's (the lower middle one of an even count)."""
+    runs measured against it), peak memory against its median run's (the lower middle one of an even count). A
+    --warm run gets its ratios too but is no baseline: it ran on the machine as it was."""
     runs: dict[str, list[dict]] = {}  # each configuration's measured runs, in run order
     for r in results:
-        if r.get("real_tokens_per_s"):
+        if r.get("real_tokens_per_s") and r.get("repeat") != "warm-up":
             runs.setdefault(r["config"], []).append(r)
     medians = {c: sorted(rs, key=lambda r: r["real_tokens_per_s"])[(len(rs) - 1) // 2] for c, rs in runs.items()}
     median_tokens = {c: statistics.median(r["real_tokens_per_s"] for r in rs) for c, rs in runs.items()}

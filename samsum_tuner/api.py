@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -215,7 +216,7 @@ def build_trainer(recipe: Recipe, *, prepared: Prepared | None = None, callbacks
     from .guards import NonFiniteGuard
     from .memory import MemoryCallback, apply_gpu_limit
     from .model import layers_to_wrap, load_model
-    from .trainer import SamsumTrainer, ThroughputCallback, build_collator, training_arguments
+    from .trainer import FirstStepTimer, SamsumTrainer, ThroughputCallback, build_collator, training_arguments
 
     prepared = prepared or prepare(recipe)
     launch = prepared.launch
@@ -224,7 +225,9 @@ def build_trainer(recipe: Recipe, *, prepared: Prepared | None = None, callbacks
     # TrainingArguments first: under a torchrun FSDP launch they export the FSDP environment that
     # from_pretrained reads to load on rank 0 only (one host copy of the weights, not one per rank).
     args = training_arguments(recipe, launch, layers_to_wrap(recipe), has_eval="eval" in prepared.splits)
+    loading = time.perf_counter()
     model = load_model(recipe, fsdp=launch.fsdp)
+    first_step = FirstStepTimer(model_load_s=time.perf_counter() - loading)
     memory_cb = MemoryCallback(recipe.train.output_dir, log_every_steps=recipe.memory.log_every_steps,
                                sample_interval_s=recipe.memory.sample_interval_s,
                                gpu_limit_gib=recipe.memory.gpu_limit_gib)
@@ -237,7 +240,7 @@ def build_trainer(recipe: Recipe, *, prepared: Prepared | None = None, callbacks
         eval_dataset=prepared.splits["eval"].dataset if "eval" in prepared.splits else None,
         data_collator=build_collator(recipe, prepared.tokenizer),
         processing_class=prepared.tokenizer,
-        callbacks=[memory_cb, *guard, *(callbacks or [])],
+        callbacks=[memory_cb, *guard, first_step, *(callbacks or [])],
         recipe=recipe,
     )
     trainer.add_callback(ThroughputCallback(trainer.tokens_seen))
@@ -252,7 +255,7 @@ def train(recipe: Recipe, *, trainer=None) -> dict[str, Any]:
     """
     from .memory import SHARED_CARD_GIB, held_outside_gib, is_cuda_oom, snapshot
     from .model import parameter_counts
-    from .trainer import ThroughputCallback
+    from .trainer import FirstStepTimer, ThroughputCallback
 
     trainer = trainer or build_trainer(recipe)
     trainable, total = parameter_counts(trainer.model)
@@ -295,7 +298,7 @@ def train(recipe: Recipe, *, trainer=None) -> dict[str, Any]:
             f"{shared}"
         ) from None
     for cb in trainer.callback_handler.callbacks:
-        if isinstance(cb, ThroughputCallback):
+        if isinstance(cb, (ThroughputCallback, FirstStepTimer)):
             metrics.update(cb.summary)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     if losses:

@@ -39,7 +39,9 @@ class ModelConfig:
     gradient_checkpointing: bool = _knob(False, "recompute activations in backward instead of keeping them")
     # One compiled graph serves every layer: it fuses the elementwise chains (RMSNorm, RoPE, SiLU x up, casts)
     # that eager mode launches one kernel at a time.
-    compile: bool = _knob(False, "torch.compile each decoder layer in place")
+    compile: typing.Literal["auto"] | bool = _knob(
+        False, "torch.compile each decoder layer in place: true, false, or auto (compiled where CUDA is available, "
+        "eager elsewhere)")
     trust_remote_code: bool = _knob(False, "run the model repository's own Python code")
     revision: str | None = _knob(None, "hub branch, tag or commit of the model (null: main)")
 
@@ -520,6 +522,8 @@ def validate(recipe: Recipe) -> None:
         raise ConfigError(f"train.max_steps must be positive or -1 (epochs decide), got {t.max_steps}")
     if m.dtype not in (None, "float32", "bfloat16", "float16"):
         raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {m.dtype!r}")
+    if m.compile != "auto" and not isinstance(m.compile, bool):
+        raise ConfigError(f"model.compile: expected true, false or auto, got {m.compile!r}")
     if q.bits not in (None, 4, 8):
         raise ConfigError(f"quantization.bits must be 4, 8 or null, got {q.bits!r}")
     if q.quant_type not in ("nf4", "fp4"):

@@ -259,11 +259,27 @@ def load_model(recipe: Recipe, *, fsdp: bool = False):
     model.config.use_cache = False  # training; also required for correct padding-free attention
     _materialize_meta_parameters(model)
     model = apply_adapters(recipe, model)
-    if recipe.model.compile:
+    if torch.cuda.is_available():
+        use_compile_cache()
+    if compiles(recipe):
         n = compile_layers(model, layers_to_wrap(recipe))
-        print(f"samsum_tuner: {n} decoder layers compiled in place (model.compile; they compile at the first "
-              "step, once per input shape)", flush=True)
+        print(f"samsum_tuner: {n} decoder layers compiled in place (model.compile={recipe.model.compile}; they "
+              "compile at the first step, once per input shape)", flush=True)
     return model
+
+
+def compiles(recipe: Recipe) -> bool:
+    """Whether model.compile compiles here: true, or auto on a machine with CUDA."""
+    return torch.cuda.is_available() if recipe.model.compile == "auto" else bool(recipe.model.compile)
+
+
+def use_compile_cache() -> None:
+    """torch.compile's caches (inductor's FX graphs, AOTAutograd's, Triton's kernels) under samsum_tuner's cache
+    folder rather than /tmp, which many systems empty at boot: a later run of the same shapes loads its kernels
+    instead of compiling them again. A TORCHINDUCTOR_CACHE_DIR already set is left as it is."""
+    from .data import cache_dir
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "torch_compile"))
 
 
 def compile_layers(model, layer_classes: list[str]) -> int:

@@ -450,6 +450,50 @@ class ThroughputCallback(TrainerCallback):
                         "real_tokens_per_s": (self.tokens() - self.tokens0) / seconds, "timed_steps": step1 - step0}
 
 
+class FirstStepTimer(TrainerCallback):
+    """How long a run waits before its first optimizer step, printed once and kept in `summary` (the run's
+    metrics): seconds from the process's start to the end of that step, and the parts known to be long: the
+    model's load, an evaluation before training (eval_on_start) and the first step itself, which on a GPU holds
+    the compilation of everything compiled (flex_attention, model.compile) at the training shape."""
+
+    def __init__(self, model_load_s: float | None = None):
+        self.model_load_s = model_load_s
+        self.on_train_begin(None, None, None)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.summary: dict[str, float] = {}
+        self.train_begin, self.step_begin, self.evaluated = time.time(), None, False
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.evaluated = self.evaluated or self.step_begin is None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.step_begin is None:
+            self.step_begin = time.time()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.summary or self.step_begin is None:
+            return
+        if args.device.type == "cuda":
+            torch.cuda.synchronize()  # once per run: the step has ended when its kernels have
+        import psutil
+
+        now = time.time()
+        self.summary = {"first_step_after_launch_s": round(now - psutil.Process().create_time(), 1),
+                        "first_step_s": round(now - self.step_begin, 1),
+                        "before_first_step_s": round(self.step_begin - self.train_begin, 1)}
+        if self.model_load_s is not None:
+            self.summary["model_load_s"] = round(self.model_load_s, 1)
+        if state.is_world_process_zero:
+            s = self.summary
+            parts = [f"model load {s['model_load_s']} s"] if "model_load_s" in s else []
+            if self.evaluated:
+                parts.append(f"evaluation before training {s['before_first_step_s']} s")
+            parts.append(f"first step {s['first_step_s']} s, compilation included")
+            print(f"samsum_tuner: first optimizer step {s['first_step_after_launch_s']} s after launch "
+                  f"({', '.join(parts)})", flush=True)
+
+
 def build_collator(recipe: Recipe, tokenizer):
     multiple = recipe.data.pad_to_multiple_of
     if recipe.data.packing:

@@ -185,3 +185,38 @@ def test_the_gpu_table_reads_matrix_records_only():
     for call in read:
         for line in call.read_text().splitlines():
             assert "summary" in json.loads(line), call
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_the_benchmark_counts_the_real_tokens_of_its_timed_steps_on_the_host(layout, tiny_model_dir):
+    """A plain Trainer (nothing of samsum_tuner in its loop) whose tokens are the lengths of the samples each batch
+    is made of: no pad of a padded batch, and every packed sample's EOS, which is SmolLM2's pad id too (a count of
+    the ids that are not the pad id leaves it out)."""
+    import argparse
+
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorWithFlattening
+
+    throughput = _bench_module("throughput")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    eos = tokenizer.eos_token_id
+    assert eos == tokenizer.pad_token_id
+    lengths = [5, 9, 14, 20]
+    data = Dataset.from_list([{"input_ids": [7] * (n - 1) + [eos], "labels": [7] * (n - 1) + [eos]} for n in lengths])
+    collator = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100) if layout == "packed" else None
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    # A batch of 4 rows: every optimizer step is the whole data set, in some order.
+    result = throughput._trainer_run(model, tokenizer, data, 4, argparse.Namespace(warmup=1, steps=3),
+                                     collator=collator)
+    assert result["timed_steps"] == 3 and result["real_tokens_per_step"] == sum(lengths)
+    assert result["real_tokens_per_s"] == pytest.approx(sum(lengths) / result["s_per_step"])
+
+
+def test_a_warm_up_run_is_compared_but_is_no_baseline():
+    throughput = _bench_module("throughput")
+    runs = [{"config": c, "suite": "7b", "real_tokens_per_s": t, "peak_allocated_gib": 10.0, **extra}
+            for c, t, extra in [("naive_lora", 50, {"repeat": "warm-up"}), ("naive_lora", 100, {}),
+                                ("ours_lora", 400, {})]]
+    throughput._ratios(runs)
+    assert [r["x_naive"] for r in runs] == [0.5, 1.0, 4.0]  # against the measured naive run alone
+    assert "repeat_tokens_per_s" not in runs[1]

@@ -1,0 +1,79 @@
+"""Fast by default: the fast recipes compile where CUDA is available and run eager on a CPU (model.compile: auto),
+torch.compile's caches persist under samsum_tuner's cache folder, and a run says how long it waited for its first
+optimizer step."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import samsum_tuner as st
+from samsum_tuner.config import build_recipe
+from samsum_tuner.errors import ConfigError
+from samsum_tuner.model import compiles, use_compile_cache
+
+from .conftest import QUIET_RUN, ROOT
+
+FAST_RECIPES = ["lora_fast.yaml", "qlora_fast.yaml", "smollm2_gpu.yaml"]
+
+
+@pytest.mark.parametrize("value, expected", [("auto", "auto"), ("true", True), ("false", False), ("off", False)])
+def test_model_compile_takes_true_false_or_auto(value, expected):
+    assert build_recipe(None, [f"model.compile={value}"]).model.compile == expected
+
+
+@pytest.mark.parametrize("value", ["maybe", "null", "2", '"true"'])
+def test_any_other_model_compile_is_refused_in_one_line(value):
+    with pytest.raises(ConfigError, match=r"^model.compile: expected true, false or auto, got "):
+        build_recipe(None, [f"model.compile={value}"])
+
+
+def test_the_fast_recipes_compile_on_cuda_and_the_cpu_demo_never():
+    for name in FAST_RECIPES:
+        recipe = build_recipe(ROOT / "recipes" / name)
+        assert recipe.model.compile == "auto", name
+        assert compiles(recipe) == torch.cuda.is_available(), name
+    demo = build_recipe(ROOT / "recipes" / "demo_cpu.yaml")
+    assert demo.model.compile is False and not compiles(demo)
+    assert compiles(build_recipe(None, ["model.compile=true"]))  # an explicit true compiles anywhere
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="auto compiles where CUDA is available")
+def test_auto_loads_an_eager_model_on_a_cpu(tiny_model_dir, capsys):
+    from samsum_tuner.model import load_model
+
+    model = load_model(build_recipe(None, [f"model.name={tiny_model_dir}", "model.compile=auto", "--use_peft"]))
+    assert not any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+    assert "compiled in place" not in capsys.readouterr().out
+
+
+def test_compile_caches_go_under_the_cache_folder_unless_placed_already(monkeypatch, tmp_path):
+    monkeypatch.setenv("SAMSUM_TUNER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    use_compile_cache()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "torch_compile")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    use_compile_cache()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+
+
+def test_the_wait_for_the_first_optimizer_step_is_printed_and_kept(tiny_model_dir, tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    r = st.load_recipe(None, [f"model.name={tiny_model_dir}", f"data.source={tiny_data}", f"train.output_dir={out}",
+                              "data.max_length=128", "--use_peft", "train.max_steps=3", "train.eval_on_start=true",
+                              "train.gradient_accumulation_steps=1", *QUIET_RUN])
+    metrics = st.train(r)
+    lines = [x for x in capsys.readouterr().out.splitlines() if "first optimizer step" in x]
+    assert len(lines) == 1  # once per run, not per step
+    m = metrics
+    assert lines[0] == (f"samsum_tuner: first optimizer step {m['first_step_after_launch_s']} s after launch (model "
+                        f"load {m['model_load_s']} s, evaluation before training {m['before_first_step_s']} s, first "
+                        f"step {m['first_step_s']} s, compilation included)")
+    # Launch is the process's start: this test process began before the run, its load and its first step.
+    assert m['first_step_after_launch_s'] >= m['model_load_s'] + m['before_first_step_s'] + m['first_step_s']
+    assert m['before_first_step_s'] > 0 and m['first_step_s'] > 0
+    saved = json.loads((out / "metrics.json").read_text())
+    assert {k: saved[k] for k in ("first_step_after_launch_s", "model_load_s", "first_step_s")} == \
+        {k: m[k] for k in ("first_step_after_launch_s", "model_load_s", "first_step_s")}
