@@ -207,7 +207,7 @@ def _first_line(e: BaseException) -> str:
 
 @contextmanager
 def loading(what):
-    """What the checks above cannot see (an adapter for another base, ...): one line, not a traceback."""
+    """What the checks above cannot see (a config or tokenizer the libraries reject, ...): one line, no traceback."""
     from .errors import SamsumTunerError
 
     try:
