@@ -21,16 +21,18 @@ def merged(lora_run, tmp_path_factory):
     return out
 
 
-def _eval(capsys, folder, out) -> tuple[str, list[dict]]:
+def _eval(capsys, folder, out, data) -> tuple[str, list[dict]]:
     capsys.readouterr()
-    assert cli.main(["eval", str(folder), *EVAL, "--out", str(out)]) == 0
+    # data.source given: a folder without the run's recipe would still read the run's data, and differ by prompt only
+    assert cli.main(["eval", str(folder), *EVAL, "--out", str(out), f"data.source={data}"]) == 0
     printed = capsys.readouterr().out
     return printed, [json.loads(x) for x in (out / "predictions_test.jsonl").read_text().splitlines()]
 
 
 def test_merged_folder_evaluates_like_its_adapter(lora_run, merged, tmp_path, capsys):
-    printed_run, from_adapter = _eval(capsys, lora_run, tmp_path / "adapter")
-    printed_merged, from_merged = _eval(capsys, merged, tmp_path / "merged")
+    data = lora_run.parent / "samsum"
+    printed_run, from_adapter = _eval(capsys, lora_run, tmp_path / "adapter", data)
+    printed_merged, from_merged = _eval(capsys, merged, tmp_path / "merged", data)
     assert [p["prediction"] for p in from_merged] == [p["prediction"] for p in from_adapter]
     assert [p["new_tokens"] for p in from_merged] == [p["new_tokens"] for p in from_adapter]
     template = repr(build_recipe().data.prompt_template)
