@@ -50,7 +50,7 @@ NOTES = {
     "2026-11-29c-h200x2/smollm2_gpu": "2 epochs of the whole train split, ~106,000 tokens/s; eval_loss 2.253 "
                                       "(start) -> 1.505; the start-of-run evaluation took 177 s: the first, cold "
                                       "compilation of flex_attention on the machine (later evaluations 0.6 s, "
-                                      "the training graph 6.5 s); test ROUGE-1/2/L 47.04/21.36/38.59, 99.76% at EOS",
+                                      "the training graph 6.5 s); test ROUGE-1/2/L 47.08/21.40/38.55, 99.76% at EOS",
     "h200_full_bf16_mixed_adamw": "fits the H200 with 1 malloc retry at its limit (fp32 weights, gradients and "
                                   "AdamW states: 108 GB before activations); AdamW at lr 1e-4 on random weights "
                                   "raises the loss in 6 steps",

@@ -229,21 +229,21 @@ def main_eval(argv: list[str], prog: str = "samsum-tuner eval") -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=None, help="with --sample (default 1.0)")
+    p.add_argument("--top-p", type=float, default=None, help="with --sample (default 1.0)")
     p.add_argument("--out", default=None, help="where predictions and metrics go (default: the run directory)")
-    opts, overrides = p.parse_known_args(argv)
 
     def run() -> int:
         from .errors import ConfigError
         from .evaluation import GenerationConfig, evaluate
 
-        for flag, v in (("--limit", opts.limit), ("--batch-size", opts.batch_size),
-                        ("--max-new-tokens", opts.max_new_tokens)):
-            if v is not None and v <= 0:
-                raise ConfigError(f"{flag} must be positive, got {v}")
-        gen = GenerationConfig(max_new_tokens=opts.max_new_tokens, batch_size=opts.batch_size,
-                               do_sample=opts.sample, temperature=opts.temperature, top_p=opts.top_p)
+        opts, overrides = p.parse_known_args(argv)
+        for flag, v in (("--temperature", opts.temperature), ("--top-p", opts.top_p)):
+            if v is not None and not opts.sample:
+                raise ConfigError(f"{flag} applies only with --sample (greedy decoding has no {flag[2:]})")
+        gen = GenerationConfig(max_new_tokens=opts.max_new_tokens, batch_size=opts.batch_size, do_sample=opts.sample,
+                               temperature=1.0 if opts.temperature is None else opts.temperature,
+                               top_p=1.0 if opts.top_p is None else opts.top_p)
         metrics = evaluate(opts.run_or_model, split=opts.split, limit=opts.limit, out_dir=opts.out, gen=gen,
                            overrides=overrides)
         print(json.dumps(metrics, indent=2))
@@ -266,13 +266,20 @@ def _one_call_command(argv: list[str], prog: str, description: str, positional: 
 
 
 def main_merge(argv: list[str], prog: str = "samsum-tuner merge") -> int:
-    def act(opts) -> str:
+    p = _Parser(prog=prog, allow_abbrev=False, description="Merge a LoRA run's adapter into a plain HF model "
+                "folder that also carries the run's tokenizer and recipe (so eval uses the training prompt).")
+    p.add_argument("run_dir")
+    p.add_argument("out")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier merge in OUT")
+
+    def run() -> int:
         from .merge import merge
 
-        return f"merged model written to {merge(opts.run_dir, opts.out)}"
+        opts = p.parse_args(argv)
+        print(f"samsum_tuner: merged model written to {merge(opts.run_dir, opts.out, overwrite=opts.overwrite)}")
+        return EXIT_OK
 
-    return _one_call_command(argv, prog, "Merge a LoRA run's adapter into a plain HF model folder.",
-                             ["run_dir", "out"], act)
+    return _guard(run)
 
 
 def main_report(argv: list[str], prog: str = "samsum-tuner report") -> int:

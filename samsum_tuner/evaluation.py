@@ -1,24 +1,28 @@
 """ROUGE by batched generation: left padding, stop at EOS, trimmed output, offline scoring.
 
-Scoring for every figure we report: `rouge_score` with `use_stemmer=True`, F-measure x 100, greedy
-decoding, at most 96 new tokens, the prompt the model was trained with (read from the run directory).
+Scoring for every figure we report: `rouge_score` with `use_stemmer=True`, the mean over examples of the
+F-measure x 100 (the same figure on every call), greedy decoding, at most 96 new tokens, the prompt the model
+was trained with (read from the run directory's or merged folder's recipe.yaml).
 `evaluate.load("rouge")` would fetch a script from the hub, which fails offline: we call rouge_score.
 """
 from __future__ import annotations
 
 import json
+import math
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import Recipe, build_recipe
+from .config import Recipe, build_recipe, split_overrides
 from .data import load_clean_split
 from .errors import ConfigError
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 @dataclass
@@ -29,6 +33,16 @@ class GenerationConfig:
     temperature: float = 1.0
     top_p: float = 1.0
 
+    def __post_init__(self):
+        # Named by their command-line flags: transformers would warn, or fail mid-run, on these.
+        for flag, v in (("--max-new-tokens", self.max_new_tokens), ("--batch-size", self.batch_size)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"{flag} must be a positive integer, got {v!r}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ConfigError(f"--temperature must be a finite number > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:  # NaN fails this too
+            raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
+
 
 def _sentences(text: str) -> str:
     # rougeLsum scores newline-separated sentences; nltk's punkt would need a download, this does not.
@@ -36,14 +50,14 @@ def _sentences(text: str) -> str:
 
 
 def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
-    from rouge_score import rouge_scorer, scoring
+    """Mean over examples of rouge_score's F-measure x 100: deterministic (a bootstrap's mid is resampled)."""
+    from rouge_score import rouge_scorer
 
+    if not predictions or len(predictions) != len(references):
+        raise ValueError(f"rouge: {len(predictions)} predictions for {len(references)} references")
     scorer = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
-    agg = scoring.BootstrapAggregator()
-    for pred, ref in zip(predictions, references):
-        agg.add_scores(scorer.score(_sentences(ref), _sentences(pred)))
-    result = agg.aggregate()
-    return {k: round(result[k].mid.fmeasure * 100, 2) for k in ROUGE_KEYS}
+    scores = [scorer.score(_sentences(ref), _sentences(pred)) for pred, ref in zip(predictions, references)]
+    return {k: round(100 * sum(s[k].fmeasure for s in scores) / len(scores), 2) for k in ROUGE_KEYS}
 
 
 def score(preds: list[dict[str, Any]], references: list[str]) -> dict[str, float]:
@@ -91,55 +105,258 @@ def generate(model, tokenizer, recipe: Recipe, dialogues: list[str], gen: Genera
     return [results[i] for i in range(len(dialogues))]
 
 
-def load_for_eval(run_or_model: str, overrides: list[str] | None = None):
-    """(model, tokenizer, recipe) from a run directory (adapter or full model) or a model name."""
+# ---------------------------------------------------------------- what a saved run or model folder holds
+def read_json(path: Path, expect: type | None = None):
+    """A JSON file's content; missing, empty, truncated, non-UTF-8 or of another type: one ConfigError line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: missing") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    if not text.strip():
+        raise ConfigError(f"{path}: empty file")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid JSON (nested too deeply)") from None
+    if expect is not None and not isinstance(value, expect):
+        want = {dict: "an object", list: "an array"}.get(expect, expect.__name__)
+        raise ConfigError(f"{path}: expected {want}, got {type(value).__name__}")
+    return value
+
+
+def check_saved_model(folder: Path, adapter: bool) -> None:
+    """Refuse a missing, truncated or corrupt file of a saved adapter or model and its tokenizer in one line,
+    before a library reads it (they fail with a traceback, or warn and go on with random weights)."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    read_json(folder / ("adapter_config.json" if adapter else "config.json"), dict)
+    for name in ("generation_config.json", "special_tokens_map.json", *TOKENIZER_FILES):
+        if (folder / name).exists():
+            read_json(folder / name, dict)
+    if not any((folder / n).is_file() for n in TOKENIZER_FILES):
+        raise ConfigError(f"{folder}: no tokenizer (tokenizer.json or tokenizer_config.json)")
+    index = folder / "model.safetensors.index.json"
+    if adapter:
+        weights = [folder / "adapter_model.safetensors"]
+    elif index.exists():
+        shards = read_json(index, dict).get("weight_map")
+        if not isinstance(shards, dict) or not shards:
+            raise ConfigError(f"{index}: no weight_map")
+        weights = [folder / s for s in sorted(set(map(str, shards.values())))]
+    elif not (folder / "model.safetensors").exists() and any(folder.glob("pytorch_model*.bin")):
+        weights = []  # a downloaded folder of torch weights: transformers reads them with weights_only=True
+    else:
+        weights = [folder / "model.safetensors"]
+    for w in weights:
+        if not w.is_file():
+            raise ConfigError(f"{w}: missing")
+        try:
+            with safe_open(w, "pt"):  # reads the header and checks the file covers every tensor it lists
+                pass
+        except Exception as e:  # SafetensorError: truncated, empty or not safetensors at all
+            raise ConfigError(f"{w}: not a complete safetensors file ({_first_line(e)})") from None
+
+
+def check_adapter_fits(folder: Path, recipe: Recipe) -> None:
+    """An adapter trained on another base is refused before that base loads: each LoRA matrix against the layer it
+    goes on, in the base built from its config on the meta device (no weights, no memory)."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .model import EMBEDDED, embedded_model_dir, random_shape_name
+
+    name = recipe.model.name
+    if random_shape_name(name) is not None:
+        raise ConfigError(f"{folder / 'recipe.yaml'}: model.name {name} is a random base that was never saved: "
+                          "its adapter cannot be loaded again")
+    base = embedded_model_dir() if name == EMBEDDED else name
+    with loading(base), torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base))
+    modules = dict(model.named_modules())
+    where = folder / "adapter_model.safetensors"
+    with safe_open(where, "pt") as f:
+        keys = [k for k in f.keys() if ".lora_" in k]
+        if not keys:
+            raise ConfigError(f"{where}: holds no LoRA weights")
+        for key in keys:
+            path, _, kind = key.removeprefix("base_model.model.").rpartition(".lora_")
+            if path not in modules:
+                raise ConfigError(f"{where}: {key} is for a layer {name} does not have: an adapter of another model")
+            layer, shape = modules[path], f.get_slice(key).get_shape()
+            if not isinstance(layer, torch.nn.Linear):
+                continue  # an embedding's LoRA: its shapes are not in_features/out_features
+            if shape[1] != layer.in_features if kind.startswith("A") else shape[0] != layer.out_features:
+                raise ConfigError(f"{where}: {key} has shape {list(shape)}, which does not fit {path} of {name} "
+                                  f"({layer.in_features} -> {layer.out_features}): an adapter of another model")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    # "Error(s) in loading state_dict for X:" says what only on its next line
+    return " ".join(lines[:2] if lines[0].endswith(":") and len(lines) > 1 else lines[:1])[:300]
+
+
+@contextmanager
+def loading(what):
+    """What the checks above cannot see (a config or tokenizer the libraries reject, ...): one line, no traceback."""
+    from .errors import SamsumTunerError
+
+    try:
+        yield
+    except SamsumTunerError:
+        raise
+    except Exception as e:  # transformers, peft, tokenizers and safetensors raise many kinds
+        raise ConfigError(f"{what}: cannot load ({_first_line(e)})") from None
+
+
+@dataclass
+class EvalSource:
+    """What `samsum-tuner eval` reads, resolved and checked before anything loads."""
+
+    recipe: Recipe
+    folder: Path | None  # the run directory, merged folder or model folder; None: the model by name
+    adapter: bool
+    prompt_from: str  # where the prompt settings come from, for people
+
+    def prompt(self) -> str:
+        d = self.recipe.data
+        how = f"chat template around {d.prompt_template!r}" if d.chat_template else repr(d.prompt_template)
+        return f"{how} ({self.prompt_from})"
+
+
+def _prompt_from(recipe_file: Path | None, overrides: list[str]) -> str:
+    where = f"from {recipe_file}" if recipe_file else "default"
+    keys = [k for k, _ in split_overrides(overrides) if k in ("data.prompt_template", "data.chat_template")]
+    return where + "".join(f", {k} from the command line" for k in keys)
+
+
+def run_recipe(folder: Path, overrides: list[str] | None = None) -> Recipe:
+    """The recipe a run directory was saved with, then with the overrides: an error names the file it comes from."""
+    file = Path(folder) / "recipe.yaml"
+    try:
+        recipe = build_recipe(file)
+    except ConfigError as e:
+        raise ConfigError(e if str(e).startswith(str(file)) else f"{file}: {e}") from None
+    return build_recipe(file, overrides) if overrides else recipe
+
+
+def resolve_eval_source(run_or_model: str, overrides: list[str] | None = None) -> EvalSource:
+    """A run directory (adapter or full model), a merged folder, a model folder or a model name: its recipe
+    and files checked, nothing loaded."""
+    from .model import EMBEDDED, check_model_source, random_shape_name
+
+    overrides = list(overrides or [])
+    path = Path(run_or_model)
+    if (path / "recipe.yaml").is_file():
+        recipe = run_recipe(path, overrides)
+        adapter = (path / "adapter_config.json").exists()
+        if not adapter and not (path / "config.json").exists():
+            raise ConfigError(f"{path}: a run directory with neither adapter_config.json (LoRA) nor config.json "
+                              "(a full model)")
+        check_saved_model(path, adapter)
+        if adapter:  # the base model the adapter goes on
+            try:
+                check_model_source(recipe)
+            except ConfigError as e:
+                raise ConfigError(f"{path / 'recipe.yaml'}: {e}") from None
+            check_adapter_fits(path, recipe)
+        return EvalSource(recipe, path, adapter, _prompt_from(path / "recipe.yaml", overrides))
+    if run_or_model.startswith((".", "/", "~")) and not path.exists():
+        raise ConfigError(f"{path}: no such run directory or model folder")
+    if path.exists() and not (path / "config.json").is_file():
+        if (path / "adapter_config.json").is_file():
+            raise ConfigError(f"{path}: an adapter without recipe.yaml: its base model and prompt are unknown")
+        raise ConfigError(f"{path}: neither a run directory (recipe.yaml) nor a model folder (config.json)")
+    recipe = build_recipe(None, [f"model.name={run_or_model}", *overrides])
+    if random_shape_name(recipe.model.name) is not None:
+        raise ConfigError(f"model.name: {recipe.model.name} has random weights: nothing to evaluate")
+    check_model_source(recipe)
+    folder = path if path.is_dir() and recipe.model.name != EMBEDDED else None
+    if folder is not None:
+        check_saved_model(folder, adapter=False)
+    return EvalSource(recipe, folder, False, _prompt_from(None, overrides))
+
+
+def load_for_eval(source: EvalSource | str, overrides: list[str] | None = None):
+    """(model, tokenizer, recipe) of a resolved source (or of a path or name, resolved here)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .model import EMBEDDED, embedded_model_dir, load_tokenizer
 
-    path = Path(run_or_model)
+    src = source if isinstance(source, EvalSource) else resolve_eval_source(source, overrides)
+    recipe = src.recipe
     # Generation runs one padded batch at a time with a KV cache: sdpa, whatever attention the run trained with
     # (flex_attention would compile again for every new prompt width).
     load = {"dtype": torch.bfloat16 if torch.cuda.is_available() else torch.float32, "attn_implementation": "sdpa"}
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if (path / "recipe.yaml").is_file():
-        recipe = build_recipe(path / "recipe.yaml", overrides)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        if (path / "adapter_config.json").is_file():
-            from peft import PeftModel
+    with loading(src.folder or recipe.model.name):
+        if src.folder is not None and (src.folder / "recipe.yaml").is_file():
+            tokenizer = AutoTokenizer.from_pretrained(src.folder)  # as trained: its eos, pad and chat template
+            if src.adapter:
+                from peft import PeftModel
 
-            base_name = embedded_model_dir() if recipe.model.name == EMBEDDED else recipe.model.name
-            base = AutoModelForCausalLM.from_pretrained(base_name, **load)
-            model = PeftModel.from_pretrained(base, path)
+                base_name = embedded_model_dir() if recipe.model.name == EMBEDDED else recipe.model.name
+                base = AutoModelForCausalLM.from_pretrained(base_name, **load)
+                model = PeftModel.from_pretrained(base, src.folder)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(src.folder, **load)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, **load)
-    elif path.is_dir() and not (path / "config.json").is_file():
-        raise ConfigError(f"{path}: neither a run directory (recipe.yaml) nor a model folder (config.json)")
-    else:
-        recipe = build_recipe(None, [f"model.name={run_or_model}", *(overrides or [])])
-        tokenizer = load_tokenizer(recipe)
-        name = embedded_model_dir() if recipe.model.name == EMBEDDED else recipe.model.name
-        model = AutoModelForCausalLM.from_pretrained(name, **load)
+            tokenizer = load_tokenizer(recipe)
+            name = embedded_model_dir() if recipe.model.name == EMBEDDED else recipe.model.name
+            model = AutoModelForCausalLM.from_pretrained(name, **load)
     tokenizer.padding_side = "left"
     return model.to(device), tokenizer, recipe
+
+
+def _output_folder(out_dir: str | None, src: EvalSource, split: str) -> Path | None:
+    """Where predictions and metrics go, created now: a path that cannot hold them fails before the model loads."""
+    is_run = src.folder is not None and (src.folder / "recipe.yaml").is_file()
+    target = Path(out_dir) if out_dir else (src.folder if is_run else None)
+    if target is None:
+        return None
+    flag = "--out " if out_dir else ""
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"{flag}{target}: exists and is not a folder")
+    for name in (f"predictions_{split}.jsonl", f"eval_metrics_{split}.json"):
+        if (target / name).is_dir():
+            raise ConfigError(f"{target / name}: is a folder, not a file")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{flag}{target}: cannot create the folder ({e.strerror})") from None
+    return target
 
 
 def evaluate(run_or_model: str, *, split: str = "test", limit: int | None = None, out_dir: str | None = None,
              gen: GenerationConfig | None = None, overrides: list[str] | None = None,
              progress: bool = True) -> dict[str, Any]:
-    """ROUGE-1/2/L/Lsum, share ending at EOS, mean length; writes predictions.jsonl and eval_metrics.json."""
+    """ROUGE-1/2/L/Lsum, share ending at EOS, mean length; writes predictions_SPLIT.jsonl and
+    eval_metrics_SPLIT.json (into the run directory, or `out_dir`). Everything is checked before the model loads."""
     gen = gen or GenerationConfig()
-    model, tokenizer, recipe = load_for_eval(run_or_model, overrides)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
+        raise ConfigError(f"--limit must be a positive integer, got {limit!r}")
+    src = resolve_eval_source(run_or_model, overrides)
+    target = _output_folder(out_dir, src, split)
     # The run's data settings (source, cleaning, prompt), but never its training slice.
-    rows, _, origin = load_clean_split(recipe.data, split)
+    rows, _, origin = load_clean_split(src.recipe.data, split)
     rows = rows[:limit] if limit else rows
+    print(f"samsum_tuner: prompt: {src.prompt()}", flush=True)
+    model, tokenizer, recipe = load_for_eval(src)
     preds = generate(model, tokenizer, recipe, [r["dialogue"] for r in rows], gen, progress=progress)
     metrics: dict[str, Any] = score(preds, [r["summary"] for r in rows])
     metrics.update(rows=len(rows), split=split, source=origin, max_new_tokens=gen.max_new_tokens,
-                   do_sample=gen.do_sample, chat_template=recipe.data.chat_template)
-    target = Path(out_dir) if out_dir else (Path(run_or_model) if Path(run_or_model, "recipe.yaml").is_file() else None)
+                   do_sample=gen.do_sample, chat_template=recipe.data.chat_template,
+                   prompt_template=recipe.data.prompt_template, prompt_from=src.prompt_from)
     if target is not None:
-        target.mkdir(parents=True, exist_ok=True)
         with open(target / f"predictions_{split}.jsonl", "w", encoding="utf-8") as fh:
             for r, p in zip(rows, preds):
                 fh.write(json.dumps({"id": r["id"], "reference": r["summary"], **p}, ensure_ascii=False) + "\n")

@@ -12,26 +12,74 @@ from typing import Any
 from .errors import ConfigError
 
 
-def _read_json(path: Path, default):
-    if not path.is_file():
-        return default
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+def _read_json(path: Path, default, expect: type):
+    from .evaluation import read_json
+
+    return read_json(path, expect) if path.exists() else default
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
+    if not path.exists():
         return []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ConfigError(f"{path}:{n}: expected an object, got {type(row).__name__}")
+            _check_numbers(row, f"{path}:{n}", MEMORY_NUMBERS)
+            rows.append(row)
     return rows
+
+
+# The fields the report computes with or plots: each a number (or null), whatever else a row holds.
+HISTORY_NUMBERS = ("step", "loss", "eval_loss", "ppl", "eval_ppl", "learning_rate")
+MEMORY_NUMBERS = ("step", "epoch", "rank", "gpu_peak_allocated_gib", "gpu_peak_reserved_gib", "gpu_peak_active_gib",
+                  "gpu_malloc_retries", "gpu_malloc_retries_total", "host_peak_rss_gib", "host_peak_rss_node_gib")
+
+
+def _check_numbers(row: dict[str, Any], where: str, keys) -> None:
+    for k in keys:
+        v = row.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise ConfigError(f"{where}: '{k}' must be a number, got {v!r}")
+
+
+def _read_history(path: Path) -> list[dict[str, Any]]:
+    history = _read_json(path, [], list)
+    for i, h in enumerate(history, 1):
+        if not isinstance(h, dict):
+            raise ConfigError(f"{path}: entry {i}: expected an object, got {type(h).__name__}")
+        _check_numbers(h, f"{path}: entry {i}", HISTORY_NUMBERS)
+    return history
+
+
+def _read_summary(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path.parent}: no run_summary.json: not a samsum_tuner run directory (or the run never "
+                          "started)")
+    summary = _read_json(path, None, dict)
+    for key, kind in (("recipe", dict), ("metrics", dict), ("trainable_params", int), ("total_params", int)):
+        value = summary.setdefault(key, kind())
+        if value is None:  # null reads as absent
+            value = summary[key] = kind()
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ConfigError(f"{path}: '{key}' must be {'an object' if kind is dict else 'an integer'}, got {value!r}")
+    if not isinstance(summary["recipe"].get("model") or {}, dict):
+        raise ConfigError(f"{path}: 'recipe.model' must be an object")
+    return summary
+
+
+PLOTS = ("loss.png", "perplexity.png", "learning_rate.png", "memory.png", "malloc_retries.png")
 
 
 def _series(history: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -128,18 +176,24 @@ def _fmt(v) -> str:
 def report(run_dir: str | Path) -> Path:
     """Write report.md and PNG plots into the run directory; return the markdown's path."""
     out = Path(run_dir)
-    summary = _read_json(out / "run_summary.json", None)
-    if summary is None:
-        raise ConfigError(f"{out}: no run_summary.json: not a samsum_tuner run directory (or the run never started)")
-    history = _read_json(out / "log_history.json", [])
+    if not out.is_dir():
+        raise ConfigError(f"{out}: {'is not a folder' if out.exists() else 'no such run directory'}")
+    summary = _read_summary(out / "run_summary.json")
+    history = _read_history(out / "log_history.json")
     memory = _read_jsonl(out / "memory.jsonl")
-    plots = _plots(out, history, memory)
-    recipe = summary.get("recipe", {})
-    m = summary.get("metrics", {})
+    evals = [(p, _read_json(p, {}, dict)) for p in sorted(out.glob("eval_metrics_*.json"))]
+    for name in ("report.md", *PLOTS):  # every file it writes, checked before it writes any
+        if (out / name).exists() and not (out / name).is_file():
+            raise ConfigError(f"{out / name}: exists and is not a file")
+    try:
+        plots = _plots(out, history, memory)
+    except OSError as e:
+        raise ConfigError(f"{e.filename or out}: cannot write ({e.strerror or e})") from None
+    recipe, m = summary["recipe"], summary["metrics"]
     lines = [f"# Run report: {out.name}", "",
              f"- status: **{summary.get('status')}**" + (f" ({summary['error']})" if summary.get("error") else ""),
-             f"- model: {recipe.get('model', {}).get('name')}; trainable {summary.get('trainable_params', 0):,} "
-             f"of {summary.get('total_params', 0):,} parameters",
+             f"- model: {(recipe.get('model') or {}).get('name')}; trainable {summary['trainable_params']:,} "
+             f"of {summary['total_params']:,} parameters",
              f"- device: {summary.get('device')}; {summary.get('world_size')} process(es); "
              f"versions {summary.get('versions')}", ""]
     keys = [k for k in ("first_loss", "last_loss", "train_loss", "train_ppl", "eval_loss", "eval_ppl", "s_per_step",
@@ -159,8 +213,7 @@ def report(run_dir: str | Path) -> Path:
                          f"{g('gpu_malloc_retries')} / {g('gpu_malloc_retries_total')} | "
                          f"{g('host_peak_rss_gib')} | {g('host_peak_rss_node_gib')} |")
         lines.append("")
-    for path in sorted(out.glob("eval_metrics_*.json")):
-        ev = _read_json(path, {})
+    for path, ev in evals:
         lines += [f"## ROUGE ({path.stem.removeprefix('eval_metrics_')}, {ev.get('rows')} rows)", "",
                   "| ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum | ended at EOS % | mean new tokens |",
                   "|---|---|---|---|---|---|",
@@ -169,5 +222,8 @@ def report(run_dir: str | Path) -> Path:
     lines += [f"![{p.removesuffix('.png')}]({p})" for p in plots]
     if not history:
         lines.append("(no log_history.json: no loss curves)")
-    (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    try:
+        (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{out / 'report.md'}: cannot write ({e.strerror})") from None
     return out / "report.md"

@@ -75,6 +75,27 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
     return d
 
 
+@pytest.fixture(scope="session")
+def lora_run(tmp_path_factory, tokenizer) -> Path:
+    """A real LoRA run directory (adapter, tokenizer, recipe, summary, logs) of a tiny random Llama trained for
+    two steps with the chat template; built once per session: copy it before changing it."""
+    import samsum_tuner as st
+
+    root = tmp_path_factory.mktemp("lora-run")
+    tiny_llama().save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    write_jsonl(root / "samsum", "train", synthetic_rows(8))
+    write_jsonl(root / "samsum", "validation", synthetic_rows(4, offset=1000))
+    write_jsonl(root / "samsum", "test", synthetic_rows(6, offset=2000))
+    r = st.load_recipe(None, [f"model.name={root / 'base'}", f"data.source={root / 'samsum'}", "--use_peft",
+                              f"train.output_dir={root / 'run'}", "data.chat_template=true", "data.max_length=128",
+                              "train.max_steps=2", "train.per_device_train_batch_size=4",
+                              "train.gradient_accumulation_steps=1", "train.learning_rate=1e-2", *QUIET_RUN,
+                              "train.save_model=true"])
+    st.train(r)
+    return root / "run"
+
+
 def write_jsonl(folder: Path, split: str, rows: list[dict], raw_lines: list[str] | None = None) -> Path:
     import json
 

@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import json
+import shutil
+
+import pytest
 
 import samsum_tuner as st
 from samsum_tuner import cli
+
+from .damage import assert_refused, cut, files_of, nothing, remove, write
 
 FAST = ["train.report_to=[]", "train.disable_tqdm=true", "train.logging_steps=1", "memory.preflight=false"]
 
@@ -41,3 +46,91 @@ def test_report_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert cli.main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no run_summary.json" in err[0]
+
+
+def _json_in(name: str, value):
+    return write(name, json.dumps(value).encode())
+
+
+def _history_entry(entry):
+    """log_history.json: the run's first entry, then `entry`."""
+    def setup(run, tmp):
+        history = json.loads((run / "log_history.json").read_text())
+        (run / "log_history.json").write_text(json.dumps([history[0], entry]))
+    return setup
+
+
+def _summary_with(**fields):
+    def setup(run, tmp):
+        summary = json.loads((run / "run_summary.json").read_text())
+        (run / "run_summary.json").write_text(json.dumps({**summary, **fields}))
+    return setup
+
+
+def _memory_line(line: bytes):
+    """memory.jsonl: the run's first line, then `line`."""
+    def setup(run, tmp):
+        first = (run / "memory.jsonl").read_bytes().splitlines(keepends=True)[0]
+        (run / "memory.jsonl").write_bytes(first + line)
+    return setup
+
+
+def _dir(name: str):
+    return lambda run, tmp: (run / name).mkdir()
+
+
+# name: (setup(run, tmp), what the one line says, the arguments after `report` (default: RUN))
+CASES = {
+    "run-missing": (nothing, "nope: no such run directory", lambda run, tmp: [tmp / "nope"]),
+    "run-is-a-file": (nothing, "recipe.yaml: is not a folder", lambda run, tmp: [run / "recipe.yaml"]),
+    "summary-missing": (remove("run_summary.json"), "no run_summary.json"),
+    "summary-truncated": (cut("run_summary.json"), "run_summary.json:"),
+    "summary-empty": (write("run_summary.json", b""), "run_summary.json: empty file"),
+    "summary-not-object": (write("run_summary.json", b"[1, 2]"), "run_summary.json: expected an object, got list"),
+    "summary-not-utf8": (write("run_summary.json", b'{"status": "\xff"}'), "run_summary.json: not UTF-8 text"),
+    "summary-is-a-folder": (lambda run, tmp: remove("run_summary.json")(run, tmp) or _dir("run_summary.json")(run, tmp),
+                            "no run_summary.json"),
+    "summary-metrics-not-object": (_summary_with(metrics=[1]), "'metrics' must be an object"),
+    "summary-recipe-not-object": (_summary_with(recipe="lora"), "'recipe' must be an object"),
+    "summary-params-not-integer": (_summary_with(trainable_params="many"), "'trainable_params' must be an integer"),
+    "summary-model-not-object": (_summary_with(recipe={"model": "tiny"}), "'recipe.model' must be an object"),
+    "history-truncated": (cut("log_history.json"), "log_history.json:"),
+    "history-not-list": (write("log_history.json", b'{"loss": 1}'), "log_history.json: expected an array, got dict"),
+    "history-entry-not-object": (_history_entry(3), "log_history.json: entry 2: expected an object, got int"),
+    "history-loss-not-number": (_history_entry({"loss": "low", "step": 3}), "entry 2: 'loss' must be a number"),
+    "history-step-not-number": (_history_entry({"loss": 1.0, "step": "3"}), "entry 2: 'step' must be a number"),
+    "history-not-utf8": (write("log_history.json", b"[\xfe]"), "log_history.json: not UTF-8 text"),
+    "memory-truncated-line": (_memory_line(b'{"event": "epoch", "rank": 0, "host_pe'),
+                              "memory.jsonl:2: not valid JSON"),
+    "memory-line-not-object": (_memory_line(b"[1]\n"), "memory.jsonl:2: expected an object, got list"),
+    "memory-value-not-number": (_memory_line(b'{"event": "epoch", "rank": 0, "host_peak_rss_gib": "1 GiB"}\n'),
+                                "memory.jsonl:2: 'host_peak_rss_gib' must be a number"),
+    "memory-not-utf8": (_memory_line(b'{"host": "\xff"}\n'), "memory.jsonl: not UTF-8 text"),
+    "eval-metrics-truncated": (write("eval_metrics_test.json", b'{"rouge1": 3'), "eval_metrics_test.json:1: not valid"),
+    "eval-metrics-not-object": (_json_in("eval_metrics_test.json", [47.0]), "eval_metrics_test.json: expected an"),
+    "report-md-is-a-folder": (_dir("report.md"), "report.md: exists and is not a file"),
+    "plot-is-a-folder": (_dir("loss.png"), "loss.png: exists and is not a file"),
+    "extra-argument": (nothing, "unrecognized arguments: more", lambda run, tmp: [run, "more"]),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_report_refuses_bad_input_in_one_line(case, lora_run, tmp_path, capsys):
+    setup, expected, args = (*CASES[case], lambda run, tmp: [run])[:3]
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    setup(run, tmp_path)
+    kept = files_of(tmp_path)
+    assert_refused(capsys, ["report", *args(run, tmp_path)], expected)
+    assert files_of(tmp_path) == kept  # no report.md, no plot written before the refusal
+
+
+def test_report_without_history_or_memory_says_so(lora_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    for name in ("log_history.json", "memory.jsonl"):
+        (run / name).unlink()
+    assert cli.main(["report", str(run)]) == 0
+    md = (run / "report.md").read_text()
+    assert "(no log_history.json: no loss curves)" in md and "## Memory per epoch" not in md
+    assert not list(run.glob("*.png"))
