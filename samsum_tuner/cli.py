@@ -8,7 +8,7 @@ from typing import Callable
 
 from .errors import SamsumTunerError
 
-EXIT_OK, EXIT_BAD_INPUT, EXIT_WONT_FIT = 0, 2, 3
+EXIT_OK, EXIT_BAD_INPUT, EXIT_WONT_FIT, EXIT_INTERRUPTED = 0, 2, 3, 130
 
 
 def _split_recipe(rest: list[str]) -> tuple[str | None, list[str]]:
@@ -23,6 +23,9 @@ def _guard(fn: Callable[[], int]) -> int:
     except SamsumTunerError as e:
         print(f"samsum-tuner: error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
+    except KeyboardInterrupt as e:  # Ctrl-C: one line (training's names the last complete checkpoint), no traceback
+        print(f"samsum-tuner: {str(e) or 'interrupted'}", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
 
 
 class _Parser(argparse.ArgumentParser):

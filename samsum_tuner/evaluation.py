@@ -95,7 +95,7 @@ def load_for_eval(run_or_model: str, overrides: list[str] | None = None):
     """(model, tokenizer, recipe) from a run directory (adapter or full model) or a model name."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .model import EMBEDDED, embedded_model_dir, load_tokenizer
+    from .model import EMBEDDED, check_model_source, embedded_model_dir, load_tokenizer
 
     path = Path(run_or_model)
     # Generation runs one padded batch at a time with a KV cache: sdpa, whatever attention the run trained with
@@ -117,6 +117,7 @@ def load_for_eval(run_or_model: str, overrides: list[str] | None = None):
         raise ConfigError(f"{path}: neither a run directory (recipe.yaml) nor a model folder (config.json)")
     else:
         recipe = build_recipe(None, [f"model.name={run_or_model}", *(overrides or [])])
+        check_model_source(recipe)  # a missing folder or an unreachable hub id: one line, not transformers' traceback
         tokenizer = load_tokenizer(recipe)
         name = embedded_model_dir() if recipe.model.name == EMBEDDED else recipe.model.name
         model = AutoModelForCausalLM.from_pretrained(name, **load)
