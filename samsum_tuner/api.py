@@ -19,7 +19,7 @@ from typing import Any
 
 from .config import DataConfig, Recipe, build_recipe, describe_precision
 from .data import PreparedSplit, read_splits, tokenize_splits
-from .errors import ConfigError, TrainingDiverged, TrainingOutOfMemory, WontFitError
+from .errors import ConfigError, TrainingDiverged, TrainingInterrupted, TrainingOutOfMemory, WontFitError
 from .launch import Launch, check_environment, detect_launch
 
 
@@ -172,6 +172,22 @@ def train_lengths(recipe: Recipe) -> tuple[list[int], list[int]]:
     return split.lengths, split.supervised
 
 
+def plan(recipe: Recipe, *, gpus: int = 1, gpu_memory_gib: float | None = None, host_memory_gib: float | None = None,
+         device: str = "cuda", lengths: str = "data"):
+    """`samsum-tuner plan` as a call: the memory planner's `Plan` (`.table()`, `.verdict`, `.fits`) for `gpus`
+    processes, with no weights loaded. lengths="data" takes the worst batch from the recipe's tokenized train split
+    (data and tokenizer), "default" from built-in SAMSum length statistics; device="cpu" plans a run without CUDA."""
+    from .planner import plan as plan_memory
+
+    if gpus <= 0:
+        raise ConfigError(f"gpus must be positive, got {gpus}")
+    if lengths not in ("data", "default"):
+        raise ConfigError(f"lengths: expected 'data' or 'default', got {lengths!r}")
+    token_lengths, supervised = train_lengths(recipe) if lengths == "data" else (None, None)
+    return plan_memory(recipe, gpus=gpus, gpu_memory_gib=gpu_memory_gib, host_memory_gib=host_memory_gib,
+                       token_lengths=token_lengths, supervised_lengths=supervised, device=device)
+
+
 def _preflight(prepared: Prepared, enforce: bool):
     """The memory planner's verdict; a run that will not fit is refused (exit 3) unless forced."""
     r = prepared.recipe
@@ -278,6 +294,8 @@ def train(recipe: Recipe, *, trainer=None) -> dict[str, Any]:
         summary.update(status="diverged", step=trainer.state.global_step, error=str(e))
         _write_summary(trainer, recipe, summary)
         raise
+    except KeyboardInterrupt:
+        raise _interrupted(trainer, recipe, summary) from None
     except pickle.UnpicklingError as e:  # torch.load(weights_only=True) met an object that is not a tensor
         raise ConfigError(f"train.resume_from_checkpoint: {resume} holds a file that is not plain tensors, refused "
                           f"({str(e).strip().splitlines()[0][:200]})") from None
@@ -308,6 +326,25 @@ def train(recipe: Recipe, *, trainer=None) -> dict[str, Any]:
     summary.update(metrics=metrics, memory=snapshot(recipe.memory.gpu_limit_gib))
     _write_summary(trainer, recipe, summary)
     return metrics
+
+
+def _interrupted(trainer, recipe: Recipe, summary: dict[str, Any]) -> TrainingInterrupted:
+    """Ctrl-C: the run's summary says so, and the one line names what a resume would continue from."""
+    from transformers.trainer_callback import ProgressCallback
+
+    from .checkpoint import latest_checkpoint
+
+    for cb in trainer.callback_handler.callbacks:  # end the progress bars' lines: the message gets a line of its own
+        if isinstance(cb, ProgressCallback):
+            for bar in (cb.training_bar, cb.prediction_bar):
+                if bar is not None:
+                    bar.close()
+    step, last = trainer.state.global_step, latest_checkpoint(recipe.train.output_dir)
+    where = (f"last complete checkpoint: {last} (resume with resume=auto)" if last is not None
+             else "no complete checkpoint: nothing to resume")
+    summary.update(status="interrupted", step=step, last_checkpoint=str(last) if last else None)
+    _write_summary(trainer, recipe, summary)
+    return TrainingInterrupted(f"interrupted after step {step}; {where}")
 
 
 def _resume_point(trainer, recipe: Recipe):

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from .errors import SamsumTunerError
 
-EXIT_OK, EXIT_BAD_INPUT, EXIT_WONT_FIT = 0, 2, 3
+EXIT_OK, EXIT_BAD_INPUT, EXIT_WONT_FIT, EXIT_INTERRUPTED = 0, 2, 3, 130
 RECIPE_HELP = "a recipe file (recipes/*.yaml); omit it for the original's defaults"
 OVERRIDE_HELP = ("key.sub=value (train.learning_rate=2e-5, lora.target_modules=q_proj,v_proj) or an original "
                  "llama-recipes flag (--use_peft, --lr 1e-4, --quantization True); `samsum-tuner keys` lists them all")
@@ -38,6 +38,9 @@ def _guard(fn: Callable[[], int], say: bool = True) -> int:
         if say:
             print(f"samsum-tuner: error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
+    except KeyboardInterrupt as e:  # Ctrl-C: one line (training's names the last complete checkpoint), no traceback
+        print(f"samsum-tuner: {str(e) or 'interrupted'}", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
 
 
 class _Parser(argparse.ArgumentParser):

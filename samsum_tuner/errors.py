@@ -29,3 +29,10 @@ class TrainingDiverged(SamsumTunerError):
     """A non-finite loss, or the fp16 loss scaler skipping step after step; names the last good checkpoint."""
 
     exit_code = 4
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; names the last complete checkpoint. Still a KeyboardInterrupt, so code (and a
+    notebook) that stops on one still does; the CLI prints the message as its one line and exits 130."""
+
+    exit_code = 130

@@ -422,11 +422,8 @@ def apply_adapters(recipe: Recipe, model):
 
     lo = recipe.lora
     if recipe.quantization.bits:
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=recipe.model.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
+        # Checkpointing is the Trainer's to switch on (trainer.py), as for every other model.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if not lo.enabled:
         return model
     peft_config = LoraConfig(

@@ -529,6 +529,12 @@ class PackedCollator:
         return batch
 
 
+# transformers renamed gradient_checkpointing to activation_checkpointing (the old name now warns); older releases
+# (5.17 on the GPU image) have only the old one.
+CHECKPOINTING = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+                 else "gradient_checkpointing")
+
+
 def training_arguments(recipe: Recipe, launch: Launch, layer_cls: list[str], has_eval: bool) -> TrainingArguments:
     t = recipe.train
     optim = "adamw_torch" if t.optim == "sgd" else t.optim  # sgd is built by SamsumTrainer
@@ -563,8 +569,8 @@ def training_arguments(recipe: Recipe, launch: Launch, layer_cls: list[str], has
         dataloader_num_workers=t.dataloader_num_workers,
         report_to=list(t.report_to),
         disable_tqdm=t.disable_tqdm,
-        gradient_checkpointing=recipe.model.gradient_checkpointing and not recipe.quantization.bits,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        # Quantized models too: peft's own switch goes through transformers' deprecated gradient_checkpointing_enable.
+        **{CHECKPOINTING: recipe.model.gradient_checkpointing, f"{CHECKPOINTING}_kwargs": {"use_reentrant": False}},
         remove_unused_columns=False,
         # Counted by TokenCounting instead: the Trainer's count reads the GPU back every micro-batch.
         include_num_input_tokens_seen="no",
@@ -574,9 +580,10 @@ def training_arguments(recipe: Recipe, launch: Launch, layer_cls: list[str], has
         use_cpu=not torch.cuda.is_available(),
         ddp_find_unused_parameters=False if launch.world_size > 1 and not launch.fsdp else None,
     )
-    # Batches come from pinned memory (the Trainer's default): copied without blocking, the next batch no longer
-    # waits for the previous optimizer step to finish on the GPU before the host can queue its forward.
-    kwargs["accelerator_config"] = {"non_blocking": True}
+    # Batches come from pinned memory (the Trainer's default with CUDA): copied without blocking, the next batch no
+    # longer waits for the previous optimizer step to finish on the GPU before the host can queue its forward.
+    # Without CUDA nothing is pinned or copied, and non_blocking would only draw the Trainer's notice about pinning.
+    kwargs["accelerator_config"] = {"non_blocking": True} if torch.cuda.is_available() else {}
     if launch.fsdp and t.gradient_accumulation_steps > 1 and recipe.fsdp.reduce_every_micro_batch:
         kwargs["accelerator_config"]["gradient_accumulation_kwargs"] = {"sync_each_batch": True}
     kwargs.update(fsdp_training_args(recipe, launch, layer_cls))
