@@ -290,7 +290,7 @@ def load_for_eval(source: EvalSource | str, overrides: list[str] | None = None):
     """(model, tokenizer, recipe) of a resolved source (or of a path or name, resolved here)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .model import EMBEDDED, check_model_source, embedded_model_dir, load_tokenizer
+    from .model import EMBEDDED, embedded_model_dir, load_tokenizer
 
     src = source if isinstance(source, EvalSource) else resolve_eval_source(source, overrides)
     recipe = src.recipe
