@@ -30,7 +30,10 @@ class ModelConfig:
     # "bfloat16"/"float16" are pure half-precision weights (an explicit choice).
     dtype: str | None = None
     attn_implementation: str = "sdpa"
-    gradient_checkpointing: bool = False
+    # Recompute each decoder layer in backward from its saved input. Unset (null): on under FSDP, as llama-recipes
+    # did on every FSDP run (fsdp_activation_checkpointing), off otherwise; true/false decide it everywhere.
+    # Read only through Recipe.checkpoints_activations.
+    gradient_checkpointing: bool | None = None
     # torch.compile each decoder layer in place (one compiled graph serves every layer): fuses the
     # elementwise chains (RMSNorm, RoPE, SiLU x up, casts) that eager mode launches one kernel at a time.
     compile: bool = False
@@ -176,6 +179,13 @@ class Recipe:
     def is_full_finetune(self) -> bool:
         return not self.lora.enabled
 
+    @property
+    def checkpoints_activations(self) -> bool:
+        """Whether each decoder layer is checkpointed: the one answer that training (transformers' gradient
+        checkpointing, or peft's on a quantized model, with or without FSDP) and the planner use."""
+        g = self.model.gradient_checkpointing
+        return self.fsdp.enabled if g is None else g
+
 
 SECTIONS = [f.name for f in dataclasses.fields(Recipe)
             if dataclasses.is_dataclass(f.default_factory)]  # type: ignore[arg-type]
@@ -238,6 +248,7 @@ ALIASES: dict[str, tuple[str | None, Any]] = {
     "fsdp_config.fsdp_cpu_offload": ("fsdp.cpu_offload", _to_bool),
     "fsdp_config.optimizer": ("train.optim", _optimizer_name),
     "fsdp_config.pure_bf16": ("model.dtype", _pure_bf16),
+    "fsdp_config.fsdp_activation_checkpointing": ("model.gradient_checkpointing", _to_bool),
     "split_slice": ("data.split_slice", None),
     "batch_size_training": ("_batch_size_training", None),
     "micro_batch_size": ("train.per_device_train_batch_size", None),

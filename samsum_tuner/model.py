@@ -406,7 +406,7 @@ def apply_adapters(recipe: Recipe, model):
     if recipe.quantization.bits:
         model = prepare_model_for_kbit_training(
             model,
-            use_gradient_checkpointing=recipe.model.gradient_checkpointing,
+            use_gradient_checkpointing=recipe.checkpoints_activations,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     if not lo.enabled:

@@ -519,7 +519,10 @@ def training_arguments(recipe: Recipe, launch: Launch, layer_cls: list[str], has
         dataloader_num_workers=t.dataloader_num_workers,
         report_to=list(t.report_to),
         disable_tqdm=t.disable_tqdm,
-        gradient_checkpointing=recipe.model.gradient_checkpointing and not recipe.quantization.bits,
+        # Each decoder layer recomputed in backward (on under FSDP by default, config.py), under FSDP too: unlike
+        # accelerate's FSDP wrapper it replays the dropout masks and keeps the layer names peft saves adapters by.
+        # A quantized model gets it from peft instead (model.apply_adapters).
+        gradient_checkpointing=recipe.checkpoints_activations and not recipe.quantization.bits,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         remove_unused_columns=False,
         # Counted by TokenCounting instead: the Trainer's count reads the GPU back every micro-batch.
