@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from samsum_tuner.config import Recipe, build_recipe
+from samsum_tuner.errors import ConfigError
 from samsum_tuner.planner import (CUDA_CONTEXT_GIB, FRAGMENTATION, GIB, LLAMA_SHAPES, ModelShape,
                                   layer_activation_bytes, plan, shape_for_model_name, shape_from_config)
 
@@ -358,6 +359,46 @@ def test_fsdp_without_checkpointing_is_planned_without_it():
     assert p.suggestion == "gradient checkpointing"
     edge = plan(recipe(*off), token_lengths=[650, 201, 599], **FSDP4)
     assert edge.gpu_fits is True and edge.gpu_peak_gib > 0.9 * 32
+
+
+# The README's table: each recipe of the log as committed, on its GPU count, against the log's outcome. "gpu"/"host":
+# out of memory there; "refused": by validation; the two outcomes that were no memory verdict (flat loss, FSDP +
+# quantization's device error) are the refusal and a fit.
+LOG_RECIPES = {"qlora_4bit_fp16": (1, "fits"), "lora_fp16": (1, "gpu"), "lora_fp32": (1, "gpu"),
+               "full_fp32": (1, "gpu"), "full_fp16": (1, "gpu"), "full_4bit": (1, "refused"),
+               "fsdp_lora_fp16": (4, "fits"), "fsdp_qlora": (4, "fits"), "fsdp_full_adamw_fp16": (4, "gpu"),
+               "fsdp_full_adamw_fp32": (4, "gpu"), "fsdp_full_offload_fp32": (4, "host"), "full_sgd": (4, "fits"),
+               "fsdp_full_sgd_fp16": (4, "fits")}
+
+
+@pytest.fixture(scope="module")
+def samsum_lengths(real_samsum, tokenizer):
+    """Per-sample train lengths of real SAMSum as random:llama2-7b tokenizes them (SmolLM2's tokenizer: the Llama-2
+    tokenizer is gated), with the original prompt and max_length, as every recipe of the log has them."""
+    from samsum_tuner.api import train_lengths
+
+    return train_lengths(build_recipe(None, ["model.name=random:llama2-7b", f"data.source={real_samsum}"]))
+
+
+@pytest.mark.parametrize("lengths", ["default", "data"])
+@pytest.mark.parametrize("name", LOG_RECIPES)
+def test_every_recipe_of_the_log_gets_the_logs_verdict(name, lengths, request):
+    """`samsum-tuner plan recipes/NAME.yaml --gpus N --gpu-memory 32GiB --host-memory 63GiB`, with --lengths default
+    and with the data's own lengths."""
+    gpus, outcome = LOG_RECIPES[name]
+    path = str(ROOT / "recipes" / f"{name}.yaml")
+    if outcome == "refused":
+        with pytest.raises(ConfigError, match="refused"):
+            build_recipe(path)
+        return
+    token_lengths = supervised = None
+    overrides = []
+    if lengths == "data":
+        token_lengths, supervised = request.getfixturevalue("samsum_lengths")
+        overrides = ["model.name=random:llama2-7b"]
+    p = plan(build_recipe(path, overrides), gpus=gpus, token_lengths=token_lengths, supervised_lengths=supervised,
+             **V100)
+    assert (p.gpu_fits, p.host_fits) == {"fits": (True, True), "gpu": (False, True), "host": (True, False)}[outcome]
 
 
 # ---------------------------------------------------------------- FSDP2: what is unsharded at the peak
