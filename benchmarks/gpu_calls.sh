@@ -2,7 +2,8 @@
 # The device calls of the GPU sessions (nvidia-h200; s3* to s6* on nvidia-h200-x2, s6* in session 2026-11-30;
 # s7* in session 2026-11-30b; s9* is the plan for the next session with two GPUs, not yet run:
 # sessions 2026-12-04 and 2026-12-04b had one H200 only; the first's calls are in
-# benchmarks/results/2026-12-04-h200/commands.md, the second's are s10*), each started as
+# benchmarks/results/2026-12-04-h200/commands.md, the second's are s10*; s11* is session 2026-12-05, one H200,
+# benchmarks/results/2026-12-05-h200), each started as
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
 #     && export PYTHONPATH=/tmp/site:$PWD || exit; export SAMSUM_TUNER_CACHE=$PWD/.gpudata/cache \
 #     SAMSUM_DATA_DIR=$PWD/.gpudata HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false; \
@@ -61,6 +62,15 @@ s11call2)  # cold or warm, carry .whl .gpudata: one H200 (issue 33): in ONE benc
     train.overwrite_output_dir=true train.save_strategy=no train.save_model=false train.report_to=[] \
     train.disable_tqdm=true train.logging_steps=1 > "$OUT/qlora_fast_eval.log" 2>&1
   echo "exit $? (limit ${t} s)" >> "$OUT/qlora_fast_eval.log"
+  ;;
+s11call1)  # cold, carry .whl .gpudata: one H200: FSDP now checkpoints every decoder layer by default, as the original
+           # did (transformers' checkpointing of each LlamaDecoderLayer, model.gradient_checkpointing unset). The GPU tests, whose FSDP steps and sharded
+           # resume go through fsdp4.yaml and so run checkpointed now; then the mission's full_sgd.yaml as one FSDP
+           # process as committed and, in the same call on the same card, with checkpointing off as it ran before
+  env_txt
+  timeout 240 python -m pytest -q -m gpu tests/ > "$OUT/gpu_tests.txt" 2>&1
+  python benchmarks/gpu_matrix.py --out "$OUT" --deadline $(($(left) - 20)) --timeout 200 --steps 12 --rows 64 \
+    --only h200_full_sgd_fsdp1,h200_full_sgd_fsdp1_no_ckpt
   ;;
 s10call1)  # cold, carry .whl .gpudata: one H200 (the two-GPU kind was not lent in session 2026-12-04b): the GPU tests
            # (the NaN guard's late read-back, the throughput window's CUDA events), then the compiled FSDP SGD step on

@@ -26,6 +26,7 @@ R = "recipes/"
 ACC = ["accelerate", "launch", "--num_processes", "1"]
 FSDP1 = ACC + ["--config_file", "accelerate_configs/fsdp4.yaml"]
 FSDP1_OFFLOAD = ACC + ["--config_file", "accelerate_configs/fsdp4_cpu_offload.yaml"]
+NO_CKPT = "model.gradient_checkpointing=false"  # FSDP recipes checkpoint every decoder layer unless told not to
 # Two processes, one per GPU (the nvidia-h200-x2 kind): the mission's command with --num_processes 2.
 ACC2 = ["accelerate", "launch", "--num_processes", "2"]
 FSDP2 = ACC2 + ["--config_file", "accelerate_configs/fsdp4.yaml"]
@@ -70,7 +71,10 @@ RUNS: dict[str, tuple[list[str] | None, str, list[str], str]] = {
                                [M7, "train.optim=sgd", "train.max_steps=3"], "ok"),
     # H200 only (141 GB).
     "h200_full_bf16_mixed_adamw": (None, R + "full_fp32.yaml", [M7, "train.bf16=true"], "ok"),
+    # The mission's recipe as committed (every decoder layer checkpointed under FSDP, as the original), and as it ran
+    # before FSDP checkpointed by default: the same call gives both peaks and step times on one card.
     "h200_full_sgd_fsdp1": (FSDP1, R + "full_sgd.yaml", [M7], "ok"),
+    "h200_full_sgd_fsdp1_no_ckpt": (FSDP1, R + "full_sgd.yaml", [M7, NO_CKPT], "ok"),
     # The mission's recipe with the one override that moves it to the fast path, evaluation included (its
     # 2-GPU run of 2026-11-30b, under flex_attention, was stopped compiling its evaluation; fast_path uses sdpa).
     "h200_full_sgd_fast_fsdp1": (FSDP1, R + "full_sgd.yaml", [M7, "fast_path=true"], "ok"),

@@ -148,10 +148,23 @@ NOTES = {
 }
 
 
-# Runs recorded before a recipe key existed ran as its override says; the planner predicts them as they ran.
-LEGACY = (("train", "supervised_logits_only", "train.supervised_logits_only=false"),  # every position's logits
-          # the sync skipped on all but the last micro-batch
-          ("fsdp", "reduce_every_micro_batch", "fsdp.reduce_every_micro_batch=false"))
+# Runs recorded before a recipe setting existed ran as its override says; the planner predicts them as they ran.
+# (override, whether a run's recorded recipe predates it)
+LEGACY = (("train.supervised_logits_only=false",  # every position's logits
+           lambda rec: "supervised_logits_only" not in rec["train"]),
+          ("fsdp.reduce_every_micro_batch=false",  # the sync skipped on all but the last micro-batch
+           lambda rec: "reduce_every_micro_batch" not in rec["fsdp"]))
+
+
+def _checkpointing_as_ran(record: dict, recipes: list[dict]) -> list[str]:
+    """model.gradient_checkpointing as the run resolved it: a recorded true or false is how it ran (before FSDP runs
+    checkpointed by default every run recorded one, false unless set); unset (null) resolves today as it did then.
+    A run that recorded no recipe ran as the other runs of its session did, where they agree."""
+    own = record["summary"].get("recipe")
+    values = {rec["model"].get("gradient_checkpointing") for rec in ([own] if own else recipes)}
+    if len(values) == 1 and None not in values:
+        return [f"model.gradient_checkpointing={str(values.pop()).lower()}"]
+    return []
 
 
 def _args(command: str) -> tuple[str | None, list[str]]:
@@ -170,7 +183,7 @@ def _predict(command: str, cache: dict, extra: list[str]) -> dict:
     from samsum_tuner.errors import ConfigError
 
     path, overrides = _args(command)
-    overrides += extra
+    overrides = extra + overrides
     try:
         recipe = build_recipe(str(ROOT / path) if path else None, overrides)
     except ConfigError:  # a recipe that validation refuses has no memory verdict
@@ -313,8 +326,9 @@ def main() -> None:
         records = [json.loads(line) for call in sorted(folder.glob(MATRIX_RECORDS))
                    for line in call.read_text().splitlines()]
         recipes = [r["summary"]["recipe"] for r in records if r["summary"].get("recipe")]
-        extra = [override for section, key, override in LEGACY if any(key not in rec[section] for rec in recipes)]
-        rows += [row(r, device, versions, folder.name, cache, extra) for r in records]
+        extra = [override for override, before in LEGACY if any(before(rec) for rec in recipes)]
+        rows += [row(r, device, versions, folder.name, cache, extra + _checkpointing_as_ran(r, recipes))
+                 for r in records]
     DOCS.mkdir(exist_ok=True)
     (DOCS / "gpu_results.json").write_text(json.dumps(rows, indent=1) + "\n")
     (DOCS / "gpu_results.md").write_text(markdown(rows))

@@ -445,7 +445,9 @@ def _ours_fsdp(a, optim: str, budget: int | None = None, extra: tuple[str, ...] 
                           "train.gradient_accumulation_steps=1", f"train.learning_rate={FSDP_LR}",
                           "train.max_grad_norm=1.0",  # the Trainer's default, which the naive run clips with
                           # HF's optim="sgd" has no momentum; samsum_tuner's SGD defaults to the original's 0.9
-                          f"train.optim={optim}", *(["train.momentum=0"] if optim == "sgd" else []), *extra])
+                          f"train.optim={optim}", *(["train.momentum=0"] if optim == "sgd" else []),
+                          # as the naive run: no activation checkpointing, which FSDP recipes have unless told not to
+                          "model.gradient_checkpointing=false", *extra])
     return {**out, "token_budget_per_gpu": budget, "optim": optim}
 
 

@@ -50,7 +50,8 @@ class Prepared:
         lines = [
             f"model: {r.model.name}  ({adapter}{quant})",
             f"precision: {describe_precision(r)}",
-            f"launch: {self.launch.launcher}, {self.launch.world_size} process(es), {sharding}",
+            f"launch: {self.launch.launcher}, {self.launch.world_size} process(es), {sharding}"
+            + (", every decoder layer checkpointed" if r.checkpoints_activations else ""),
             f"optimizer: {r.train.optim}, lr {r.train.learning_rate:g}, schedule {r.train.lr_scheduler_type}"
             f"{' gamma %g per epoch' % r.train.gamma if r.train.lr_scheduler_type == 'steplr' else ''}, "
             f"batch {r.train.per_device_train_batch_size} x accumulation {r.train.gradient_accumulation_steps} "

@@ -36,7 +36,10 @@ class ModelConfig:
     dtype: str | None = _knob(None, "storage dtype of the weights: null = float32, as the original loaded them; "
                               "bfloat16/float16 = pure half-precision weights (an explicit choice)")
     attn_implementation: str = _knob("sdpa", "attention kernel: sdpa, eager or flex_attention (CUDA only)")
-    gradient_checkpointing: bool = _knob(False, "recompute activations in backward instead of keeping them")
+    # Read only through Recipe.checkpoints_activations.
+    gradient_checkpointing: bool | None = _knob(
+        None, "recompute each decoder layer in backward from its saved input; null: on under FSDP (as "
+        "llama-recipes' fsdp_activation_checkpointing), off otherwise")
     # One compiled graph serves every layer: it fuses the elementwise chains (RMSNorm, RoPE, SiLU x up, casts)
     # that eager mode launches one kernel at a time.
     compile: typing.Literal["auto"] | bool = _knob(
@@ -183,6 +186,13 @@ class Recipe:
     def is_full_finetune(self) -> bool:
         return not self.lora.enabled
 
+    @property
+    def checkpoints_activations(self) -> bool:
+        """Whether each decoder layer is checkpointed: the one answer that training (transformers' gradient
+        checkpointing, or peft's on a quantized model, with or without FSDP) and the planner use."""
+        g = self.model.gradient_checkpointing
+        return self.fsdp.enabled if g is None else g
+
 
 SECTIONS = [f.name for f in dataclasses.fields(Recipe)
             if dataclasses.is_dataclass(f.default_factory)]  # type: ignore[arg-type]
@@ -245,6 +255,7 @@ ALIASES: dict[str, tuple[str | None, Any]] = {
     "fsdp_config.fsdp_cpu_offload": ("fsdp.cpu_offload", _to_bool),
     "fsdp_config.optimizer": ("train.optim", _optimizer_name),
     "fsdp_config.pure_bf16": ("model.dtype", _pure_bf16),
+    "fsdp_config.fsdp_activation_checkpointing": ("model.gradient_checkpointing", _to_bool),
     "split_slice": ("data.split_slice", None),
     "batch_size_training": ("_batch_size_training", None),
     "micro_batch_size": ("train.per_device_train_batch_size", None),

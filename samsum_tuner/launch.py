@@ -2,6 +2,7 @@
 
 Under `accelerate launch` the accelerate config decides processes and FSDP settings, and a recipe
 that contradicts it is refused. Under `torchrun` (the original's launch) the recipe's `fsdp.*` decides.
+Activation checkpointing is the recipe's either way (Recipe.checkpoints_activations).
 """
 from __future__ import annotations
 
@@ -52,6 +53,11 @@ def detect_launch(recipe: Recipe) -> Launch:
         if fsdp and recipe.fsdp.version != version:
             conflicts.append(f"recipe fsdp.version={recipe.fsdp.version} but the accelerate config has "
                              f"fsdp_version: {version}")
+        if fsdp and _env_bool("FSDP_ACTIVATION_CHECKPOINTING"):
+            # accelerate's wrapper redraws dropout masks in the recompute and renames the decoder layers, under which
+            # peft saves an empty adapter; transformers checkpoints the same layers without either (trainer.py).
+            conflicts.append("the accelerate config has fsdp_activation_checkpointing: true, but activation "
+                             "checkpointing is the recipe's model.gradient_checkpointing (on under FSDP unless false)")
         if conflicts:
             raise ConfigError("; ".join(conflicts) + ": change the recipe or pick the matching "
                               "accelerate_configs/ file")

@@ -439,10 +439,15 @@ def _estimate(recipe: Recipe, gpus: int, token_lengths: list[int] | None, s: Mod
     per_layer = layer_activation_bytes(s, full=full, compute=c, stream=stream, autocast=half_train, quant_bits=q.bits,
                                        lora_targets=lo.target_modules if lo.enabled else (), lora_r=lo.r,
                                        lora_dropout=lo.dropout)
-    if m.gradient_checkpointing:
-        # Each layer keeps only its input; backward recomputes one layer at a time, after the loss is freed.
-        acts = L * stream * h * tokens + max(0, per_layer * tokens - logits)
-        gpu.append((f"activations, checkpointed ({L} layer inputs + 1 recomputed; {tokens:,} tokens)", acts, False))
+    checkpointed = recipe.checkpoints_activations  # as training decides it (config.py): under FSDP unless turned off
+    # Backward recomputes one layer at a time, after the loss is freed, beside the gradient flowing through its MLP
+    # (one intermediate-wide tensor; checked on CPU with torch's MemTracker, tests/test_planner.py).
+    recomputed = (per_layer + c * s.intermediate_size) * tokens
+    if checkpointed:
+        # Each layer keeps only its input (the residual stream); the layer's own tensors exist only while it runs.
+        acts = L * stream * h * tokens + max(0, recomputed - logits)
+        gpu.append((f"activations, checkpointed ({L} layer inputs + 1 layer recomputed in backward; {tokens:,} tokens)",
+                    acts, False))
     else:
         acts = L * per_layer * tokens
         act_label = f"activations ({L} layers x {tokens:,} tokens, {per_layer / 1024:.0f} KiB/token/layer)"
@@ -455,7 +460,7 @@ def _estimate(recipe: Recipe, gpus: int, token_lengths: list[int] | None, s: Mod
         # larger of the two, not their sum (+ one recomputed layer beside the gradients when checkpointing).
         # Measured on 2 H200s (fsdp2_full_sgd_fast): 7B SGD fp32, the first step's 4,055 packed tokens, before
         # any momentum exists, peaked at 57.38 GiB allocated; the sum, less the momentum, would be 69.95.
-        beside = per_layer * tokens if m.gradient_checkpointing else 0
+        beside = recomputed if checkpointed else 0
         fwd_bwd += max(grads / n + beside, acts + logits) - grads / n - (acts + logits)
         notes.append("one micro-batch per step: gradients and activations counted as the larger of the two, "
                      "not both (they do not coexist)")
@@ -604,7 +609,7 @@ def _candidates(recipe: Recipe, device: str = "cuda") -> list[tuple[str, Any]]:
     not_adam = lambda r: not r.train.optim.lower().startswith("adam")  # noqa: E731
     return [
         ("batch 1", batch1),
-        ("gradient checkpointing", flag("model", "gradient_checkpointing")),
+        ("gradient checkpointing", flag("model", "gradient_checkpointing", unless=lambda r: r.checkpoints_activations)),
         ("LoRA instead of full fine-tuning", flag("lora", "enabled")),
         ("fp16 base weights (model.dtype=float16)" if recipe.train.fp16 else "bf16 base weights (model.dtype=bfloat16)",
          half_base),

@@ -569,8 +569,10 @@ def training_arguments(recipe: Recipe, launch: Launch, layer_cls: list[str], has
         dataloader_num_workers=t.dataloader_num_workers,
         report_to=list(t.report_to),
         disable_tqdm=t.disable_tqdm,
-        # Quantized models too: peft's own switch goes through transformers' deprecated gradient_checkpointing_enable.
-        **{CHECKPOINTING: recipe.model.gradient_checkpointing, f"{CHECKPOINTING}_kwargs": {"use_reentrant": False}},
+        # Each decoder layer recomputed in backward (on under FSDP by default, config.py), quantized models too (peft's
+        # own switch goes through transformers' deprecated gradient_checkpointing_enable). Under FSDP, unlike
+        # accelerate's wrapper, it replays the dropout masks and keeps the layer names peft saves adapters by.
+        **{CHECKPOINTING: recipe.checkpoints_activations, f"{CHECKPOINTING}_kwargs": {"use_reentrant": False}},
         remove_unused_columns=False,
         # Counted by TokenCounting instead: the Trainer's count reads the GPU back every micro-batch.
         include_num_input_tokens_seen="no",

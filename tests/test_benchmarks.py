@@ -220,3 +220,24 @@ def test_a_warm_up_run_is_compared_but_is_no_baseline():
     throughput._ratios(runs)
     assert [r["x_naive"] for r in runs] == [0.5, 1.0, 4.0]  # against the measured naive run alone
     assert "repeat_tokens_per_s" not in runs[1]
+
+
+def test_the_gpu_table_plans_each_run_with_the_checkpointing_it_ran_with():
+    """Runs recorded before FSDP checkpointed activations by default ran their FSDP steps without it (their recipes
+    recorded false); a run since that leaves the setting unset is planned checkpointed under FSDP, as it ran."""
+    from samsum_tuner.config import build_recipe
+
+    gpu_table, gpu_matrix = _bench_module("gpu_table"), _bench_module("gpu_matrix")
+    session = gpu_table.RESULTS / "2026-12-04b-h200"
+    before = [json.loads(line) for line in (session / "call3.jsonl").read_text().splitlines()]
+    recipes = [r["summary"]["recipe"] for r in before]
+    assert all(gpu_table._checkpointing_as_ran(r, recipes) == ["model.gradient_checkpointing=false"] for r in before)
+    no_recipe = {"summary": {}}
+    assert gpu_table._checkpointing_as_ran(no_recipe, recipes) == ["model.gradient_checkpointing=false"]
+    now = []
+    for name in ("h200_full_sgd_fsdp1", "h200_full_sgd_fsdp1_no_ckpt"):
+        _, recipe, overrides, _ = gpu_matrix.RUNS[name]
+        now.append({"summary": {"recipe": build_recipe(BENCH.parent / recipe, overrides).to_dict()}})
+    recipes = [r["summary"]["recipe"] for r in now]
+    assert [gpu_table._checkpointing_as_ran(r, recipes) for r in now] == [[], ["model.gradient_checkpointing=false"]]
+    assert gpu_table._checkpointing_as_ran(no_recipe, recipes) == []  # the session's runs disagree: as it resolves
