@@ -197,7 +197,7 @@ def _lock_run_dir(recipe: Recipe, args):
         if note:
             print(f"samsum_tuner: note: {note}", flush=True)
 
-    decided_by_main(take, is_main=args.process_index == 0, device=args.device)
+    decided_by_main(take, device=args.device)
     return lock
 
 
@@ -317,7 +317,7 @@ def _resume_point(trainer, recipe: Recipe) -> str | None:
                 print(f"samsum_tuner: overwrite_output_dir: the previous run moved to {aside}", flush=True)
         return str(resume) if resume is not None else None
 
-    return decided_by_main(decide, is_main=trainer.is_world_process_zero(), device=trainer.args.device)
+    return decided_by_main(decide, device=trainer.args.device)
 
 
 def _write_summary(trainer, recipe: Recipe, summary: dict[str, Any]) -> None:

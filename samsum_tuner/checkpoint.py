@@ -230,7 +230,8 @@ def _missing(path: Path, lora: bool | None) -> str | None:
     full = bool(names & {"model.safetensors", "model.safetensors.index.json"})
     if not (fsdp or (adapter if lora else full if lora is False else adapter or full)):
         return ("adapter_model.safetensors and adapter_config.json (the LoRA adapter)" if lora
-                else "model.safetensors (the weights)" if lora is False else "the weights")
+                else "model.safetensors (the weights)" if lora is False
+                else "the weights (adapter_model.safetensors and adapter_config.json, or model.safetensors)")
     if lora and fsdp and "adapter_config.json" not in names:
         return "adapter_config.json"
     if not ({"optimizer.pt", "optimizer.bin"} & names or any(n.startswith(FSDP_OPTIMIZER) for n in names)):
@@ -275,7 +276,8 @@ def _unreadable(file: Path) -> str | None:
 
 def unusable(path: str | os.PathLike, lora: bool | None = None) -> str | None:
     """Why resume cannot use all of this checkpoint, or None: published (trainer_state.json), every file of its
-    manifest there at its size, every piece of state present for the run kind, and each file readable."""
+    manifest there at its size, every piece of state present (for the run kind `lora`, None: either), and each
+    file resume reads readable."""
     p = Path(path)
     if not is_complete(p):
         return f"is not a complete checkpoint (a {PREFIX}-N folder with {STATE_FILE})"
@@ -388,6 +390,17 @@ def diverged_at(run_dir: str | os.PathLike) -> tuple[bool, str | None]:
     return True, Path(good).name if good else None
 
 
+def _problem(path: Path, recipe) -> str | None:
+    """Why resume cannot use this checkpoint for `recipe` (None: any run), or None; a checkpoint of another
+    model or optimizer is refused outright (ConfigError), since every checkpoint of its run shares that."""
+    why = unusable(path)
+    if why is None and recipe is not None:
+        check_recipe(path, recipe)
+        missing = _missing(path, recipe.lora.enabled)
+        why = f"misses {missing}" if missing else None
+    return why
+
+
 def resolve_resume(value: str | None, run_dir: str | os.PathLike, recipe=None,
                    notes: list[str] | None = None) -> Path | None:
     """`train.resume_from_checkpoint`: None, "auto" or a path; the checkpoint to resume, or None (auto: nothing
@@ -396,7 +409,6 @@ def resolve_resume(value: str | None, run_dir: str | os.PathLike, recipe=None,
     notes = notes if notes is not None else []
     if value is None:
         return None
-    lora = recipe.lora.enabled if recipe is not None else None
     run = Path(run_dir)
     if value == "auto":
         found = complete_checkpoints(run)
@@ -411,23 +423,19 @@ def resolve_resume(value: str | None, run_dir: str | os.PathLike, recipe=None,
             found = []
             notes.append("the last run diverged before any good checkpoint was saved")
         for path in reversed(found):
-            why = unusable(path, lora)
+            why = _problem(path, recipe)
             if why is None:
-                if recipe is not None:
-                    check_recipe(path, recipe)
                 return path
             notes.append(f"skipping {path}: it {why}")
         return None
     path = Path(value).expanduser()
     if not path.is_dir():
         raise ConfigError(f"train.resume_from_checkpoint: {path} does not exist")
-    why = unusable(path, lora)
+    why = _problem(path, recipe)
     if why:
-        usable = [p for d in (path, run) for p in reversed(complete_checkpoints(d)) if unusable(p, lora) is None]
+        usable = [p for d in (path, run) for p in reversed(complete_checkpoints(d)) if unusable(p) is None]
         hint = f"; the last complete one is {usable[0]}" if usable else ""
         raise ConfigError(f"train.resume_from_checkpoint: {path} {why}{hint}")
-    if recipe is not None:
-        check_recipe(path, recipe)
     return path
 
 

@@ -133,18 +133,19 @@ class RunLock:
             self._release()
 
 
-def decided_by_main(decide: Callable[[], Any], *, is_main: bool, device=None) -> Any:
-    """`decide()` on the main process only; every process returns its result, or raises its error (broadcast when
-    several processes run, so that all of them stop with the same message)."""
+def decided_by_main(decide: Callable[[], Any], *, device=None) -> Any:
+    """`decide()` on the main process (rank 0 of the process group, if there is one) only; every process returns
+    its result or raises its error (a broadcast when several processes run, so that all stop with one message)."""
     import torch.distributed as dist
 
+    several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     result = error = None
-    if is_main:
+    if not several or dist.get_rank() == 0:
         try:
             result = decide()
         except SamsumTunerError as e:
             error = e
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if several:
         box = [result, error]
         dist.broadcast_object_list(box, src=0, device=device)
         result, error = box
