@@ -19,7 +19,8 @@ from typing import Any
 
 from .config import DataConfig, Recipe, build_recipe, describe_precision
 from .data import PreparedSplit, read_splits, tokenize_splits
-from .errors import ConfigError, TrainingDiverged, TrainingInterrupted, TrainingOutOfMemory, WontFitError
+from .errors import (ConfigError, DiskFull, TrainingDiverged, TrainingInterrupted, TrainingOutOfMemory,
+                     WontFitError)
 from .launch import Launch, check_environment, detect_launch
 
 
@@ -70,10 +71,10 @@ class Prepared:
 
 
 def _check_output_dir(recipe: Recipe) -> None:
-    from .checkpoint import check_output_dir
+    from .rundir import check_output_dir
 
     t = recipe.train
-    check_output_dir(t.output_dir, overwrite=t.overwrite_output_dir, resume=t.resume_from_checkpoint)
+    check_output_dir(t.output_dir, overwrite=t.overwrite_output_dir, resume=t.resume_from_checkpoint, recipe=recipe)
 
 
 def prepare(recipe: Recipe, *, dry_run: bool = False, force: bool = False) -> Prepared:
@@ -242,6 +243,7 @@ def build_trainer(recipe: Recipe, *, prepared: Prepared | None = None, callbacks
     # TrainingArguments first: under a torchrun FSDP launch they export the FSDP environment that
     # from_pretrained reads to load on rank 0 only (one host copy of the weights, not one per rank).
     args = training_arguments(recipe, launch, layers_to_wrap(recipe), has_eval="eval" in prepared.splits)
+    lock = _lock_run_dir(recipe, args)  # the process group exists now: every process learns the verdict
     loading = time.perf_counter()
     model = load_model(recipe, fsdp=launch.fsdp)
     first_step = FirstStepTimer(model_load_s=time.perf_counter() - loading)
@@ -262,19 +264,48 @@ def build_trainer(recipe: Recipe, *, prepared: Prepared | None = None, callbacks
     )
     trainer.add_callback(ThroughputCallback(trainer.tokens_seen))
     trainer.prepared = prepared
+    trainer.run_lock = lock
     return trainer
+
+
+def _lock_run_dir(recipe: Recipe, args):
+    """One run per run directory: the main process takes its lock before anything is written there (or refuses,
+    naming the holder), and every process gets the verdict. Released at the end of train(), or at exit."""
+    from .rundir import RunLock, decided_by_main
+
+    lock = RunLock(recipe.train.output_dir)
+
+    def take() -> None:
+        note = lock.acquire()
+        if note:
+            print(f"samsum_tuner: note: {note}", flush=True)
+
+    decided_by_main(take, device=args.device)
+    return lock
 
 
 def train(recipe: Recipe, *, trainer=None) -> dict[str, Any]:
     """Train, save (safetensors adapter or full model, tokenizer, resolved recipe) and return the metrics.
 
-    A CUDA out-of-memory is caught and reported with the peak reached (TrainingOutOfMemory, exit 3).
+    A CUDA out-of-memory is caught and reported with the peak reached (TrainingOutOfMemory, exit 3). The run
+    directory stays locked until the end, whatever the end.
     """
+    trainer = trainer or build_trainer(recipe)
+    lock = getattr(trainer, "run_lock", None)
+    if lock is None or lock.released:  # a trainer built otherwise, or trained before
+        lock = trainer.run_lock = _lock_run_dir(recipe, trainer.args)
+    try:
+        return _train(recipe, trainer)
+    finally:
+        lock.release()
+
+
+def _train(recipe: Recipe, trainer) -> dict[str, Any]:
+    from .checkpoint import is_disk_full, latest_checkpoint
     from .memory import SHARED_CARD_GIB, held_outside_gib, is_cuda_oom, snapshot
     from .model import parameter_counts
     from .trainer import FirstStepTimer, ThroughputCallback
 
-    trainer = trainer or build_trainer(recipe)
     trainable, total = parameter_counts(trainer.model)
     if trainer.args.process_index == 0:
         print(f"samsum_tuner: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)",
@@ -282,7 +313,7 @@ def train(recipe: Recipe, *, trainer=None) -> dict[str, Any]:
     summary: dict[str, Any] = {"status": "ok", "trainable_params": trainable, "total_params": total}
     resume = _resume_point(trainer, recipe)
     try:
-        metrics = dict(trainer.train(resume_from_checkpoint=str(resume) if resume else None).metrics)
+        metrics = dict(trainer.train(resume_from_checkpoint=resume).metrics)
         if trainer.eval_dataset is not None:
             step = trainer.state.global_step
             final = [h for h in trainer.state.log_history if h.get("step") == step]
@@ -291,12 +322,20 @@ def train(recipe: Recipe, *, trainer=None) -> dict[str, Any]:
                 metrics.update({k: v for h in final for k, v in h.items() if k.startswith("eval_")})
             else:
                 metrics.update(trainer.evaluate())
-    except TrainingDiverged as e:
-        summary.update(status="diverged", step=trainer.state.global_step, error=str(e))
+    except TrainingDiverged as e:  # resume=auto goes back to the checkpoint the guard named
+        summary.update(status="diverged", step=trainer.state.global_step, error=str(e),
+                       last_good_checkpoint=e.last_good)
         _write_summary(trainer, recipe, summary)
         raise
     except KeyboardInterrupt:
         raise _interrupted(trainer, recipe, summary) from None
+    except DiskFull as e:
+        summary.update(status="disk_full", step=trainer.state.global_step, error=str(e))
+        try:
+            _write_summary(trainer, recipe, summary)
+        except OSError:  # a summary that does not fit either: the error line says it all
+            pass
+        raise
     except pickle.UnpicklingError as e:  # torch.load(weights_only=True) met an object that is not a tensor
         raise ConfigError(f"train.resume_from_checkpoint: {resume} holds a file that is not plain tensors, refused "
                           f"({str(e).strip().splitlines()[0][:200]})") from None
@@ -322,10 +361,18 @@ def train(recipe: Recipe, *, trainer=None) -> dict[str, Any]:
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     if losses:
         metrics.update(first_loss=losses[0], last_loss=losses[-1])
-    if recipe.train.save_model:
-        save(trainer, recipe)
-    summary.update(metrics=metrics, memory=snapshot(recipe.memory.gpu_limit_gib))
-    _write_summary(trainer, recipe, summary)
+    try:
+        if recipe.train.save_model:
+            save(trainer, recipe)
+        summary.update(metrics=metrics, memory=snapshot(recipe.memory.gpu_limit_gib))
+        _write_summary(trainer, recipe, summary)
+    except Exception as e:
+        out = recipe.train.output_dir
+        if not is_disk_full(e, out):
+            raise
+        raise DiskFull(f"no space left on the device of {out} while saving the trained model: the last complete "
+                       f"checkpoint is {latest_checkpoint(out) or 'none'}; free some space and run again with "
+                       "resume=auto") from None
     return metrics
 
 
@@ -348,22 +395,33 @@ def _interrupted(trainer, recipe: Recipe, summary: dict[str, Any]) -> TrainingIn
     return TrainingInterrupted(f"interrupted after step {step}; {where}")
 
 
-def _resume_point(trainer, recipe: Recipe):
-    """The checkpoint to continue from, or None; with overwrite and no resume, old checkpoints step aside."""
-    from .checkpoint import resolve_resume, retire_checkpoints
+def _resume_point(trainer, recipe: Recipe) -> str | None:
+    """The checkpoint to continue from, or None, decided under the run directory's lock by the main process (every
+    process gets it). What it would mix with moves aside: with overwrite and nothing to resume, the previous run;
+    resuming, a trajectory that had gone past the resume point."""
+    from .rundir import check_output_dir, decided_by_main, retire_after, retire_run
 
     t = recipe.train
-    resume = resolve_resume(t.resume_from_checkpoint, t.output_dir)
-    if trainer.is_world_process_zero():
+
+    def decide() -> str | None:
+        notes: list[str] = []
+        resume = check_output_dir(t.output_dir, overwrite=t.overwrite_output_dir, resume=t.resume_from_checkpoint,
+                                  recipe=recipe, notes=notes)
+        for note in notes:
+            print(f"samsum_tuner: note: {note}", flush=True)
         if resume is not None:
             print(f"samsum_tuner: resuming from {resume}", flush=True)
-        elif t.resume_from_checkpoint is None and t.overwrite_output_dir:
-            aside = retire_checkpoints(t.output_dir)
+            aside = retire_after(t.output_dir, resume)
             if aside is not None:
-                print(f"samsum_tuner: overwrite_output_dir: the previous run's checkpoints and memory log moved to "
-                      f"{aside}", flush=True)
-    trainer.accelerator.wait_for_everyone()
-    return resume
+                print(f"samsum_tuner: note: what {t.output_dir} held from after {resume.name} (checkpoints, logs, "
+                      f"outputs) moved to {aside}", flush=True)
+        elif t.overwrite_output_dir:
+            aside = retire_run(t.output_dir)
+            if aside is not None:
+                print(f"samsum_tuner: overwrite_output_dir: the previous run moved to {aside}", flush=True)
+        return str(resume) if resume is not None else None
+
+    return decided_by_main(decide, device=trainer.args.device)
 
 
 def _write_summary(trainer, recipe: Recipe, summary: dict[str, Any]) -> None:
@@ -378,6 +436,7 @@ def _write_summary(trainer, recipe: Recipe, summary: dict[str, Any]) -> None:
 
     out = Path(recipe.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    summary.setdefault("step", trainer.state.global_step)  # where the run ended: a resume from before it goes anew
     summary.update(
         recipe=recipe.to_dict(),
         world_size=trainer.args.world_size,

@@ -1,4 +1,5 @@
 """Errors meant for people: the CLI prints the message on one line and exits with `exit_code`."""
+from __future__ import annotations
 
 
 class SamsumTunerError(Exception):
@@ -29,6 +30,16 @@ class TrainingDiverged(SamsumTunerError):
     """A non-finite loss, or the fp16 loss scaler skipping step after step; names the last good checkpoint."""
 
     exit_code = 4
+
+    def __init__(self, message: str, last_good: str | None = None):
+        super().__init__(message)
+        self.last_good = last_good  # the checkpoint the message names, or None: resume=auto picks this one
+
+
+class DiskFull(SamsumTunerError):
+    """No space left while saving; the last complete checkpoint is intact and the half-written save removed."""
+
+    exit_code = 5
 
 
 class TrainingInterrupted(KeyboardInterrupt):

@@ -16,7 +16,7 @@ from transformers import (DataCollatorForSeq2Seq, DataCollatorWithFlattening, Tr
                           TrainingArguments)
 from transformers.trainer_utils import speed_metrics
 
-from .checkpoint import atomic_checkpoint, rotate
+from .checkpoint import RECIPE_FILE, atomic_checkpoint, rotate, saved_recipe, worst_over_processes
 from .config import Recipe
 from .data import IGNORE_INDEX, token_budget_batches
 from .guards import NonFiniteGuard
@@ -112,10 +112,12 @@ class SamsumTrainer(TokenCounting, Trainer):
             guard.check(self.state.global_step)
         run_dir = super()._get_output_dir(trial)
         with atomic_checkpoint(run_dir, self.state.global_step, is_main=self.args.should_save,
-                               barrier=self.accelerator.wait_for_everyone) as stage:
+                               worst=lambda outcome: worst_over_processes(outcome, self.args.device)) as stage:
             self._staging = str(stage.parent)
             try:
                 super()._save_checkpoint(model, trial)
+                if self.args.should_save:  # what a resume checks its recipe against
+                    (stage / RECIPE_FILE).write_text(self.recipe.to_yaml(), encoding="utf-8")
             finally:
                 self._staging = None
         if self.args.should_save:
@@ -154,13 +156,29 @@ class SamsumTrainer(TokenCounting, Trainer):
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if checkpoint is not None and self.is_fsdp_enabled:
             prime_optimizer_state(self.optimizer)
+        # This run's hyperparameters, as it built its optimizer; loading the checkpoint's state replaces them.
+        given = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        changes = rebase_hyperparameters(self.optimizer, self.lr_scheduler, given)
+        changes += schedule_changes(saved_recipe(checkpoint), self.recipe)
+        if self.is_world_process_zero():
+            for change in changes:
+                print(f"samsum_tuner: resume: {change} (from the recipe)", flush=True)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         for guard in self._callbacks(NonFiniteGuard):
             guard.observe(loss)
         return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # The Trainer's gradient norm of every optimizer step (clipped or not), before the optimizer applies it.
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        for guard in self._callbacks(NonFiniteGuard):
+            guard.observe_gradients(grad_norm)
+        return grad_norm
 
     def get_train_dataloader(self):
         if not self.recipe.data.max_tokens_per_batch:
@@ -299,6 +317,44 @@ def supervised_loss(outputs, targets: torch.Tensor, num_items_in_batch=None) -> 
                                              ignore_index=IGNORE_INDEX, reduction="sum")
     n = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE_INDEX).sum()
     return loss / (n.to(loss.device) if torch.is_tensor(n) else n)
+
+
+# Optimizer group keys a resume takes from this run's recipe rather than the checkpoint (initial_lr: the base rate
+# the schedule scales), by their recipe names.
+GIVEN_AT_RESUME = {"initial_lr": "learning_rate", "weight_decay": "weight_decay", "momentum": "momentum"}
+
+
+def rebase_hyperparameters(optimizer, scheduler, given: list[dict[str, Any]]) -> list[str]:
+    """After a resume loaded the checkpoint's optimizer and schedule: the hyperparameters this run was given
+    (`given`: its own param groups before the load) replace the checkpoint's, and the schedule goes on from the new
+    base rate at the step it had reached. Returns what changed, as `name old -> new`."""
+    changes: dict[str, str] = {}
+    groups = optimizer.param_groups
+    for group, want in zip(groups, given):
+        for key, name in GIVEN_AT_RESUME.items():
+            if key in group and key in want and group[key] != want[key]:
+                changes.setdefault(name, f"{name} {group[key]:g} -> {want[key]:g}")
+                group[key] = want[key]
+    if scheduler is not None and hasattr(scheduler, "base_lrs"):
+        was = list(scheduler.base_lrs)
+        scheduler.base_lrs = [group.get("initial_lr", base) for group, base in zip(groups, was)]
+        lambdas = getattr(scheduler, "lr_lambdas", [None] * len(groups))
+        for group, base, old, factor in zip(groups, scheduler.base_lrs, was, lambdas):
+            # LambdaLR (our StepLR and every HF schedule): this run's factor at the step reached; others scale
+            group["lr"] = base * factor(scheduler.last_epoch) if factor else group["lr"] * base / (old or base)
+        scheduler._last_lr = [group["lr"] for group in groups]  # what get_last_lr() (the logged rate) returns
+    return list(changes.values())
+
+
+SCHEDULE = ("lr_scheduler_type", "warmup_steps", "gamma", "num_train_epochs", "max_steps", "max_grad_norm")
+
+
+def schedule_changes(saved: dict | None, recipe: Recipe) -> list[str]:
+    """Schedule settings that differ from the checkpoint's recipe. They take effect as they are: the schedule's
+    function is this run's, built from its recipe (LambdaLR restores no plain function from a checkpoint)."""
+    was, now = (saved or {}).get("train") or {}, recipe.to_dict()["train"]
+    keys = [k for k in SCHEDULE if k != "gamma" or now["lr_scheduler_type"] == "steplr"]
+    return [f"{k} {was[k]} -> {now[k]}" for k in keys if k in was and was[k] != now[k]]
 
 
 def prime_optimizer_state(optimizer) -> None:

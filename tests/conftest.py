@@ -129,3 +129,22 @@ def tiny_data(tmp_path) -> Path:
     write_jsonl(d, "validation", synthetic_rows(8, offset=1000))
     write_jsonl(d, "test", synthetic_rows(8, offset=2000))
     return d
+
+
+def write_small_checkpoint(folder: Path, step: int) -> Path:
+    """What resume reads from a full fine-tune's Trainer checkpoint, each file real and readable: the weights of a
+    small linear layer (model.safetensors), its AdamW and schedule states, the RNG state, trainer_state.json."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    layer = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    save_file({k: v.detach().contiguous() for k, v in layer.state_dict().items()}, str(folder / "model.safetensors"))
+    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    torch.save(scheduler.state_dict(), folder / "scheduler.pt")
+    torch.save({"cpu": torch.get_rng_state()}, folder / "rng_state.pth")
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
+    return folder

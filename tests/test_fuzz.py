@@ -17,7 +17,7 @@ import pytest
 from samsum_tuner import checkpoint as ck
 from samsum_tuner import cli
 
-from .conftest import ROOT, synthetic_rows, write_jsonl
+from .conftest import ROOT, synthetic_rows, write_jsonl, write_small_checkpoint
 
 SEED, N_CASES = 16, 240
 NUMERIC = {  # key: (a valid value, an out-of-range value the message must name)
@@ -343,9 +343,8 @@ def _snapshot(root: Path) -> dict[str, tuple[int, str]]:
 @pytest.fixture
 def world(tmp_path, tiny_model_dir, tiny_data) -> World:
     run = tmp_path / "existing-run"
-    with ck.atomic_checkpoint(run, 3) as stage:
-        (stage / "adapter_model.safetensors").write_bytes(b"weights")
-        (stage / ck.STATE_FILE).write_text('{"global_step": 3}')
+    with ck.atomic_checkpoint(run, 3) as stage:  # one resume=auto can use: the cases' errors come first
+        write_small_checkpoint(stage, 3)
     (run / "checkpoint-9").mkdir()  # a half save left by an older writer
     (run / "metrics.json").write_text("{}")
     cases = tmp_path / "cases"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,54 @@ def test_diverging_run_stops_naming_the_last_good_checkpoint(tiny_model_dir, tin
     assert all(torch.isfinite(t).all() for t in load_file(f"{good}/model.safetensors").values())
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["status"] == "diverged" and summary["step"] == step and good in summary["error"]
+    assert summary["last_good_checkpoint"] == good
+
+
+# The rate jumps from 0 (warm-up step 1) to 5e37 at step 2: finite loss at step 2, non-finite gradients at step 3.
+DIVERGING = ["--fsdp_config.optimizer", "SGD", "train.max_steps=6", "train.save_strategy=steps", "train.save_steps=1",
+             "train.save_total_limit=10", "train.lr_scheduler_type=constant_with_warmup", "train.warmup_steps=2"]
+
+
+def test_the_guards_advice_works_as_printed(tiny_model_dir, tiny_data, tmp_path, capsys):
+    """A real divergence (SGD, fp32, a huge learning rate), then what its message says: resume from the named
+    checkpoint after lowering the learning rate. The new rate is the one trained with, the schedule goes on from it,
+    and the run finishes. resume=auto after the divergence goes back to the same checkpoint, not to the newer one the
+    guard suspects (its weights are not finite)."""
+    out = tmp_path / "run"
+    assert _train(tiny_model_dir, tiny_data, out, *DIVERGING, "train.learning_rate=1e38") == 4
+    err = _error(capsys)
+    assert "at step 3: gradients are not finite (loss " in err, err
+    good = Path(re.search(r"resume from it with train.resume_from_checkpoint=(\S+), after lowering "
+                          r"train.learning_rate\)$", err).group(1))
+    assert good == out / "checkpoint-1"
+    assert [p.name for p in ck.complete_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
+    shutil.copytree(out, tmp_path / "auto")
+
+    code = _train(tiny_model_dir, tiny_data, out, *DIVERGING, f"train.resume_from_checkpoint={good}",
+                  "train.learning_rate=1e-3")
+    printed = capsys.readouterr()
+    assert code == 0, printed.err[-3000:]
+    assert "samsum_tuner: resume: learning_rate 1e+38 -> 0.001 (from the recipe)" in printed.out
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["status"] == "ok" and summary["step"] == 6 and math.isfinite(summary["metrics"]["last_loss"])
+    rates = {h["step"]: h["learning_rate"] for h in _log(out) if "learning_rate" in h}
+    # the warm-up goes on from the new rate: half of it at step 2, all of it after
+    assert {s: rates[s] for s in range(2, 7)} == {s: 1e-3 * min(1.0, (s - 1) / 2) for s in range(2, 7)}
+    [aside] = (out / ".overwritten").iterdir()  # the diverged trajectory, kept, out of resume=auto's way
+    assert sorted(p.name for p in aside.iterdir()) == ["checkpoint-2", "log_history.json", "metrics.json",
+                                                       "run_summary.json"]
+
+    auto = tmp_path / "auto"
+    code = _train(tiny_model_dir, tiny_data, auto, *DIVERGING, "resume=auto", "train.learning_rate=1e-3")
+    printed = capsys.readouterr()
+    assert code == 0, printed.err[-3000:]
+    assert ("samsum_tuner: note: the last run diverged: resuming from the checkpoint the NaN guard named, "
+            "checkpoint-1, not the newer checkpoint-2\n") in printed.out
+    assert f"samsum_tuner: resuming from {auto / 'checkpoint-1'}\n" in printed.out
+
+
+def _log(out: Path) -> list[dict]:
+    return json.loads((out / "log_history.json").read_text())
 
 
 @pytest.fixture

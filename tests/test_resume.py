@@ -16,8 +16,9 @@ from safetensors.torch import load_file
 
 import samsum_tuner as st
 from samsum_tuner import checkpoint as ck
+from samsum_tuner.rundir import check_output_dir, retire_run
 
-from .conftest import QUIET_RUN, ROOT, synthetic_rows, torchrun_two, varied_rows, write_jsonl
+from .conftest import QUIET_RUN, ROOT, synthetic_rows, torchrun_two, varied_rows, write_jsonl, write_small_checkpoint
 
 FAST = ["train.report_to=[]", "train.disable_tqdm=true", "train.logging_steps=1", "memory.preflight=false",
         "data.max_length=128", "train.eval_strategy=no", "train.per_device_train_batch_size=4",
@@ -191,8 +192,7 @@ def test_kill_9_after_a_checkpoint_then_resume_auto_is_bit_exact(tiny_model_dir,
 # ---------------------------------------------------------------- atomic saves, rotation, the run directory
 def _complete(run: Path, step: int) -> Path:
     with ck.atomic_checkpoint(run, step) as stage:
-        (stage / "adapter_model.safetensors").write_bytes(b"w" * 64)
-        (stage / ck.STATE_FILE).write_text(json.dumps({"global_step": step}))
+        write_small_checkpoint(stage, step)
     return run / f"checkpoint-{step}"
 
 
@@ -253,17 +253,17 @@ def test_run_directory_rules(tmp_path):
     run = tmp_path / "run"
     _complete(run, 3)
     with pytest.raises(st.ConfigError, match="already holds a run; .*overwrite_output_dir=true or resume=auto"):
-        ck.check_output_dir(run, overwrite=False, resume=None)
-    ck.check_output_dir(run, overwrite=False, resume="auto")  # resuming writes into it: allowed
-    ck.check_output_dir(run, overwrite=True, resume=None)
+        check_output_dir(run, overwrite=False, resume=None)
+    assert check_output_dir(run, overwrite=False, resume="auto") == run / "checkpoint-3"  # resuming writes into it
+    check_output_dir(run, overwrite=True, resume=None)
     with pytest.raises(st.ConfigError, match="is not a folder"):
-        ck.check_output_dir(run / "checkpoint-3" / ck.STATE_FILE, overwrite=True, resume=None)
+        check_output_dir(run / "checkpoint-3" / ck.STATE_FILE, overwrite=True, resume=None)
     assert ck.resolve_resume("auto", tmp_path / "fresh") is None  # auto with nothing to resume: a fresh start
     (run / "memory.jsonl").write_text('{"event": "epoch"}\n')
-    aside = ck.retire_checkpoints(run)
-    assert aside == run / ".overwritten" and (aside / "checkpoint-3" / ck.STATE_FILE).is_file()
+    aside = retire_run(run)
+    assert aside.parent == run / ".overwritten" and (aside / "checkpoint-3" / ck.STATE_FILE).is_file()
     assert (aside / "memory.jsonl").is_file() and not (run / "memory.jsonl").exists()  # a new run starts its own
-    assert ck.latest_checkpoint(run) is None and ck.retire_checkpoints(run) is None
+    assert ck.latest_checkpoint(run) is None and retire_run(run) is None
 
 
 # ---------------------------------------------------------------- two processes, FSDP2 over gloo
@@ -287,7 +287,7 @@ def test_two_process_fsdp2_sharded_checkpoint_survives_kill_9(tiny_model_dir, tm
     assert not (killed / "final.safetensors").exists()
     assert [c.name for c in ck.complete_checkpoints(killed)] == ["checkpoint-2", "checkpoint-4"]
     assert sorted(x.name for x in (killed / "checkpoint-4").iterdir()) == [
-        "rng_state_0.pth", "rng_state_1.pth", "sharded", ck.STATE_FILE]
+        ck.MANIFEST, "rng_state_0.pth", "rng_state_1.pth", "sharded", ck.STATE_FILE]
     p = _torchrun(tiny_model_dir, killed, 7, "--resume")
     assert p.returncode == 0, p.stderr[-3000:]
     _assert_same_weights(load_file(straight / "final.safetensors"), load_file(killed / "final.safetensors"))

@@ -54,10 +54,18 @@ def test_checkpoints_hold_safetensors_and_plain_tensors_and_a_tampered_one_is_re
 
     marker = tmp_path / "PWNED"
     torch.save({"state": {}, "param_groups": [], "x": _Payload(marker)}, ckpt / "optimizer.pt")
-    with pytest.raises(st.ConfigError, match=r"^train.resume_from_checkpoint: .*checkpoint-2 holds a file that is not "
-                                             r"plain tensors, refused"):
-        st.train(_recipe(tiny_model_dir, tiny_data, out, "train.max_steps=4", "resume=auto"))
-    assert not marker.exists()
+    # Named and refused before any model loads; resume=auto goes back to the checkpoint before it instead.
+    with pytest.raises(st.ConfigError, match=r"^train.resume_from_checkpoint: .*checkpoint-2 has optimizer.pt at \d+ "
+                                             r"bytes, saved with \d+; the last complete one is .*checkpoint-1$"):
+        st.prepare(_recipe(tiny_model_dir, tiny_data, out, "train.max_steps=4", f"resume={ckpt}"))
+    (ckpt / ck.MANIFEST).unlink()  # a checkpoint of another writer: no sizes to compare, the file itself is read
+    with pytest.raises(st.ConfigError, match=r"checkpoint-2 has an unreadable optimizer.pt \(UnpicklingError: Weights "
+                                             r"only load failed"):
+        st.prepare(_recipe(tiny_model_dir, tiny_data, out, "train.max_steps=4", f"resume={ckpt}"))
+    trainer = st.build_trainer(_recipe(tiny_model_dir, tiny_data, out, "train.max_steps=4", "resume=auto"))
+    st.train(trainer.recipe, trainer=trainer)
+    assert trainer.state.global_step == 4 and not marker.exists()
+    assert (out / ".overwritten").is_dir() and not ckpt.exists()  # the tampered checkpoint kept aside, not resumed
 
 
 @pytest.fixture
@@ -99,7 +107,8 @@ def test_overwrite_moves_the_old_checkpoints_aside_and_resume_never_mixes_runs(t
     with pytest.raises(st.ConfigError, match="already holds a run"):
         st.build_trainer(_recipe(tiny_model_dir, tiny_data, out, "train.max_steps=2"))
     st.train(_recipe(tiny_model_dir, tiny_data, out, "train.max_steps=2", "train.overwrite_output_dir=true"))
-    assert (out / ".overwritten" / "checkpoint-3" / "adapter_model.safetensors").read_bytes() == before
+    [aside] = (out / ".overwritten").iterdir()
+    assert (aside / "checkpoint-3" / "adapter_model.safetensors").read_bytes() == before
     assert [p.name for p in ck.complete_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
     assert ck.resolve_resume("auto", out) == out / "checkpoint-2"
     shutil.rmtree(out)
