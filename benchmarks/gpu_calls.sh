@@ -64,8 +64,9 @@ s11call2)  # cold or warm, carry .whl .gpudata: one H200 (issue 33): in ONE benc
   echo "exit $? (limit ${t} s)" >> "$OUT/qlora_fast_eval.log"
   ;;
 s11call1)  # cold, carry .whl .gpudata: one H200: FSDP now checkpoints every decoder layer by default, as the original
-           # did (transformers' checkpointing of each LlamaDecoderLayer, model.gradient_checkpointing unset). The GPU tests, whose FSDP steps and sharded
-           # resume go through fsdp4.yaml and so run checkpointed now; then the mission's full_sgd.yaml as one FSDP
+           # did (transformers' checkpointing of each LlamaDecoderLayer, model.gradient_checkpointing unset). The GPU
+           # tests, whose FSDP steps and sharded resume go through fsdp4.yaml and so run checkpointed now (and the run
+           # directory's lock and checkpoint manifests); then the mission's full_sgd.yaml as one FSDP
            # process as committed and, in the same call on the same card, with checkpointing off as it ran before
   env_txt
   timeout 240 python -m pytest -q -m gpu tests/ > "$OUT/gpu_tests.txt" 2>&1
