@@ -69,9 +69,11 @@ class Prepared:
 
 def _check_output_dir(recipe: Recipe) -> None:
     from .checkpoint import check_output_dir
+    from .config import check_output_location
 
     t = recipe.train
     check_output_dir(t.output_dir, overwrite=t.overwrite_output_dir, resume=t.resume_from_checkpoint)
+    check_output_location(t.output_dir)
 
 
 def prepare(recipe: Recipe, *, dry_run: bool = False, force: bool = False) -> Prepared:
@@ -86,19 +88,20 @@ def prepare(recipe: Recipe, *, dry_run: bool = False, force: bool = False) -> Pr
         notes.append(f"a real run here would be {e}")
     if not dry_run:
         _check_output_dir(recipe)
-    tokenizer, splits = _tokenized(recipe, recipe.data)
+    tokenizer, splits = _tokenized(recipe, recipe.data, loading=not dry_run)
     prepared = Prepared(recipe, launch, tokenizer, splits, notes=notes)
     prepared.plan = _preflight(prepared, enforce=not (dry_run or force))
     return prepared
 
 
-def _tokenized(recipe: Recipe, data: DataConfig):
-    """(tokenizer, tokenized splits) for `data`: the model's source is checked, its weights never loaded."""
+def _tokenized(recipe: Recipe, data: DataConfig, *, loading: bool = False):
+    """(tokenizer, tokenized splits) for `data`: the model's source is checked, its weights never loaded. Unless
+    `loading` (the model loads next), no code from the model's folder runs, trusted or not."""
     from .model import check_model_source, load_tokenizer
 
-    check_model_source(recipe)  # a missing model folder or unknown shape: a stat, before reading any data
+    check_model_source(recipe, loading=loading)  # a broken model folder or LoRA target, before reading any data
     raw = read_splits(data)  # data errors (file:line) before anything model-shaped loads
-    tokenizer = load_tokenizer(recipe)
+    tokenizer = load_tokenizer(recipe, run_code=loading)
     return tokenizer, tokenize_splits(data, tokenizer, raw)
 
 

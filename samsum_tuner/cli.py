@@ -116,6 +116,10 @@ def main_plan(argv: list[str], prog: str = "samsum-tuner plan") -> int:
             raise ConfigError(f"--gpus must be positive, got {opts.gpus}")
         path, overrides = _split_recipe(rest)
         recipe = api.load_recipe(path, overrides)
+        if opts.lengths == "default":  # "data" checks the model on the way to its tokenizer
+            from .model import check_model_source
+
+            check_model_source(recipe)
         lengths, supervised = api.train_lengths(recipe) if opts.lengths == "data" else (None, None)
         result = plan(recipe, gpus=opts.gpus, gpu_memory_gib=gib(opts.gpu_memory, "--gpu-memory"),
                       host_memory_gib=gib(opts.host_memory, "--host-memory"), token_lengths=lengths,
