@@ -97,10 +97,11 @@ def prepare(recipe: Recipe, *, dry_run: bool = False, force: bool = False) -> Pr
 def _tokenized(recipe: Recipe, data: DataConfig, *, loading: bool = False):
     """(tokenizer, tokenized splits) for `data`: the model's source is checked, its weights never loaded. Unless
     `loading` (the model loads next), no code from the model's folder runs, trusted or not."""
-    from .model import check_model_source, load_tokenizer
+    from .model import check_model, check_model_source, load_tokenizer
 
-    check_model_source(recipe, loading=loading)  # a broken model folder or LoRA target, before reading any data
+    check_model_source(recipe)  # a missing model folder or unknown shape: a stat, before reading any data
     raw = read_splits(data)  # data errors (file:line) before anything model-shaped loads
+    check_model(recipe, loading=loading)  # config.json, weights, LoRA targets: read by transformers, no weights
     tokenizer = load_tokenizer(recipe, run_code=loading)
     return tokenizer, tokenize_splits(data, tokenizer, raw)
 

@@ -117,9 +117,9 @@ def main_plan(argv: list[str], prog: str = "samsum-tuner plan") -> int:
         path, overrides = _split_recipe(rest)
         recipe = api.load_recipe(path, overrides)
         if opts.lengths == "default":  # "data" checks the model on the way to its tokenizer
-            from .model import check_model_source
+            from .model import check_model
 
-            check_model_source(recipe)
+            check_model(recipe)
         lengths, supervised = api.train_lengths(recipe) if opts.lengths == "data" else (None, None)
         result = plan(recipe, gpus=opts.gpus, gpu_memory_gib=gib(opts.gpu_memory, "--gpu-memory"),
                       host_memory_gib=gib(opts.host_memory, "--host-memory"), token_lengths=lengths,

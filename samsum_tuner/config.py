@@ -322,6 +322,8 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         except (TypeError, ValueError, OverflowError):  # OverflowError: an integer beyond any float
             raise ConfigError(f"{key}: expected a number, got {_brief(value)}") from None
     if typ is str:
+        if value is None:  # `null` where null is no choice: it would become the text "None"
+            raise ConfigError(f"{key}: expected a string, got null")
         if isinstance(value, bool):  # YAML 1.1 reads `no`/`yes` as booleans: `save_strategy: no` means "no"
             return "yes" if value else "no"
         if isinstance(value, (dict, list)):
@@ -346,7 +348,7 @@ def _set(recipe: Recipe, path: str, raw: Any, where: str = "") -> None:
 
 def _parse_scalar(text: str) -> Any:
     try:
-        return _load_yaml(text, "override") if text != "" else ""
+        return _load_yaml(text, "override") if text.strip() else text  # `key=` and `key= ` mean the text itself
     except (yaml.YAMLError, ValueError, RecursionError):
         return text
 
@@ -559,17 +561,19 @@ def _library_names(what: str) -> list[str]:
 
 def _check_library_names(m: ModelConfig, t: TrainConfig) -> None:
     """Scheduler, optimizer, reporting and attention names as transformers knows them, plus ours."""
-    from transformers.integrations.hub_kernels import is_kernel
-
-    attn = m.attn_implementation.removeprefix("paged|")  # transformers drops the old paged| prefix itself
-    names = [("train.lr_scheduler_type", "scheduler", t.lr_scheduler_type), ("train.optim", "optimizer", t.optim)]
+    names = [("train.lr_scheduler_type", "scheduler", t.lr_scheduler_type), ("train.optim", "optimizer", t.optim),
+             ("model.attn_implementation", "attention implementation", m.attn_implementation.removeprefix("paged|"))]
     if t.report_to not in (["all"], ["none"]):
         names += [("train.report_to", "integration", name) for name in t.report_to]
-    if not is_kernel(attn):  # org/repo[:function]: an attention kernel from the hub, which transformers loads
-        names.append(("model.attn_implementation", "attention implementation", attn))
     for key, what, value in names:
-        if value not in COMMON_NAMES[what]:
-            _one_of(value, _library_names(what), key, what)
+        if value in COMMON_NAMES[what]:
+            continue
+        if what == "attention implementation":  # transformers drops the old paged| prefix itself (above)
+            from transformers.integrations.hub_kernels import is_kernel
+
+            if is_kernel(value):  # org/repo[:function]: an attention kernel from the hub, which transformers loads
+                continue
+        _one_of(value, _library_names(what), key, what)
 
 
 def _check_path_text(key: str, value: str | None) -> None:

@@ -48,7 +48,11 @@ def slice_count(n_rows: int, split_slice: str | None) -> int:
 
 # ---------------------------------------------------------------- reading
 class _OutOfRange(ValueError):
-    """A JSON number no row can mean: past float range (1e999), Infinity/NaN (not JSON), thousands of digits."""
+    """A JSON number no row can mean: past float range (1e999), or an integer of more than 100 digits."""
+
+
+class _NotJson(ValueError):
+    """NaN, Infinity, -Infinity: Python's json reads them, JSON has no such values."""
 
 
 def _finite_float(text: str) -> float:
@@ -65,16 +69,17 @@ def _bounded_int(text: str) -> int:
 
 
 def _not_json(text: str):
-    raise _OutOfRange(text)
+    raise _NotJson(text)
 
 
 def _json(text: str, where, what: str):
-    """json.loads with a one-line DataError; `where(error)` names the file and line (error None: unknown, or for an
-    out-of-range number, the text it is in)."""
+    """json.loads with a one-line DataError; `where(error)` names the file and line (error None: unknown)."""
     try:
         return json.loads(text, parse_float=_finite_float, parse_int=_bounded_int, parse_constant=_not_json)
     except json.JSONDecodeError as e:
         raise DataError(f"{where(e)}: malformed {what} ({e.msg})") from None
+    except _NotJson as e:
+        raise DataError(f"{where(None)}: malformed {what} ({e} is not JSON)") from None
     except _OutOfRange as e:
         raise DataError(f"{where(None)}: number out of range in {what}: {e}") from None
     except RecursionError:

@@ -115,10 +115,8 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
 
 
-def check_model_source(recipe: Recipe, *, loading: bool = False) -> None:
-    """Refuse a model that cannot be loaded, before anything heavy happens: its config and the recipe's LoRA targets
-    are checked without reading weights or running code from the model's folder. `loading`: the weights load next
-    (a training run, not a dry run or a plan), so they must be there too."""
+def check_model_source(recipe: Recipe) -> None:
+    """Refuse a model that is not there, before anything heavy happens (for a folder: a stat)."""
     name = recipe.model.name
     shape = random_shape_name(name)
     if shape is not None:
@@ -127,25 +125,38 @@ def check_model_source(recipe: Recipe, *, loading: bool = False) -> None:
         if shape not in LLAMA_SHAPES or not shape.startswith("llama2-"):
             choices = ", ".join(RANDOM_PREFIX + k for k in LLAMA_SHAPES if k.startswith("llama2-"))
             raise ConfigError(f"model.name: unknown random shape '{name}'; choose one of {choices}")
-        config = load_model_config(recipe)
     elif name == EMBEDDED:
         if not (embedded_model_dir_cached()):
             smollm2_gguf()
-        from transformers import LlamaConfig
-
-        # Before its first conversion only the module names matter here, and SmolLM2 is a Llama.
-        config = load_model_config(recipe) if embedded_model_dir_cached() else LlamaConfig(num_hidden_layers=1)
     elif _looks_local(name):
         path = Path(name).expanduser()
         if not (path / "config.json").is_file():
             what = "does not exist" if not path.exists() else "has no config.json"
             raise ConfigError(f"model.name: local model folder {path} {what}")
-        config = _local_config(recipe, path)
+    else:
+        _hub_config(recipe)
+
+
+def check_model(recipe: Recipe, *, loading: bool = False) -> None:
+    """The model as far as it can be checked without its weights or code from its folder: config.json, a causal-LM
+    class and the recipe's LoRA targets (after check_model_source). `loading`: the weights load next (a training
+    run, not a dry run or a plan), so they must be there too; with trust_remote_code, a warning says whose code runs."""
+    check_model_source(recipe)
+    name = recipe.model.name
+    if random_shape_name(name) is not None:
+        config = load_model_config(recipe)
+    elif name == EMBEDDED:
+        from transformers import LlamaConfig
+
+        # Before its first conversion only the module names matter here, and SmolLM2 is a Llama.
+        config = load_model_config(recipe) if embedded_model_dir_cached() else LlamaConfig(num_hidden_layers=1)
+    elif _looks_local(name):
+        config = _local_config(recipe, Path(name).expanduser())
         if loading:
-            _check_weight_files(path)
+            _check_weight_files(Path(name).expanduser())
     else:
         config = _hub_config(recipe)
-    if recipe.model.trust_remote_code and shape is None and name != EMBEDDED:
+    if recipe.model.trust_remote_code and random_shape_name(name) is None and name != EMBEDDED:
         _remote_code_notice(recipe, loading)
     if config is not None:
         _check_architecture(recipe, config)
@@ -190,17 +201,22 @@ def _local_config(recipe: Recipe, path: Path):
 
         raise ConfigError(f"model.name: {f}: unknown model_type '{model_type}' (transformers "
                           f"{transformers.__version__} has no such architecture)")
+    sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    _check_sizes(f, {k: raw[k] for k in sizes if k in raw})  # before transformers divides by them
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except Exception as e:  # wrong types, values transformers' own config validation refuses
         raise ConfigError(f"model.name: {f}: {_reason(e)}") from None
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-        value = getattr(config, key, None)
-        if value is not None and (type(value) is not int or value <= 0):
-            raise ConfigError(f"model.name: {f}: {key} must be a positive integer, got {value!r}")
+    _check_sizes(f, {k: getattr(config, k) for k in sizes if getattr(config, k, None) is not None})  # aliases too
     if recipe.model.trust_remote_code and isinstance(auto_map, dict) and "AutoModelForCausalLM" in auto_map:
         return None  # the model class is the folder's own: its module names are unknown until its code runs
     return config
+
+
+def _check_sizes(f: Path, sizes: dict) -> None:
+    for key, value in sizes.items():
+        if type(value) is not int or value <= 0:
+            raise ConfigError(f"model.name: {f}: {key} must be a positive integer, got {value!r}"[:300])
 
 
 def _hub_config(recipe: Recipe):
