@@ -349,7 +349,7 @@ def load_tokenizer(recipe: Recipe, *, run_code: bool = True):
         folder = Path(name).expanduser()
         reason = (f"no {', '.join(TOKENIZER_FILES)}" if _looks_local(name) and folder.is_dir()
                   and not any((folder / f).is_file() for f in TOKENIZER_FILES) else _reason(e))
-        hint = ("; a dry run or a plan runs no code from the model, and this tokenizer may need its own"
+        hint = ("; a dry run or a plan runs none of the model's own code, which this tokenizer may need"
                 if recipe.model.trust_remote_code and not trust else "")
         raise ConfigError(f"model.name: cannot load a tokenizer from {name} ({reason}){hint}") from None
     if tokenizer.pad_token is None:
