@@ -710,7 +710,8 @@ def test_console_script_answers_broken_input_in_one_line(world):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_", "SAMSUM_DATA_DIR"))}
     env.update(PYTHONPATH=f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     rng = random.Random(SEED + 1)
-    picked = [g(world, rng) for g in (malformed_line, misspelt_key, invalid_yaml, missing_model, non_finite)]
+    picked = [g(world, rng) for g in (malformed_line, misspelt_key, invalid_yaml, missing_model, non_finite,
+                                      number_out_of_range, yaml_bomb, output_not_creatable, broken_config_json)]
     before = _snapshot(world.run)
     for case in picked:
         p = subprocess.run(["samsum-tuner", "train", *case.args], env=env, capture_output=True, text=True, timeout=120)
