@@ -71,10 +71,12 @@ class Prepared:
 
 
 def _check_output_dir(recipe: Recipe) -> None:
+    from .config import check_output_location
     from .rundir import check_output_dir
 
     t = recipe.train
     check_output_dir(t.output_dir, overwrite=t.overwrite_output_dir, resume=t.resume_from_checkpoint, recipe=recipe)
+    check_output_location(t.output_dir)
 
 
 def prepare(recipe: Recipe, *, dry_run: bool = False, force: bool = False) -> Prepared:
@@ -89,52 +91,41 @@ def prepare(recipe: Recipe, *, dry_run: bool = False, force: bool = False) -> Pr
         notes.append(f"a real run here would be {e}")
     if not dry_run:
         _check_output_dir(recipe)
-    tokenizer, splits = _tokenized(recipe, recipe.data)
+    tokenizer, splits = _tokenized(recipe, recipe.data, loading=not dry_run)
     prepared = Prepared(recipe, launch, tokenizer, splits, notes=notes)
     prepared.plan = _preflight(prepared, enforce=not (dry_run or force))
     return prepared
 
 
-def _tokenized(recipe: Recipe, data: DataConfig):
-    """(tokenizer, tokenized splits) for `data`: the model's source is checked, its weights never loaded."""
-    from .model import check_model_source, load_tokenizer
+def _tokenized(recipe: Recipe, data: DataConfig, *, loading: bool = False):
+    """(tokenizer, tokenized splits) for `data`: the model's source is checked, its weights never loaded. Unless
+    `loading` (the model loads next), no code from the model's folder runs, trusted or not."""
+    from .model import check_model, check_model_source, load_tokenizer
 
     check_model_source(recipe)  # a missing model folder or unknown shape: a stat, before reading any data
     raw = read_splits(data)  # data errors (file:line) before anything model-shaped loads
-    tokenizer = load_tokenizer(recipe)
+    check_model(recipe, loading=loading)  # config.json, weights, LoRA targets: read by transformers, no weights
+    tokenizer = load_tokenizer(recipe, run_code=loading)
     return tokenizer, tokenize_splits(data, tokenizer, raw)
+
+
+def _on_hub(name: str) -> bool:
+    from .model import EMBEDDED, _looks_local, random_shape_name
+
+    return not (name == EMBEDDED or random_shape_name(name) is not None or _looks_local(name))
+
+
+def check_for_plan(recipe: Recipe) -> None:
+    """What a plan checks of the model: all but a hub model's config (the planner has the shapes it knows, and
+    training checks the rest when it loads), so that a plan works offline."""
+    from .model import check_model
+
+    if not _on_hub(recipe.model.name):
+        check_model(recipe)
 
 
 class HubUnreachable(ConfigError):
     """The tokenizer or the data is on the hub, which cannot be reached now, and the local cache has no copy."""
-
-
-HUB_PROBE_TIMEOUT_S = 5.0
-
-
-def _in_hub_cache(repo_id: str, filenames: tuple[str, ...], repo_type: str | None = None,
-                  revision: str | None = None) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    return all(isinstance(try_to_load_from_cache(repo_id, f, revision=revision, repo_type=repo_type), str)
-               for f in filenames)
-
-
-def _hub_problem(repo_id: str, filename: str, offline: bool, repo_type: str | None = None,
-                 revision: str | None = None) -> str | None:
-    """Why the hub cannot serve `filename` of a repository now (None: it can), found at once: one request without
-    retries (huggingface_hub's fast-fallback mode), where a download retries an unreachable hub for ~25 s."""
-    from huggingface_hub import get_hf_file_metadata, hf_hub_url
-
-    if offline:
-        return "offline mode, and the hub cache has no copy"
-    try:
-        get_hf_file_metadata(hf_hub_url(repo_id, filename, repo_type=repo_type, revision=revision),
-                             timeout=HUB_PROBE_TIMEOUT_S)
-    except Exception as e:  # unreachable, timed out, gated, unknown: the download would fail the same way
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-        return f"{type(e).__name__}: {first}" if first else type(e).__name__
-    return None
 
 
 def train_lengths(recipe: Recipe) -> tuple[list[int], list[int]]:
@@ -144,24 +135,26 @@ def train_lengths(recipe: Recipe) -> tuple[list[int], list[int]]:
     from huggingface_hub import constants
 
     from .data import resolve_source
-    from .model import EMBEDDED, _looks_local, check_model_source, load_tokenizer, random_shape_name
+    from .hub import hub_problem, in_hub_cache
+    from .model import _looks_local, load_tokenizer
 
     name, source = recipe.model.name, resolve_source(recipe.data)
     missing, cached_tokenizer = [], False  # missing: (what, why)
-    if name == EMBEDDED or random_shape_name(name) is not None or _looks_local(name):
-        check_model_source(recipe)  # a missing folder or an unknown shape, refused by name
+    if not _on_hub(name):
+        check_for_plan(recipe)  # a missing or broken folder, an unknown shape, LoRA targets it lacks: by name
     else:  # the model's config.json only, which AutoTokenizer reads too; the planner has its own shapes
-        cached_tokenizer = _in_hub_cache(name, ("config.json", "tokenizer_config.json"), revision=recipe.model.revision)
-        why = None if cached_tokenizer else _hub_problem(name, "config.json", constants.HF_HUB_OFFLINE,
-                                                         revision=recipe.model.revision)
+        cached_tokenizer = in_hub_cache(name, ("config.json", "tokenizer_config.json"),
+                                        revision=recipe.model.revision)
+        why = None if cached_tokenizer else hub_problem(name, "config.json", constants.HF_HUB_OFFLINE,
+                                                        revision=recipe.model.revision)
         missing += [(f"the tokenizer of {name}", why)] if why else []
     if not _looks_local(source):
         import datasets
 
         offline = datasets.config.HF_HUB_OFFLINE  # HF_DATASETS_OFFLINE, else HF_HUB_OFFLINE
-        cached = _in_hub_cache(source, ("README.md",), repo_type="dataset")
+        cached = in_hub_cache(source, ("README.md",), repo_type="dataset")
         # datasets reads its cache in offline mode only: online it retries an unreachable hub file by file.
-        why = None if offline and cached else _hub_problem(source, "README.md", offline, repo_type="dataset")
+        why = None if offline and cached else hub_problem(source, "README.md", offline, repo_type="dataset")
         why = why and why + ("; HF_DATASETS_OFFLINE=1 reads the cached copy" if cached else "")
         missing += [(f"the data {source}", why)] if why else []
     if missing:
@@ -185,6 +178,8 @@ def plan(recipe: Recipe, *, gpus: int = 1, gpu_memory_gib: float | None = None, 
         raise ConfigError(f"gpus must be positive, got {gpus}")
     if lengths not in ("data", "default"):
         raise ConfigError(f"lengths: expected 'data' or 'default', got {lengths!r}")
+    if lengths == "default":
+        check_for_plan(recipe)
     token_lengths, supervised = train_lengths(recipe) if lengths == "data" else (None, None)
     return plan_memory(recipe, gpus=gpus, gpu_memory_gib=gpu_memory_gib, host_memory_gib=host_memory_gib,
                        token_lengths=token_lengths, supervised_lengths=supervised, device=device)

@@ -207,7 +207,9 @@ def main_plan(argv: list[str], prog: str = "samsum-tuner plan") -> int:
         path, overrides = _split_recipe(rest)
         recipe = api.load_recipe(path, overrides)
         lengths = supervised = None
-        if opts.lengths == "data":
+        if opts.lengths == "default":  # "data" checks the model on the way to its tokenizer
+            api.check_for_plan(recipe)
+        else:
             try:
                 lengths, supervised = api.train_lengths(recipe)
             except api.HubUnreachable as e:

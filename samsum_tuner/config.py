@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import math
 import os
+import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -299,6 +300,12 @@ def _unknown_key(key: str, where: str) -> ConfigError:
     return ConfigError(f"{where}unknown key '{key}'{hint}")
 
 
+def _brief(value: Any) -> str:
+    """A value as it goes into a one-line message: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _coerce(value: Any, typ: Any, key: str) -> Any:
     origin = typing.get_origin(typ)
     args = typing.get_args(typ)
@@ -312,31 +319,33 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {_brief(value)}")
         return [_coerce(v, args[0], key) for v in value]
     if typ is bool:
         return _to_bool(value, key)
     if typ is int:
         if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {_brief(value)}")
         if isinstance(value, float) and value.is_integer():
             return int(value)
         try:
             return int(str(value))
         except ValueError:
-            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+            raise ConfigError(f"{key}: expected an integer, got {_brief(value)}") from None
     if typ is float:
         if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {_brief(value)}")
         try:
             return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an integer beyond any float
+            raise ConfigError(f"{key}: expected a number, got {_brief(value)}") from None
     if typ is str:
+        if value is None:  # `null` where null is no choice: it would become the text "None"
+            raise ConfigError(f"{key}: expected a string, got null")
         if isinstance(value, bool):  # YAML 1.1 reads `no`/`yes` as booleans: `save_strategy: no` means "no"
             return "yes" if value else "no"
         if isinstance(value, (dict, list)):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {_brief(value)}")
         return str(value)
     return value
 
@@ -357,9 +366,57 @@ def _set(recipe: Recipe, path: str, raw: Any, where: str = "") -> None:
 
 def _parse_scalar(text: str) -> Any:
     try:
-        return yaml.safe_load(text) if text != "" else ""
-    except yaml.YAMLError:
+        return _load_yaml(text, "override") if text.strip() else text  # `key=` and `key= ` mean the text itself
+    except (yaml.YAMLError, ValueError, RecursionError):
         return text
+
+
+# A YAML alias repeats the node it names without copying it, so nested aliases ("billion laughs") let a few
+# hundred bytes stand for billions of values, which building the recipe would then walk. Every real recipe is a
+# few dozen values; this bound is far above any of them.
+MAX_YAML_VALUES = 100_000
+
+
+def _expanded_size(root: yaml.Node, where: str) -> int:
+    """How many values the document stands for once every alias is expanded, counted over the node graph (each
+    node once), stopping past MAX_YAML_VALUES; an alias inside the node it names is refused."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:  # iterative: a deeply nested document must not exhaust Python's stack here
+        node, finished = stack.pop()
+        children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
+                    else node.value if isinstance(node, yaml.SequenceNode) else [])
+        if finished:
+            open_nodes.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(c)] for c in children)
+            if sizes[id(node)] > MAX_YAML_VALUES:
+                return sizes[id(node)]
+            continue
+        if id(node) in sizes:
+            continue
+        if id(node) in open_nodes:
+            raise ConfigError(f"{where}:{node.start_mark.line + 1}: invalid YAML: an alias refers to the node that "
+                              "holds it")
+        open_nodes.add(id(node))
+        stack.append((node, True))
+        stack += [(c, False) for c in children if id(c) not in sizes]
+    return sizes[id(root)]
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    """yaml.safe_load, refusing documents whose aliases expand past MAX_YAML_VALUES before building them."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, where) > MAX_YAML_VALUES:
+            raise ConfigError(f"{where}: refused: its YAML aliases expand to more than {MAX_YAML_VALUES:,} values "
+                              "(a recipe has a few dozen)")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -374,17 +431,25 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"{path}: recipe file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if not path.is_file():
+            raise ConfigError(f"{path}: recipe file not found")
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:  # a name too long, a folder we may not enter
+        raise ConfigError(f"{path}: cannot read the recipe ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    try:
+        data = _load_yaml(text, str(path))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"{path}{line}: invalid YAML: {problem}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
+    except ValueError as e:  # a value YAML parses but Python cannot hold, e.g. an integer of thousands of digits
+        raise ConfigError(f"{path}: invalid YAML: {str(e).splitlines()[0][:120]}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -474,6 +539,99 @@ def apply_key(recipe: Recipe, key: str, value: Any, where: str, pending: dict[st
 
 
 # ---------------------------------------------------------------- validation
+MAX_WORKERS = 256  # data loader workers or tokenizing processes: far more than any machine puts to use
+MAX_SEED = 2**32 - 1  # transformers.set_seed seeds numpy, whose seeds stop here
+PATH_KEYS = ("model.name", "data.source", "train.output_dir", "train.resume_from_checkpoint")
+
+
+def _one_of(value: str, valid: list[str], key: str, what: str) -> None:
+    if value in valid:
+        return
+    close = difflib.get_close_matches(value, valid, n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}?" if close else f"choose one of {', '.join(valid)}"
+    raise ConfigError(f"{key}: unknown {what} {_brief(value)}; {hint}")
+
+
+# The names the defaults and the committed recipes use. Any other name is looked up in transformers' own lists,
+# whose modules import peft and bitsandbytes: seconds, on a recipe that a later check may refuse anyway.
+COMMON_NAMES = {"scheduler": {"steplr", "linear", "cosine", "constant"},
+                "optimizer": {"sgd", "adamw_torch", "adamw_torch_fused"},
+                "integration": {"tensorboard"}, "attention implementation": {"eager", "sdpa", "flex_attention"}}
+
+
+def _library_names(what: str) -> list[str]:
+    if what == "scheduler":
+        from transformers.trainer_utils import SchedulerType
+
+        return ["steplr", *(s.value for s in SchedulerType)]  # steplr: the original's, built by SamsumTrainer
+    if what == "optimizer":
+        from transformers.training_args import OptimizerNames
+
+        return ["sgd", *(o.value for o in OptimizerNames)]  # sgd: a real torch.optim.SGD, built by SamsumTrainer
+    if what == "integration":
+        from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+        return list(INTEGRATION_TO_CALLBACK)
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+
+
+def _check_library_names(m: ModelConfig, t: TrainConfig) -> None:
+    """Scheduler, optimizer, reporting and attention names as transformers knows them, plus ours."""
+    names = [("train.lr_scheduler_type", "scheduler", t.lr_scheduler_type), ("train.optim", "optimizer", t.optim),
+             ("model.attn_implementation", "attention implementation", m.attn_implementation.removeprefix("paged|"))]
+    if t.report_to not in (["all"], ["none"]):
+        names += [("train.report_to", "integration", name) for name in t.report_to]
+    for key, what, value in names:
+        if value in COMMON_NAMES[what]:
+            continue
+        if what == "attention implementation":  # transformers drops the old paged| prefix itself (above)
+            from transformers.integrations.hub_kernels import is_kernel
+
+            if is_kernel(value):  # org/repo[:function]: an attention kernel from the hub, which transformers loads
+                continue
+        _one_of(value, _library_names(what), key, what)
+
+
+def _check_path_text(key: str, value: str | None) -> None:
+    """What no file system accepts, refused before any file is looked at."""
+    if value is None:
+        return
+    if not value.strip():
+        raise ConfigError(f"{key} is empty")
+    if "\0" in value:
+        raise ConfigError(f"{key}: a path cannot hold a NUL character")
+    try:
+        raw = os.fsencode(value)
+    except UnicodeEncodeError:
+        raise ConfigError(f"{key}: {_brief(value)} cannot be a file name (a lone surrogate)") from None
+    if len(raw) >= 4096 or any(len(part) > 255 for part in raw.split(b"/")):
+        raise ConfigError(f"{key}: path too long (at most 255 bytes a name, 4095 in all)")
+
+
+def check_output_location(run_dir: str) -> None:
+    """train.output_dir can be created, or written if it exists: refused before the model loads, not at the
+    first save."""
+    path = Path(run_dir).expanduser().absolute()
+    try:
+        existing = path
+        while not existing.exists():  # the nearest folder that is there
+            existing = existing.parent
+    except OSError as e:
+        raise ConfigError(f"train.output_dir: cannot look at {run_dir} ({e.strerror})") from None
+    if not existing.is_dir():
+        raise ConfigError(f"train.output_dir: {existing} is a file, not a folder")
+    if existing == path:
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(f"train.output_dir: {path} is not writable")
+        return
+    try:  # a folder made and removed where the run's will go: permissions, read-only mounts, /proc, for root too
+        os.rmdir(tempfile.mkdtemp(prefix=".samsum-tuner-check-", dir=existing))
+    except OSError as e:
+        raise ConfigError(f"train.output_dir: cannot create {path} ({existing}: {e.strerror})") from None
+
+
 def validate(recipe: Recipe) -> None:
     """Impossible or self-defeating combinations, refused before anything is loaded."""
     m, q, lo, d, t, f = recipe.model, recipe.quantization, recipe.lora, recipe.data, recipe.train, recipe.fsdp
@@ -515,6 +673,8 @@ def validate(recipe: Recipe) -> None:
             v = getattr(getattr(recipe, section), fld.name)
             if isinstance(v, float) and not math.isfinite(v):
                 raise ConfigError(f"{section}.{fld.name} must be a finite number, got {v}")
+            if isinstance(v, int) and not isinstance(v, bool) and abs(v) > 2**63 - 1:  # past every int64 count
+                raise ConfigError(f"{section}.{fld.name} is out of range: {_brief(v)}")
     for key, value in {"guard.max_nonfinite_steps": recipe.guard.max_nonfinite_steps,
                        "guard.max_skipped_steps": recipe.guard.max_skipped_steps,
                        "train.warmup_steps": t.warmup_steps,
@@ -523,6 +683,24 @@ def validate(recipe: Recipe) -> None:
             raise ConfigError(f"{key} must be >= 0, got {value}")
     if t.resume_from_checkpoint is not None and not t.resume_from_checkpoint.strip():
         raise ConfigError("train.resume_from_checkpoint: expected auto or a checkpoint folder, got ''")
+    for key in PATH_KEYS:
+        section, _, leaf = key.partition(".")
+        _check_path_text(key, getattr(getattr(recipe, section), leaf))
+    if not d.train_split.strip():
+        raise ConfigError("data.train_split is empty")
+    if not 0 <= t.seed <= MAX_SEED:
+        raise ConfigError(f"train.seed must be in [0, 2**32 - 1], got {t.seed}")
+    if t.dataloader_num_workers > MAX_WORKERS:
+        raise ConfigError(f"train.dataloader_num_workers must be at most {MAX_WORKERS}, got {t.dataloader_num_workers}")
+    if d.num_proc is not None and not 1 <= d.num_proc <= MAX_WORKERS:
+        raise ConfigError(f"data.num_proc must be null or 1 to {MAX_WORKERS}, got {d.num_proc}")
+    if lo.method != "lora":
+        raise ConfigError(f"lora.method: only 'lora' is supported, got {_brief(lo.method)}")
+    if lo.bias not in ("none", "all", "lora_only"):
+        raise ConfigError(f"lora.bias must be none, all or lora_only (peft's choices), got {_brief(lo.bias)}")
+    if not lo.target_modules or not all(name.strip() for name in lo.target_modules):
+        raise ConfigError(f"lora.target_modules: name the modules to adapt (e.g. q_proj,v_proj), got "
+                          f"{_brief(lo.target_modules)}")
     if not 0 <= lo.dropout < 1:
         raise ConfigError(f"lora.dropout must be in [0, 1), got {lo.dropout}")
     if t.weight_decay < 0 or t.max_grad_norm < 0 or t.warmup_steps < 0 or t.momentum < 0:
@@ -579,6 +757,7 @@ def validate(recipe: Recipe) -> None:
     for key, value in (("data.split_slice", d.split_slice), ("data.eval_slice", d.eval_slice)):
         if value is not None:
             parse_slice(value, key)
+    _check_library_names(m, t)  # last: an unusual name imports transformers' trainer modules (seconds)
 
 
 def describe_precision(recipe: Recipe) -> str:

@@ -10,6 +10,7 @@ import math
 import os
 import re
 import statistics
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -46,12 +47,41 @@ def slice_count(n_rows: int, split_slice: str | None) -> int:
 
 
 # ---------------------------------------------------------------- reading
+class _OutOfRange(ValueError):
+    """A JSON number no row can mean: past float range (1e999), or an integer of more than 100 digits."""
+
+
+class _NotJson(ValueError):
+    """NaN, Infinity, -Infinity: Python's json reads them, JSON has no such values."""
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _OutOfRange(text)
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > 100:  # int() refuses past 4,300 digits anyway; no count or id needs 100
+        raise _OutOfRange(text[:20] + "...")
+    return int(text)
+
+
+def _not_json(text: str):
+    raise _NotJson(text)
+
+
 def _json(text: str, where, what: str):
-    """json.loads with a one-line DataError; `where(error)` names the file and line (error None: too deep)."""
+    """json.loads with a one-line DataError; `where(error)` names the file and line (error None: unknown)."""
     try:
-        return json.loads(text)
+        return json.loads(text, parse_float=_finite_float, parse_int=_bounded_int, parse_constant=_not_json)
     except json.JSONDecodeError as e:
         raise DataError(f"{where(e)}: malformed {what} ({e.msg})") from None
+    except _NotJson as e:
+        raise DataError(f"{where(None)}: malformed {what} ({e} is not JSON)") from None
+    except _OutOfRange as e:
+        raise DataError(f"{where(None)}: number out of range in {what}: {e}") from None
     except RecursionError:
         raise DataError(f"{where(None)}: malformed {what} (nested too deeply)") from None
 
@@ -101,7 +131,7 @@ def read_rows(path: Path) -> list[dict[str, str]]:
     try:
         with _open_bytes(path) as fh:
             data = fh.read()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:  # zlib.error: a gzip body corrupt mid-stream
         raise DataError(f"{path}: cannot read ({e})") from None
     try:
         text = data.decode("utf-8").removeprefix("\ufeff")  # a BOM some editors write
@@ -126,6 +156,9 @@ def load_split(cfg: DataConfig, split: str) -> tuple[list[dict[str, str]], str]:
     """Raw rows of one split and where they came from."""
     source = resolve_source(cfg)
     folder = Path(source).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"data.source: {folder} is a file; expected a folder of train/validation/test "
+                        ".jsonl[.gz]/.json files or a hub dataset id")
     if folder.is_dir():
         path = find_split_file(folder, split)
         if path is None:
@@ -299,16 +332,32 @@ def tokenize_split(cfg: DataConfig, tokenizer, name: str, rows: list[dict[str, s
     fp = _fingerprint(cfg, tokenizer, rows)
     cache = cache_dir() / "tokenized"
     cache.mkdir(parents=True, exist_ok=True)
-    ds = datasets.Dataset.from_list(rows).map(
-        lambda r: tokenize_row(cfg, tokenizer, r),
-        num_proc=cfg.num_proc,
-        desc=f"tokenizing {name}",
-        remove_columns=["dialogue", "summary"],
-        cache_file_name=str(cache / f"{fp}.arrow"),
-        new_fingerprint=fp,
-    )
-    report.truncated_dialogue = sum(ds["truncated"])
-    dropped = ds["dropped"]
+
+    def tokenized():
+        ds = datasets.Dataset.from_list(rows).map(
+            lambda r: tokenize_row(cfg, tokenizer, r),
+            num_proc=cfg.num_proc,
+            desc=f"tokenizing {name}",
+            remove_columns=["dialogue", "summary"],
+            cache_file_name=str(cache / f"{fp}.arrow"),
+            new_fingerprint=fp,
+        )
+        return ds, ds["truncated"], ds["dropped"]  # read through: a damaged file fails here, not later
+
+    cached = sorted(cache.glob(f"{fp}*.arrow"))  # one file, or one per process with data.num_proc
+    try:
+        ds, truncated, dropped = tokenized()
+    except Exception as e:
+        if not cached:
+            raise
+        # A cache file cut short (a killed run, a full disk) or overwritten: it is only a cache, so tokenize again.
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        print(f"samsum_tuner: note: the tokenized cache of {name} ({cached[0]}) is unreadable ({reason}); "
+              "tokenizing again", flush=True)
+        for f in cached:
+            f.unlink(missing_ok=True)
+        ds, truncated, dropped = tokenized()
+    report.truncated_dialogue = sum(truncated)
     report.dropped_too_long = sum(dropped)
     if report.dropped_too_long:
         ds = ds.select([i for i, d in enumerate(dropped) if not d])

@@ -180,6 +180,28 @@ def test_readme_plan_without_the_hub_falls_back_to_built_in_lengths_at_once(hub_
     assert "default SAMSum lengths" in p.stdout and p.stdout.strip().splitlines()[-1].startswith(("fits", "will not"))
 
 
+@pytest.mark.parametrize("hub_offline", [False, True], ids=["hub-unreachable", "HF_HUB_OFFLINE"])
+@pytest.mark.parametrize("extra", [[], ["--lengths", "default"]], ids=["data", "default-lengths"])
+def test_plan_of_a_hub_model_needs_no_hub(hub_offline, extra, tmp_path, tiny_data):
+    """A plan is given for a hub model the planner knows by shape, hub or not, and nothing retries it."""
+    env = _offline_env(tmp_path, hub_offline)
+    env["SAMSUM_DATA_DIR"] = str(tiny_data)
+    p = _plan([*README_PLAN, *extra], env)
+    assert p.returncode in (0, 3) and "Retrying" not in p.stderr, p.stderr[-3000:]
+    assert p.stdout.strip().splitlines()[-1].startswith(("fits", "will not"))
+
+
+@pytest.mark.parametrize("hub_offline", [False, True], ids=["hub-unreachable", "HF_HUB_OFFLINE"])
+def test_train_of_an_unreachable_hub_model_is_refused_at_once_in_one_line(hub_offline, tmp_path, tiny_data):
+    env = _offline_env(tmp_path, hub_offline)
+    env["SAMSUM_DATA_DIR"] = str(tiny_data)
+    p = _plan(["train", "recipes/lora_fp32.yaml", f"train.output_dir={tmp_path / 'run'}"], env)
+    assert p.returncode == 2 and "Retrying" not in p.stderr, p.stderr[-3000:]
+    assert [line for line in p.stderr.splitlines() if line.strip()] == [p.stderr.strip()]
+    assert p.stderr.startswith("samsum-tuner: error: model.name: cannot reach 'meta-llama/Llama-2-7b-hf' (")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_plan_reads_a_cached_tokenizer_without_the_hub(tmp_path, tiny_data, tokenizer):
     """A tokenizer in the hub cache is read from there: no retries of the unreachable hub, the real lengths."""

@@ -81,6 +81,26 @@ def test_split_overrides_forms():
     (["data.split_slice=abc"], "data.split_slice: expected '1%', '10' or '[:100]'"),
     (["--fsdp_config.optimizer", "Adagrad"], "unknown optimizer 'Adagrad'"),
     (["--peft_method", "prefix"], "only 'lora' is supported"),
+    (["train.seed=-1"], "train.seed must be in [0, 2**32 - 1], got -1"),
+    ([f"train.seed={2**32}"], "train.seed must be in [0, 2**32 - 1], got 4294967296"),
+    (["train.lr_scheduler_type=cosine_warmup"], "train.lr_scheduler_type: unknown scheduler 'cosine_warmup'; did you "
+                                                "mean cosine_warmup_with_min_lr"),
+    (["train.optim=adamw_troch"], "train.optim: unknown optimizer 'adamw_troch'; did you mean adamw_torch"),
+    (["model.attn_implementation=flash_attention"], "model.attn_implementation: unknown attention implementation "
+                                                    "'flash_attention'; did you mean flash_attention_4"),
+    (["train.report_to=[tensorbaord]"], "train.report_to: unknown integration 'tensorbaord'; did you mean tensorboard"),
+    (["lora.bias=some"], "lora.bias must be none, all or lora_only"),
+    (["lora.method=ia3"], "lora.method: only 'lora' is supported, got 'ia3'"),
+    (["lora.target_modules=[]"], "lora.target_modules: name the modules to adapt"),
+    (["train.dataloader_num_workers=100000"], "train.dataloader_num_workers must be at most 256, got 100000"),
+    (["data.num_proc=0"], "data.num_proc must be null or 1 to 256, got 0"),
+    ([f"train.max_steps={10**30}"], "train.max_steps is out of range: 1000000000000000000000000000000"),
+    (["train.output_dir="], "train.output_dir is empty"),
+    (["data.source=  "], "data.source is empty"),
+    (["model.name=null"], "model.name: expected a string, got null"),
+    (["train.output_dir=runs/a\x00b"], "train.output_dir: a path cannot hold a NUL character"),
+    ([f"train.output_dir=runs/{'x' * 256}"], "train.output_dir: path too long"),
+    ([f"model.name=/{'/'.join(['m' * 200] * 21)}"], "model.name: path too long"),
 ])
 def test_refusals_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as e:
@@ -184,3 +204,68 @@ def test_recipe_dataclass_roundtrip(tmp_path):
     p.write_text(r.to_yaml())
     assert build_recipe(p) == r
     assert isinstance(r, Recipe)
+
+
+def _bomb(width: int = 9, depth: int = 9) -> str:
+    """Nested YAML aliases ("billion laughs"): a few hundred bytes that stand for width**depth values."""
+    lines = ["description:", f"  - &a0 [{', '.join(['lol'] * width)}]"]
+    lines += [f"  - &a{i} [{', '.join([f'*a{i - 1}'] * width)}]" for i in range(1, depth)]
+    return "\n".join(lines) + "\n"
+
+
+def test_yaml_aliases_that_expand_past_any_recipe_are_refused_in_well_under_a_second(tmp_path, capsys):
+    import time
+
+    p = tmp_path / "laughs.yaml"
+    p.write_text(_bomb())  # 9**9 = 387 million strings once expanded
+    start = time.perf_counter()
+    assert cli.main(["train", str(p), "--dry-run"]) == 2
+    assert time.perf_counter() - start < 2
+    err = capsys.readouterr().err
+    assert err == (f"samsum-tuner: error: {p}: refused: its YAML aliases expand to more than 100,000 values "
+                   "(a recipe has a few dozen)\n")
+    p.write_text("train: &t\n  seed: 5\n  nested: *t\n")  # an alias inside the node it names (line 1: the anchor)
+    with pytest.raises(ConfigError, match=rf"^{p}:1: invalid YAML: an alias refers to the node that holds it$"):
+        build_recipe(p)
+    with pytest.raises(ConfigError, match="aliases expand to more than"):
+        build_recipe(None, ["description=[&a [x, x, x, x, x, x, x, x, x, x], " + ", ".join(
+            f"&{c} [{', '.join([f'*{b}'] * 10)}]" for b, c in zip("abcde", "bcdef")) + "]"])
+    p.write_text("train:\n  seed: &s 7\n  logging_steps: *s\n")  # aliases as recipes may use them still work
+    r = build_recipe(p)
+    assert (r.train.seed, r.train.logging_steps) == (7, 7)
+    assert max(len(path.read_text()) for path in RECIPES) < 2000  # the committed recipes: far below the bound
+
+
+def test_yaml_values_python_cannot_hold_are_one_line(tmp_path):
+    p = tmp_path / "r.yaml"
+    for body, message in [("train:\n  seed: " + "9" * 5000 + "\n", "invalid YAML: Exceeds the limit"),
+                          ("description: " + "[" * 5000 + "]" * 5000 + "\n", "invalid YAML: nested too deeply"),
+                          ("train:\n  learning_rate: 1" + "0" * 400 + "\n", "train.learning_rate: expected a number")]:
+        p.write_text(body)
+        with pytest.raises(ConfigError, match=f"^{p}: .*{message}") as e:
+            build_recipe(p)
+        assert "\n" not in str(e.value) and len(str(e.value)) < 400
+    with pytest.raises(ConfigError, match="cannot read the recipe .File name too long."):
+        build_recipe(tmp_path / ("r" * 300 + ".yaml"))
+
+
+def test_the_output_folder_is_checked_where_it_will_go(tmp_path, monkeypatch):
+    from samsum_tuner.config import check_output_location
+
+    check_output_location(str(tmp_path / "new" / "run"))  # creatable: nothing left behind
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match=rf"^train.output_dir: {tmp_path / 'file'} is a file, not a folder$"):
+        check_output_location(str(tmp_path / "file" / "run"))
+    # /proc and /sys refuse new folders to root as well, where permission bits would not stop root
+    with pytest.raises(ConfigError, match=r"^train.output_dir: cannot create /proc/samsum-run/x \(/proc: "):
+        check_output_location("/proc/samsum-run/x")
+    with pytest.raises(ConfigError, match=r"^train.output_dir: cannot create /sys/samsum-run \(/sys: "):
+        check_output_location("/sys/samsum-run")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    import os
+
+    if os.geteuid() != 0:  # for everyone but root, permission bits are the read-only case
+        with pytest.raises(ConfigError, match="cannot create .*Permission denied"):
+            check_output_location(str(locked / "run"))

@@ -86,6 +86,14 @@ def test_cleaning_synthetic_bad_rows():
     (['{"id": "1", "dialogue": 5, "summary": "b"}'], "train.jsonl:1: 'dialogue' must be a string, got int"),
     (['[1, 2]'], "train.jsonl: item 1: expected a JSON object"),
     ([''], "train.jsonl: file is empty"),
+    (['{"id": 1e999, "dialogue": "a", "summary": "b"}'], "train.jsonl:1: number out of range in JSON line: 1e999"),
+    (['{"id": "1", "dialogue": "a", "summary": "b"}', '{"id": ' + "9" * 5000 + ', "dialogue": "a", "summary": "b"}'],
+     "train.jsonl:2: number out of range in JSON line: 99999999999999999999..."),
+    (['{"id": "1", "dialogue": "a", "summary": "b", "score": -Infinity}'],
+     "train.jsonl:1: malformed JSON line (-Infinity is not JSON)"),
+    (['[{"id": NaN, "dialogue": "a", "summary": "b"}]'], "train.jsonl: malformed JSON (NaN is not JSON)"),
+    (['[{"id": "1", "dialogue": "a",', ' "summary": "b", "n": 1e400}]'],
+     "train.jsonl: number out of range in JSON: 1e400"),
 ])
 def test_data_errors_name_file_and_line(tmp_path, lines, message):
     write_jsonl(tmp_path, "train", [], raw_lines=lines)
@@ -105,6 +113,54 @@ def test_invalid_utf8_and_empty_after_cleaning(tmp_path):
         load_clean_split(_cfg(tmp_path), "validation")
     with pytest.raises(DataError, match="folder ./nowhere does not exist"):
         load_clean_split(_cfg("./nowhere"), "train")
+
+
+def test_gzip_bodies_damaged_mid_stream_name_the_file(tmp_path):
+    body = gzip.compress(b"\n".join(json.dumps(r).encode() for r in synthetic_rows(200)))
+    damaged = bytearray(body)
+    damaged[len(body) // 2] ^= 0xFF  # the deflate stream itself: zlib's error, not gzip's
+    damaged[len(body) // 2 + 1] ^= 0xFF
+    crc = bytearray(body)
+    crc[-8] ^= 0xFF  # the trailer's CRC-32
+    path = tmp_path / "train.jsonl.gz"
+    for blob, message in [(bytes(damaged), f"{path}: cannot read (Error -3 while decompressing data"),
+                          (bytes(crc), f"{path}: cannot read (CRC check failed"),
+                          (body[: len(body) // 2], f"{path}: cannot read (Compressed file ended"),
+                          (gzip.compress(b'{"dialogue": "a", "summary": "b"}\n{"dialogue": "\xff"}'),
+                           f"{path}:2: invalid UTF-8")]:
+        path.write_bytes(blob)
+        with pytest.raises(DataError) as e:
+            load_clean_split(_cfg(tmp_path), "train")
+        assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_a_data_source_that_is_a_file_says_so(tmp_path):
+    write_jsonl(tmp_path, "train", synthetic_rows(2))
+    with pytest.raises(DataError, match=rf"^data.source: {tmp_path / 'train.jsonl'} is a file; expected a folder"):
+        load_clean_split(_cfg(tmp_path / "train.jsonl"), "train")
+
+
+@pytest.mark.parametrize("damage", ["cut in half", "garbage", "empty"])
+def test_a_corrupt_tokenized_cache_is_rebuilt_with_a_note(tmp_path, tokenizer, monkeypatch, capsys, damage):
+    monkeypatch.setenv("SAMSUM_TUNER_CACHE", str(tmp_path / "cache"))
+    write_jsonl(tmp_path / "d", "train", synthetic_rows(12))
+    cfg = _cfg(tmp_path / "d", eval_split=None, max_length=128)
+    first = tokenize_splits(cfg, tokenizer, read_splits(cfg))["train"]
+    ids, lengths = list(first.dataset["input_ids"]), first.lengths  # copied out: the dataset maps the file in
+    del first
+    [cached] = (tmp_path / "cache" / "tokenized").glob("*.arrow")
+    data = cached.read_bytes()
+    cached.write_bytes({"cut in half": data[: len(data) // 2], "garbage": b"not arrow" * 50, "empty": b""}[damage])
+    capsys.readouterr()
+    again = tokenize_splits(cfg, tokenizer, read_splits(cfg))["train"]
+    assert list(again.dataset["input_ids"]) == ids and again.lengths == lengths
+    note = [line for line in capsys.readouterr().out.splitlines() if "tokenized cache" in line]
+    assert len(note) == 1 and note[0].startswith(f"samsum_tuner: note: the tokenized cache of train ({cached}) is "
+                                                 "unreadable (") and note[0].endswith("); tokenizing again")
+    assert cached.read_bytes() == data  # written anew, whole
+    capsys.readouterr()
+    tokenize_splits(cfg, tokenizer, read_splits(cfg))  # and read back from then on, without a note
+    assert "tokenized cache" not in capsys.readouterr().out
 
 
 def test_samsum_data_dir_overrides_source(monkeypatch, tiny_data):

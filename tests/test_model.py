@@ -6,8 +6,8 @@ import torch
 
 from samsum_tuner.config import build_recipe
 from samsum_tuner.errors import ConfigError
-from samsum_tuner.model import (apply_adapters, check_model_source, load_model_config, parameter_counts,
-                                pretrained_kwargs, quantize_linears)
+from samsum_tuner.model import (apply_adapters, check_model, check_model_source, load_model_config, load_tokenizer,
+                                parameter_counts, pretrained_kwargs, quantize_linears)
 
 from .conftest import tiny_llama
 
@@ -31,6 +31,93 @@ def test_random_shapes_have_the_real_parameter_counts(shape, llama2_params):
 def test_unknown_random_shape_refused():
     with pytest.raises(ConfigError, match="unknown random shape 'random:llama3-8b'"):
         check_model_source(build_recipe(None, ["model.name=random:llama3-8b"]))
+
+
+def _folder(tmp_path, model_dir, name: str, config=None, skip=()):
+    """A copy of a model folder, its files linked, config.json written anew (dict or raw bytes) unless left out."""
+    import json
+
+    d = tmp_path / name
+    d.mkdir()
+    for f in model_dir.iterdir():
+        if f.name not in skip and f.name != "config.json":
+            (d / f.name).symlink_to(f)
+    if "config.json" not in skip:
+        body = json.loads((model_dir / "config.json").read_text()) if config is None else config
+        (d / "config.json").write_bytes(body if isinstance(body, bytes) else json.dumps(body).encode())
+    return d
+
+
+def _refusal(d, *overrides, loading=True) -> str:
+    with pytest.raises(ConfigError) as e:
+        check_model(build_recipe(None, [f"model.name={d}", *overrides]), loading=loading)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_a_broken_model_folder_is_named_before_any_weight_loads(tmp_path, tiny_model_dir):
+    import json
+
+    good = json.loads((tiny_model_dir / "config.json").read_text())
+    cases = [
+        (b'{"model_type": "llama",', "config.json:1: malformed JSON (Expecting property name"),
+        (b"[1, 2]", "config.json: expected a JSON object, got list"),
+        (b'{"model_type": "ll\xffama"}', "config.json is not UTF-8 text"),
+        ({**good, "model_type": "llamma"}, "config.json: unknown model_type 'llamma' (transformers "),
+        ({k: v for k, v in good.items() if k != "model_type"}, 'config.json has no model_type (e.g. "llama")'),
+        ({**good, "num_attention_heads": 0}, "config.json: num_attention_heads must be a positive integer, got 0"),
+        ({**good, "hidden_size": "64"}, "config.json: hidden_size must be a positive integer, got '64'"),
+        ({**good, "rms_norm_eps": "small"}, "config.json: Validation error for field 'rms_norm_eps'"),
+        ({**good, "model_type": "mine", "auto_map": {"AutoConfig": "mine.Config"}},
+         "defines its architecture in its own Python code (config.json auto_map); set model.trust_remote_code=true"),
+        ({"model_type": "vit"}, "is a vit model, which transformers has no causal-LM class for"),
+    ]
+    for i, (config, message) in enumerate(cases):
+        d = _folder(tmp_path, tiny_model_dir, f"m{i}", config)
+        assert message in _refusal(d), (config, message)
+        assert _refusal(d).startswith("model.name: ")
+
+
+def test_weights_are_checked_when_a_run_loads_them_only(tmp_path, tiny_model_dir):
+    import json
+
+    bare = _folder(tmp_path, tiny_model_dir, "bare", skip=("model.safetensors",))
+    assert _refusal(bare) == (f"model.name: {bare} holds no weights (model.safetensors, pytorch_model.bin or a "
+                              "sharded index)")
+    check_model(build_recipe(None, [f"model.name={bare}"]), loading=False)  # a dry run or a plan needs no weights
+    index = {"weight_map": {"lm_head.weight": "part-2.safetensors"}}
+    (bare / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert _refusal(bare) == f"model.name: part-2.safetensors, a shard named in {bare}'s weight index, is missing"
+    (bare / "model.safetensors.index.json").write_text('{"weight_map": [1]}')
+    assert _refusal(bare).endswith("model.safetensors.index.json is not a weight index (JSON with a weight_map of "
+                                   "tensor names to shard files)")
+    cut = _folder(tmp_path, tiny_model_dir, "cut", skip=("model.safetensors",))
+    (cut / "model.safetensors").write_bytes((tiny_model_dir / "model.safetensors").read_bytes()[:100_000])
+    assert _refusal(cut).startswith(f"model.name: {cut / 'model.safetensors'} is not a readable safetensors file (")
+    check_model(build_recipe(None, [f"model.name={tiny_model_dir}"]), loading=True)  # the whole folder passes
+
+
+def test_lora_targets_are_checked_against_the_models_module_names(tmp_path, tiny_model_dir):
+    message = _refusal(tiny_model_dir, "--use_peft", "lora.target_modules=q_proj,c_attn,query_key_value")
+    assert message == (f"lora.target_modules: c_attn, query_key_value not in {tiny_model_dir}; its linear layers are "
+                       "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj")
+    for targets in ("q_proj,v_proj", "self_attn.o_proj,mlp.up_proj,lm_head", "all-linear"):  # as peft matches them
+        check_model(build_recipe(None, [f"model.name={tiny_model_dir}", "--use_peft",
+                                        f"lora.target_modules={targets}"]))
+    check_model(build_recipe(None, [f"model.name={tiny_model_dir}", "lora.target_modules=nothing"]))  # LoRA off
+    with pytest.raises(ConfigError, match="^lora.target_modules: wq not in random:llama2-70b; its linear layers are "):
+        check_model(build_recipe(None, ["model.name=random:llama2-70b", "--use_peft", "lora.target_modules=wq"]))
+
+
+def test_a_tokenizer_that_cannot_load_is_one_line(tmp_path, tiny_model_dir):
+    none = _folder(tmp_path, tiny_model_dir, "none", skip=("tokenizer.json", "tokenizer_config.json"))
+    with pytest.raises(ConfigError, match=rf"^model.name: cannot load a tokenizer from {none} \(no tokenizer.json, "
+                                          r"tokenizer.model, vocab.json, vocab.txt, spiece.model\)$"):
+        load_tokenizer(build_recipe(None, [f"model.name={none}"]))
+    bad = _folder(tmp_path, tiny_model_dir, "bad", skip=("tokenizer.json",))
+    (bad / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    with pytest.raises(ConfigError, match=rf"^model.name: cannot load a tokenizer from {bad} \(.+\)$"):
+        load_tokenizer(build_recipe(None, [f"model.name={bad}"]))
 
 
 def test_fsdp_loading_has_no_device_map_and_4bit_storage_in_compute_dtype():

@@ -80,9 +80,11 @@ def remote_code_model_dir(tmp_path, tokenizer):
     marker = tmp_path / "RAN"
     # Subclasses, not aliases: loading registers them for auto classes, which must not touch the real Llama.
     (d / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
-                               "from transformers import LlamaConfig, LlamaForCausalLM\n"
+                               "print('evil.py ran', flush=True)\n"
+                               "from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast\n"
                                "class EvilConfig(LlamaConfig):\n    pass\n"
-                               "class EvilModel(LlamaForCausalLM):\n    config_class = EvilConfig\n")
+                               "class EvilModel(LlamaForCausalLM):\n    config_class = EvilConfig\n"
+                               "class EvilTokenizer(PreTrainedTokenizerFast):\n    pass\n")
     return d, marker
 
 
@@ -98,6 +100,43 @@ def test_remote_code_runs_only_when_the_recipe_asks(remote_code_model_dir, tiny_
     r.model.trust_remote_code = True
     load_model(r)
     assert marker.read_text() == "ran"  # the same folder does run code once the recipe says so
+
+
+@pytest.mark.parametrize("code_in", ["config", "tokenizer"])
+def test_dry_run_and_plan_run_no_model_folder_code_even_when_trusted(remote_code_model_dir, tiny_data, capsys,
+                                                                     code_in):
+    from samsum_tuner import cli
+
+    d, marker = remote_code_model_dir
+    if code_in == "tokenizer":  # the tokenizer's own class, which AutoTokenizer imports from the folder when trusted
+        cfg = json.loads((d / "config.json").read_text())
+        del cfg["auto_map"]
+        (d / "config.json").write_text(json.dumps(cfg))
+        tok = json.loads((d / "tokenizer_config.json").read_text())
+        tok["auto_map"] = {"AutoTokenizer": [None, "evil.EvilTokenizer"]}
+        (d / "tokenizer_config.json").write_text(json.dumps(tok))
+    args = [f"model.name={d}", f"data.source={tiny_data}", "model.trust_remote_code=true", "--use_peft"]
+    assert cli.main(["train", *args, "--dry-run"]) == 0
+    assert cli.main(["plan", *args]) == 0
+    assert cli.main(["plan", *args, "--lengths", "default"]) == 0
+    out = capsys.readouterr().out
+    assert not marker.exists() and "evil.py ran" not in out
+    notes = [line for line in out.splitlines() if "trust_remote_code" in line and "note" in line]
+    assert len(notes) == 3 and notes[0] == (
+        f"samsum_tuner: note: model.trust_remote_code=true: a training run would run the Python code that {d} ships"
+        f"{' (evil.py, named in its config.json auto_map)' if code_in == 'config' else ''}; a dry run or a plan runs "
+        "none of it")
+
+
+def test_trusted_remote_code_is_announced_before_it_runs(remote_code_model_dir, tiny_data, tmp_path, capsys):
+    d, marker = remote_code_model_dir
+    st.prepare(_recipe(d, tiny_data, tmp_path / "run", "model.trust_remote_code=true"))  # checks, data, tokenizer
+    out = capsys.readouterr().out.splitlines()
+    warning = f"samsum_tuner: warning: model.trust_remote_code=true: loading {d} runs the Python code it ships " \
+              "(evil.py, named in its config.json auto_map); use it only with a model you trust"
+    assert marker.read_text() == "ran" and out.index(warning) < out.index("evil.py ran")
+    st.prepare(_recipe(d, tiny_data, tmp_path / "run2"))  # untrusted: no warning, no code
+    assert "trust_remote_code" not in capsys.readouterr().out
 
 
 def test_overwrite_moves_the_old_checkpoints_aside_and_resume_never_mixes_runs(tiny_model_dir, tiny_data, tmp_path):
