@@ -163,7 +163,8 @@ def train_lengths(recipe: Recipe) -> tuple[list[int], list[int]]:
                              if len(whys) == 1 else "cannot reach " + " or ".join(f"{w} ({y})" for w, y in missing))
     data = replace(recipe.data, eval_split=None)
     raw = read_splits(data)  # data errors (file:line) before the tokenizer
-    split = tokenize_splits(data, load_tokenizer(recipe, local_files_only=cached_tokenizer), raw)["train"]
+    tokenizer = load_tokenizer(recipe, run_code=False, local_files_only=cached_tokenizer)
+    split = tokenize_splits(data, tokenizer, raw)["train"]
     return split.lengths, split.supervised
 
 

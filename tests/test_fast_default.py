@@ -73,7 +73,8 @@ def test_the_wait_for_the_first_optimizer_step_is_printed_and_kept(tiny_model_di
                         f"step {m['first_step_s']} s, compilation included)")
     # Launch is the process's start: this test process began before the run, its load and its first step.
     assert m['first_step_after_launch_s'] >= m['model_load_s'] + m['before_first_step_s'] + m['first_step_s']
-    assert m['before_first_step_s'] > 0 and m['first_step_s'] > 0
+    # Tenths of a second: a tiny model's evaluation and step can round to 0.0 on an idle machine.
+    assert m['before_first_step_s'] >= 0 and m['first_step_s'] >= 0 and m['model_load_s'] >= 0
     saved = json.loads((out / "metrics.json").read_text())
     assert {k: saved[k] for k in ("first_step_after_launch_s", "model_load_s", "first_step_s")} == \
         {k: m[k] for k in ("first_step_after_launch_s", "model_load_s", "first_step_s")}

@@ -425,7 +425,10 @@ def lora_target_absent(w, rng):
     absent = rng.sample(ABSENT_MODULES, rng.randint(1, 2))
     targets = [*rng.sample(["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"], rng.randint(0, 2)), *absent]
     rng.shuffle(targets)
-    return Case("lora-target-absent", [*w.base(rng), "--use_peft", f"lora.target_modules={','.join(targets)}"],
+    # A new run directory: the existing run's checkpoint is a full fine-tune, which a LoRA resume would refuse first.
+    args = [a for a in w.base(rng) if not a.startswith(("train.output_dir=", "resume=", "train.overwrite"))]
+    return Case("lora-target-absent", [*args, f"train.output_dir={w.tmp / 'never-created'}", "--use_peft",
+                                       f"lora.target_modules={','.join(targets)}"],
                 f"lora.target_modules: {', '.join(t for t in targets if t in absent)} not in {w.model_dir}; its "
                 "linear layers are down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj")
 
