@@ -17,7 +17,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .config import DataConfig, Recipe, build_recipe, describe_precision
+from .config import DataConfig, Recipe, describe_precision
+from .recipe import build_recipe
 from .data import PreparedSplit, read_splits, tokenize_splits
 from .errors import (ConfigError, DiskFull, TrainingDiverged, TrainingInterrupted, TrainingOutOfMemory,
                      WontFitError)
@@ -71,7 +72,7 @@ class Prepared:
 
 
 def _check_output_dir(recipe: Recipe) -> None:
-    from .config import check_output_location
+    from .checks import check_output_location
     from .rundir import check_output_dir
 
     t = recipe.train
@@ -230,7 +231,8 @@ def build_trainer(recipe: Recipe, *, prepared: Prepared | None = None, callbacks
     from .guards import NonFiniteGuard
     from .memory import MemoryCallback, apply_gpu_limit
     from .model import layers_to_wrap, load_model
-    from .trainer import FirstStepTimer, SamsumTrainer, ThroughputCallback, build_collator, training_arguments
+    from .resolve import training_arguments
+    from .trainer import FirstStepTimer, SamsumTrainer, ThroughputCallback, build_collator
 
     prepared = prepared or prepare(recipe)
     launch = prepared.launch

@@ -306,6 +306,10 @@ ALIAS_NOTES = {
     "dataset": "samsum_dataset only (checked; SAMSum is the only dataset)",
     "batch_size_training": "samples per optimizer step: train.gradient_accumulation_steps = N / micro_batch_size",
     "fast_path": "true: packed padding-free rows, one per optimizer step, sdpa (README: the fast path)",
+    "load_in_4bit": "bitsandbytes' name: true sets 4 (NF4)",
+    "load_in_8bit": "bitsandbytes' name: true sets 8",
+    "torch_dtype": "float32, bfloat16 or float16 (auto: null)",
+    "gradient_checkpointing": "TrainingArguments' and TRL's name for the one switch",
 }
 
 
@@ -320,8 +324,14 @@ def _shown_default(value: Any) -> str:
     return str(value)
 
 
+def one_line(text: str) -> str:
+    """A field's help on one line (TrainingArguments' own helps run over several)."""
+    return " ".join(text.split())
+
+
 def main_keys(argv: list[str], prog: str = "samsum-tuner keys") -> int:
-    from .config import ALIASES, SECTIONS, Recipe
+    from .config import SECTIONS, Recipe
+    from .recipe import ALIASES
 
     p = _Parser(prog=prog, allow_abbrev=False,
                 description="Every recipe key with its default and one line of help, then the original "
@@ -335,15 +345,15 @@ def main_keys(argv: list[str], prog: str = "samsum-tuner keys") -> int:
         rows = []
         for section in [s for s in SECTIONS if opts.section in (None, s)]:
             obj = getattr(Recipe(), section)
-            rows += [(f"{section}.{f.name}", _shown_default(getattr(obj, f.name)), f.metadata.get("help", ""))
-                     for f in dataclasses.fields(obj)]
+            rows += [(f"{section}.{f.name}", _shown_default(getattr(obj, f.name)), one_line(f.metadata.get("help", "")))
+                     for f in dataclasses.fields(obj) if f.init]
         if opts.section is None:
             d = next(f for f in dataclasses.fields(Recipe) if f.name == "description")
             rows.append(("description", _shown_default(d.default), d.metadata.get("help", "")))
         if opts.section in (None, "aliases"):
             rows.append(("", "", ""))
-            rows.append(("alias", "sets", "the original llama-recipes flags and our own: --alias value, "
-                         "--alias=value or alias=value"))
+            rows.append(("alias", "sets", "the original llama-recipes flags, TRL's, peft's and bitsandbytes' names and "
+                         "our own: --alias value, --alias=value or alias=value; every train.KEY is also --KEY"))
             for alias, (target, _) in ALIASES.items():
                 sets = target if target and not target.startswith("_") else "-"
                 rows.append((f"--{alias}", sets, ALIAS_NOTES.get(alias, "")))

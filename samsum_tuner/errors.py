@@ -1,6 +1,8 @@
 """Errors meant for people: the CLI prints the message on one line and exits with `exit_code`."""
 from __future__ import annotations
 
+from typing import Any
+
 
 class SamsumTunerError(Exception):
     exit_code = 2
@@ -47,3 +49,9 @@ class TrainingInterrupted(KeyboardInterrupt):
     notebook) that stops on one still does; the CLI prints the message as its one line and exits 130."""
 
     exit_code = 130
+
+
+def brief(value: Any) -> str:
+    """A value as it goes into a one-line message: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

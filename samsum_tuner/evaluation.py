@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from .config import Recipe, build_recipe, split_overrides
+from .config import Recipe
+from .recipe import build_recipe, split_overrides
 from .data import load_clean_split
 from .errors import ConfigError
 

@@ -86,24 +86,3 @@ def check_environment(recipe: Recipe, launch: Launch) -> None:
     if launch.fsdp and launch.launcher == "python":
         raise ConfigError("refused: fsdp.enabled needs a distributed launch: torchrun --nproc_per_node N -m "
                           "samsum_tuner.train ... or accelerate launch --config_file accelerate_configs/fsdp4.yaml")
-
-
-def fsdp_training_args(recipe: Recipe, launch: Launch, layer_cls: list[str]) -> dict:
-    """TrainingArguments FSDP fields for a torchrun launch; accelerate launches bring their own plugin."""
-    if not launch.fsdp or launch.launcher == "accelerate":
-        return {}
-    f = recipe.fsdp
-    options = ["full_shard" if f.sharding_strategy == "FULL_SHARD" else f.sharding_strategy.lower(), "auto_wrap"]
-    if f.cpu_offload:
-        options.append("offload")
-    return {
-        "fsdp": " ".join(options),
-        "fsdp_config": {
-            "version": f.version,
-            "transformer_layer_cls_to_wrap": layer_cls,
-            "reshard_after_forward": f.sharding_strategy == "FULL_SHARD",
-            "state_dict_type": "SHARDED_STATE_DICT",
-            # Rank 0 loads the checkpoint, the others start on meta: one host copy, not one per rank.
-            "cpu_ram_efficient_loading": True,
-        },
-    }

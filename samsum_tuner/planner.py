@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import Recipe, validate
+from .checks import validate
+from .config import Recipe
 from .errors import ConfigError
 
 GIB = 2**30

@@ -12,15 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import (DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer, TrainerCallback,
-                          TrainingArguments)
+from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer, TrainerCallback
 from transformers.trainer_utils import speed_metrics
 
 from .checkpoint import RECIPE_FILE, atomic_checkpoint, rotate, saved_recipe, worst_over_processes
 from .config import Recipe
 from .data import IGNORE_INDEX, token_budget_batches
 from .guards import NonFiniteGuard
-from .launch import Launch, fsdp_training_args
 from .memory import MemoryCallback
 
 
@@ -213,25 +211,16 @@ class SamsumTrainer(TokenCounting, Trainer):
     def _lengths(dataset) -> list[int]:
         return [len(ids) for ids in dataset["input_ids"]]
 
-    def create_optimizer(self, model=None):
-        t = self.recipe.train
-        if t.optim != "sgd" or self.optimizer is not None:
-            return super().create_optimizer(model)
-        # A real SGD with momentum, no weight decay: upstream llama-recipes silently trained AdamW here.
-        params = [p for p in (model or self.model).parameters() if p.requires_grad]
-        self.optimizer = torch.optim.SGD(params, lr=t.learning_rate, momentum=t.momentum, weight_decay=t.weight_decay)
-        return self.optimizer
-
     def create_scheduler(self, num_training_steps: int, optimizer=None):
-        t = self.recipe.train
-        if t.lr_scheduler_type != "steplr" or self.lr_scheduler is not None:
+        if self.args.lr_scheduler_type != "steplr" or self.lr_scheduler is not None:
             return super().create_scheduler(num_training_steps, optimizer)
-        # The original's StepLR(step_size=1, gamma) stepped once per epoch; the Trainer steps per update.
+        # The original's StepLR(step_size=1, gamma) stepped once per epoch; the Trainer steps per update. Warmup
+        # as transformers' linear warmup.
         steps_per_epoch = max(1, math.ceil(len(self.get_train_dataloader()) / self.args.gradient_accumulation_steps))
-        gamma = t.gamma
+        gamma, warmup = self.args.gamma, self.args.get_warmup_steps(num_training_steps)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer or self.optimizer, lambda step: gamma ** (step // steps_per_epoch)
-        )
+            optimizer or self.optimizer,
+            lambda step: (step / warmup if step < warmup else 1.0) * gamma ** (step // steps_per_epoch))
         return self.lr_scheduler
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -583,66 +572,3 @@ class PackedCollator:
                     extra = torch.full((1, tail), fills.get(key, 0), dtype=value.dtype)
                 batch[key] = torch.cat([value, extra], dim=1)
         return batch
-
-
-# transformers renamed gradient_checkpointing to activation_checkpointing (the old name now warns); older releases
-# (5.17 on the GPU image) have only the old one.
-CHECKPOINTING = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
-                 else "gradient_checkpointing")
-
-
-def training_arguments(recipe: Recipe, launch: Launch, layer_cls: list[str], has_eval: bool) -> TrainingArguments:
-    t = recipe.train
-    optim = "adamw_torch" if t.optim == "sgd" else t.optim  # sgd is built by SamsumTrainer
-    scheduler = "constant" if t.lr_scheduler_type == "steplr" else t.lr_scheduler_type
-    kwargs: dict[str, Any] = dict(
-        output_dir=t.output_dir,
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        per_device_eval_batch_size=t.per_device_eval_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        learning_rate=t.learning_rate,
-        weight_decay=t.weight_decay,
-        num_train_epochs=t.num_train_epochs,
-        max_steps=t.max_steps,
-        lr_scheduler_type=scheduler,
-        warmup_steps=t.warmup_steps,
-        optim=optim,
-        max_grad_norm=t.max_grad_norm,
-        fp16=t.fp16,
-        bf16=t.bf16,
-        seed=t.seed,
-        logging_steps=t.logging_steps,
-        logging_first_step=True,
-        eval_strategy=t.eval_strategy if has_eval else "no",
-        eval_steps=t.eval_steps,
-        eval_on_start=t.eval_on_start and has_eval and t.eval_strategy != "no",
-        # Evaluation reports the loss; without this the Trainer keeps every eval batch's logits (vocab x tokens)
-        # on the device until the end: gigabytes for a 7B on the full validation split.
-        prediction_loss_only=True,
-        save_strategy=t.save_strategy,
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        dataloader_num_workers=t.dataloader_num_workers,
-        report_to=list(t.report_to),
-        disable_tqdm=t.disable_tqdm,
-        # Each decoder layer recomputed in backward (on under FSDP by default, config.py), quantized models too (peft's
-        # own switch goes through transformers' deprecated gradient_checkpointing_enable). Under FSDP, unlike
-        # accelerate's wrapper, it replays the dropout masks and keeps the layer names peft saves adapters by.
-        **{CHECKPOINTING: recipe.checkpoints_activations, f"{CHECKPOINTING}_kwargs": {"use_reentrant": False}},
-        remove_unused_columns=False,
-        # Counted by TokenCounting instead: the Trainer's count reads the GPU back every micro-batch.
-        include_num_input_tokens_seen="no",
-        # Its NaN filter of the logged loss reads the loss back every micro-batch too; NonFiniteGuard stops a run
-        # whose loss is not finite, and with the guard off a non-finite loss is logged as it is.
-        logging_nan_inf_filter=False,
-        use_cpu=not torch.cuda.is_available(),
-        ddp_find_unused_parameters=False if launch.world_size > 1 and not launch.fsdp else None,
-    )
-    # Batches come from pinned memory (the Trainer's default with CUDA): copied without blocking, the next batch no
-    # longer waits for the previous optimizer step to finish on the GPU before the host can queue its forward.
-    # Without CUDA nothing is pinned or copied, and non_blocking would only draw the Trainer's notice about pinning.
-    kwargs["accelerator_config"] = {"non_blocking": True} if torch.cuda.is_available() else {}
-    if launch.fsdp and t.gradient_accumulation_steps > 1 and recipe.fsdp.reduce_every_micro_batch:
-        kwargs["accelerator_config"]["gradient_accumulation_kwargs"] = {"sync_each_batch": True}
-    kwargs.update(fsdp_training_args(recipe, launch, layer_cls))
-    return TrainingArguments(**kwargs)

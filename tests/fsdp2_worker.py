@@ -18,7 +18,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import fully_shard
 
 from samsum_tuner import checkpoint as ck
-from samsum_tuner.config import build_recipe
+from samsum_tuner.recipe import build_recipe
 from samsum_tuner.model import load_model
 
 SAVE_EVERY, BATCH, SEQ = 2, 2, 24

@@ -111,7 +111,7 @@ def test_every_gpu_matrix_run_builds_a_valid_recipe():
         import gpu_matrix
     finally:
         sys.path.remove(str(BENCH))
-    from samsum_tuner.config import build_recipe
+    from samsum_tuner.recipe import build_recipe
     from samsum_tuner.errors import ConfigError
 
     root = BENCH.parent
@@ -225,7 +225,7 @@ def test_a_warm_up_run_is_compared_but_is_no_baseline():
 def test_the_gpu_table_plans_each_run_with_the_checkpointing_it_ran_with():
     """Runs recorded before FSDP checkpointed activations by default ran their FSDP steps without it (their recipes
     recorded false); a run since that leaves the setting unset is planned checkpointed under FSDP, as it ran."""
-    from samsum_tuner.config import build_recipe
+    from samsum_tuner.recipe import build_recipe
 
     gpu_table, gpu_matrix = _bench_module("gpu_table"), _bench_module("gpu_matrix")
     session = gpu_table.RESULTS / "2026-12-04b-h200"

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from samsum_tuner import cli
-from samsum_tuner.config import ORIGINAL_PROMPT, Recipe, build_recipe, describe_precision, split_overrides
+from samsum_tuner.config import ORIGINAL_PROMPT, Recipe, describe_precision
+from samsum_tuner.recipe import build_recipe, split_overrides
 from samsum_tuner.errors import ConfigError
 
 from .conftest import ROOT
@@ -250,7 +251,7 @@ def test_yaml_values_python_cannot_hold_are_one_line(tmp_path):
 
 
 def test_the_output_folder_is_checked_where_it_will_go(tmp_path, monkeypatch):
-    from samsum_tuner.config import check_output_location
+    from samsum_tuner.checks import check_output_location
 
     check_output_location(str(tmp_path / "new" / "run"))  # creatable: nothing left behind
     assert list(tmp_path.iterdir()) == []
@@ -269,3 +270,43 @@ def test_the_output_folder_is_checked_where_it_will_go(tmp_path, monkeypatch):
     if os.geteuid() != 0:  # for everyone but root, permission bits are the read-only case
         with pytest.raises(ConfigError, match="cannot create .*Permission denied"):
             check_output_location(str(locked / "run"))
+
+
+def test_train_is_training_arguments_and_takes_every_field_and_trls_flat_flags():
+    from transformers import TrainingArguments
+
+    r = build_recipe(None, ["--model_name_or_path", "/tmp/m", "--learning_rate", "3e-4", "--adam_beta2", "0.98",
+                            "--per_device_train_batch_size", "2", "train.lr_scheduler_kwargs={'num_cycles': 2}",
+                            "--lora_alpha", "16", "--lora_r", "4", "--load_in_4bit", "--use_peft",
+                            "--bnb_4bit_quant_type", "fp4", "--gradient_checkpointing", "--dataset_name", "/tmp/d"])
+    assert isinstance(r.train, TrainingArguments)
+    assert r.model.name == "/tmp/m" and r.train.learning_rate == 3e-4 and r.train.adam_beta2 == 0.98
+    assert r.train.per_device_train_batch_size == 2 and r.train.lr_scheduler_kwargs == {"num_cycles": 2}
+    assert (r.lora.alpha, r.lora.r, r.quantization.bits, r.quantization.quant_type) == (16, 4, 4, "fp4")
+    assert r.model.gradient_checkpointing is True and r.data.source == "/tmp/d"
+    assert "adam_beta2" in r.to_dict()["train"] and "adam_beta1" not in r.to_dict()["train"]  # set, or ours only
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.fsdp=full_shard", "train.fsdp is decided by fsdp.enabled"),
+    ("train.use_cpu=true", "train.use_cpu is decided by the machine"),
+    ("train.gradient_checkpointing=true", "train.gradient_checkpointing is decided by model.gradient_checkpointing"),
+    ("train.optim_args=momentum=0.5", "SGD's momentum is train.momentum"),
+    ("train.logging_strategy=sometimes", "train.logging_strategy: unknown choice 'sometimes'"),
+    ("train.hub_strategy=every_svae", "did you mean every_save?"),
+])
+def test_training_arguments_decided_elsewhere_or_invalid_are_refused_in_one_line(override, message):
+    extra = ["train.optim=sgd"] if "momentum" in override else []
+    with pytest.raises(ConfigError, match=message.replace("?", r"\?").replace("(", r"\(")):
+        build_recipe(None, [override, *extra])
+
+
+def test_training_arguments_refusals_at_completion_are_one_line(tmp_path):
+    from samsum_tuner.launch import Launch
+    from samsum_tuner.resolve import training_arguments
+
+    r = build_recipe(None, [f"train.output_dir={tmp_path}", "train.load_best_model_at_end=true",
+                            "train.eval_strategy=steps", "train.eval_steps=3", "train.save_strategy=epoch"])
+    with pytest.raises(ConfigError, match=r"^train: .*load_best_model_at_end") as e:
+        training_arguments(r, Launch("python", 1, 0, 0, False, False), ["LlamaDecoderLayer"], has_eval=True)
+    assert "\n" not in str(e.value)

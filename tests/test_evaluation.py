@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from samsum_tuner import cli
-from samsum_tuner.config import build_recipe
+from samsum_tuner.recipe import build_recipe
 from samsum_tuner.data import DataConfig, tokenize_row
 from samsum_tuner.evaluation import GenerationConfig, evaluate, generate, rouge
 from samsum_tuner.trainer import build_collator

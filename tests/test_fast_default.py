@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import samsum_tuner as st
-from samsum_tuner.config import build_recipe
+from samsum_tuner.recipe import build_recipe
 from samsum_tuner.errors import ConfigError
 from samsum_tuner.model import compiles, use_compile_cache
 

@@ -390,7 +390,7 @@ def seed_out_of_range(w, rng):
 
 
 def _names(what: str) -> list[str]:
-    from samsum_tuner.config import _library_names
+    from samsum_tuner.checks import _library_names
 
     return _library_names(what)
 

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from samsum_tuner import cli
-from samsum_tuner.config import build_recipe
+from samsum_tuner.recipe import build_recipe
 
 from .damage import assert_refused, base, cut, edit, files_of, nothing, other_base, remove, write
 

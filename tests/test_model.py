@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from samsum_tuner.config import build_recipe
+from samsum_tuner.recipe import build_recipe
 from samsum_tuner.errors import ConfigError
 from samsum_tuner.model import (apply_adapters, check_model, check_model_source, load_model_config, load_tokenizer,
                                 parameter_counts, pretrained_kwargs, quantize_linears)

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from samsum_tuner.config import build_recipe
+from samsum_tuner.recipe import build_recipe
 from samsum_tuner.data import IGNORE_INDEX
 from samsum_tuner.trainer import build_collator
 

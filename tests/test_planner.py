@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from samsum_tuner.config import Recipe, build_recipe
+from samsum_tuner.config import Recipe
+from samsum_tuner.recipe import build_recipe
 from samsum_tuner.errors import ConfigError
 from samsum_tuner.planner import (CUDA_CONTEXT_GIB, FRAGMENTATION, GIB, LLAMA_SHAPES, ModelShape,
                                   layer_activation_bytes, plan, shape_for_model_name, shape_from_config)
@@ -513,9 +514,9 @@ from peft import get_peft_model_state_dict
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.fsdp import fully_shard
-from samsum_tuner.config import build_recipe
+from samsum_tuner.recipe import build_recipe
 from samsum_tuner.model import load_model
-from samsum_tuner.trainer import training_arguments
+from samsum_tuner.resolve import training_arguments
 from samsum_tuner.launch import Launch
 dist.init_process_group("gloo")
 rank = dist.get_rank()
@@ -673,7 +674,7 @@ def test_planner_and_training_checkpoint_the_same_runs(name, setting, tmp_path, 
     it: test_entrypoints.py). Unset: FSDP runs checkpoint every decoder layer and the others do not."""
     from samsum_tuner.launch import Launch
     from samsum_tuner.model import apply_adapters, quantize_linears
-    from samsum_tuner.trainer import training_arguments
+    from samsum_tuner.resolve import training_arguments
 
     monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "")  # TrainingArguments writes it; restored afterwards
     overrides = [f"train.output_dir={tmp_path}"] + ([f"model.gradient_checkpointing={setting}"] if setting else [])
@@ -758,7 +759,7 @@ def test_plan_command_takes_the_worst_batch_from_the_recipes_data(tiny_data, tok
 
 MEASURE_CPU_STEP = """
 import json, sys, torch
-from samsum_tuner.config import build_recipe
+from samsum_tuner.recipe import build_recipe
 from samsum_tuner.memory import HostPeakSampler
 from samsum_tuner.model import load_model
 model = load_model(build_recipe(sys.argv[1], ["data.max_length=256"]), fsdp=False)

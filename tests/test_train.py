@@ -78,6 +78,31 @@ def test_sgd_is_a_real_sgd_with_momentum_and_steplr_per_epoch(tiny_model_dir, ti
     assert lrs == pytest.approx([1e-2] * 5 + [5e-3] * 5 + [2.5e-3] * 5)  # 40 rows / 8 = 5 steps per epoch
 
 
+def test_sgd_is_transformers_own_and_training_args_json_is_the_truth(tiny_model_dir, tiny_data, tmp_path):
+    """optim=sgd is TrainingArguments' own SGD (its momentum from train.momentum), holding torch.optim.SGD's state for
+    every trainable parameter; training_args.json records what ran: sgd, steplr and their settings."""
+    out = tmp_path / "run"
+    r = _recipe(tiny_model_dir, tiny_data, out, "train.optim=sgd", "train.momentum=0.8", "train.learning_rate=1e-2",
+                "train.warmup_steps=2", "train.per_device_train_batch_size=8", "train.gradient_accumulation_steps=1",
+                "train.max_steps=6", "train.save_strategy=no", "train.eval_strategy=no")
+    trainer = st.build_trainer(r)
+    st.train(r, trainer=trainer)
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    assert type(inner) is torch.optim.SGD and inner.defaults["momentum"] == 0.8
+    assert not inner.defaults["nesterov"] and inner.defaults["dampening"] == 0
+    params = [p for group in inner.param_groups for p in group["params"]]
+    trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+    assert len(params) == len(trainable) and {id(p) for p in params} == {id(p) for p in trainable}
+    assert all(inner.state[p]["momentum_buffer"].shape == p.shape for p in trainable)
+    saved = json.loads((out / "training_args.json").read_text())
+    ran = (saved["optim"], saved["lr_scheduler_type"], saved["momentum"], saved["gamma"])
+    assert ran == ("sgd", "steplr", 0.8, 0.85)
+    assert saved["optim_args"] == "momentum=0.8" and saved["learning_rate"] == 1e-2
+    # StepLR's schedule with transformers' linear warmup: 0, 1/2, then the full rate (40 rows / 8: 5 steps an epoch)
+    lrs = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
+    assert lrs == pytest.approx([0.0, 5e-3, 1e-2, 1e-2, 1e-2, 8.5e-3])
+
+
 def test_reported_loss_is_the_true_mean_not_divided_by_accumulation(tiny_model_dir, tmp_path, tokenizer):
     rows = [{"id": str(i), "dialogue": "Ann: where are you?\nBob: at home", "summary": "Bob is at home."}
             for i in range(8)]
@@ -197,9 +222,9 @@ def test_longest_first_puts_the_worst_batch_at_step_one(tiny_model_dir, tmp_path
 def test_fsdp_reduces_gradients_after_every_micro_batch_unless_told_not_to(launcher, tmp_path):
     """The Trainer skips the gradient sync on all but the last micro-batch unless its accelerator's
     gradient-accumulation plugin says sync_each_batch; under FSDP2 the skip holds every gradient unsharded."""
-    from samsum_tuner.config import build_recipe
+    from samsum_tuner.recipe import build_recipe
     from samsum_tuner.launch import Launch
-    from samsum_tuner.trainer import training_arguments
+    from samsum_tuner.resolve import training_arguments
 
     def sync_each_batch(*overrides: str) -> bool:
         recipe = build_recipe(str(ROOT / "recipes" / "full_sgd.yaml"), [f"train.output_dir={tmp_path}", *overrides])

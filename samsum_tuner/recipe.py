@@ -1,0 +1,408 @@
+"""Reading a recipe: defaults <- YAML file <- command-line overrides, with the names users bring from the original
+llama-recipes flags, peft, bitsandbytes and TRL, then checked (`checks.validate`)."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import SECTIONS, Recipe, TrainConfig
+from .checks import validate
+from .errors import ConfigError, brief as _brief
+
+
+def _to_bool(v: Any, key: str) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in ("true", "yes", "1", "on"):
+        return True
+    if isinstance(v, str) and v.lower() in ("false", "no", "0", "off"):
+        return False
+    if isinstance(v, int) and v in (0, 1):
+        return bool(v)
+    raise ConfigError(f"{key}: expected true or false, got {v!r}")
+
+
+def _quantization_bits(v: Any, key: str) -> int | None:
+    # The seed's fork: `--quantization True` meant 4-bit NF4.
+    if isinstance(v, str) and v.lower() in ("4bit", "4", "nf4"):
+        return 4
+    if isinstance(v, str) and v.lower() in ("8bit", "8", "int8"):
+        return 8
+    if isinstance(v, int) and not isinstance(v, bool) and v in (4, 8):
+        return v
+    return 4 if _to_bool(v, key) else None
+
+
+def _optimizer_name(v: Any, key: str) -> str:
+    names = {"sgd": "sgd", "adamw": "adamw_torch", "anyprecision": "adamw_torch"}
+    got = str(v).lower()
+    if got not in names:
+        raise ConfigError(f"{key}: unknown optimizer {v!r}; use SGD or AdamW")
+    return names[got]
+
+
+def _peft_method(v: Any, key: str) -> str:
+    if str(v).lower() != "lora":
+        raise ConfigError(f"{key}: only 'lora' is supported, got {v!r}")
+    return "lora"
+
+
+def _dataset_name(v: Any, key: str) -> None:
+    if str(v) not in ("samsum_dataset", "samsum"):
+        raise ConfigError(f"{key}: samsum_tuner trains on SAMSum only, got {v!r}")
+
+
+def _pure_bf16(v: Any, key: str) -> str | None:
+    return "bfloat16" if _to_bool(v, key) else None
+
+
+def _bits_if(bits: int):
+    def convert(v: Any, key: str) -> int | None:
+        return bits if _to_bool(v, key) else None
+    return convert
+
+
+def _half_dtype(v: Any, key: str) -> str | None:
+    text = str(v).lower().removeprefix("torch.")
+    if text in ("none", "null", "auto"):
+        return None
+    if text not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"{key}: expected float32, bfloat16 or float16, got {v!r}")
+    return text
+
+
+# alias -> (recipe path, converter). `None` path: accepted and checked, nothing to set.
+ALIASES: dict[str, tuple[str | None, Any]] = {
+    "use_peft": ("lora.enabled", _to_bool),
+    "peft_method": ("lora.method", _peft_method),
+    "quantization": ("quantization.bits", _quantization_bits),
+    "use_fp16": ("train.fp16", _to_bool),
+    "enable_fsdp": ("fsdp.enabled", _to_bool),
+    "fsdp_config.fsdp_cpu_offload": ("fsdp.cpu_offload", _to_bool),
+    "fsdp_config.optimizer": ("train.optim", _optimizer_name),
+    "fsdp_config.pure_bf16": ("model.dtype", _pure_bf16),
+    "fsdp_config.fsdp_activation_checkpointing": ("model.gradient_checkpointing", _to_bool),
+    "split_slice": ("data.split_slice", None),
+    "batch_size_training": ("_batch_size_training", None),
+    "micro_batch_size": ("train.per_device_train_batch_size", None),
+    "val_batch_size": ("train.per_device_eval_batch_size", None),
+    "num_epochs": ("train.num_train_epochs", None),
+    "lr": ("train.learning_rate", None),
+    "gamma": ("train.gamma", None),
+    "weight_decay": ("train.weight_decay", None),
+    "seed": ("train.seed", None),
+    "model_name": ("model.name", None),
+    "output_dir": ("train.output_dir", None),
+    "save_model": ("train.save_model", _to_bool),
+    "num_workers_dataloader": ("train.dataloader_num_workers", None),
+    "dataset": (None, _dataset_name),
+    "resume": ("train.resume_from_checkpoint", None),
+    "resume_from_checkpoint": ("train.resume_from_checkpoint", None),
+    "fast_path": ("_fast_path", _to_bool),
+    # TRL's flat flags and peft's / bitsandbytes' own names (any TrainingArguments field is flat too: see apply_key)
+    "model_name_or_path": ("model.name", None),
+    "model_revision": ("model.revision", None),
+    "torch_dtype": ("model.dtype", _half_dtype),
+    "dtype": ("model.dtype", _half_dtype),
+    "attn_implementation": ("model.attn_implementation", None),
+    "trust_remote_code": ("model.trust_remote_code", None),
+    "gradient_checkpointing": ("model.gradient_checkpointing", _to_bool),
+    "dataset_name": ("data.source", None),
+    "lora_r": ("lora.r", None),
+    "lora_alpha": ("lora.alpha", None),
+    "lora_dropout": ("lora.dropout", None),
+    "lora_target_modules": ("lora.target_modules", None),
+    "target_modules": ("lora.target_modules", None),
+    "load_in_4bit": ("quantization.bits", _bits_if(4)),
+    "load_in_8bit": ("quantization.bits", _bits_if(8)),
+    "bnb_4bit_quant_type": ("quantization.quant_type", None),
+    "bnb_4bit_use_double_quant": ("quantization.double_quant", _to_bool),
+    "use_bnb_nested_quant": ("quantization.double_quant", _to_bool),
+}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig) if f.init}
+
+
+def _all_keys() -> list[str]:
+    keys = []
+    for section in SECTIONS:
+        cls = type(getattr(Recipe(), section))
+        keys += [f"{section}.{f.name}" for f in dataclasses.fields(cls) if f.init]
+    return keys + ["description"]
+
+
+def _unknown_key(key: str, where: str) -> ConfigError:
+    candidates = _all_keys() + list(ALIASES)
+    close = difflib.get_close_matches(key, candidates, n=3, cutoff=0.6)
+    if not close:  # a misspelt leaf under the right section, or the right leaf alone
+        leaf = key.rsplit(".", 1)[-1]
+        close = [k for k in candidates if difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1]], cutoff=0.75)][:3]
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return ConfigError(f"{where}unknown key '{key}'{hint}")
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1 or typing.get_origin(inner[0]) is typing.Literal:  # Literal["auto"] | bool: checks.py
+            return _coerce(value, inner[0], key)
+        # TrainingArguments' unions (SchedulerType | str, dict | str, str | bool): the type the value has, else
+        # the first that takes it
+        same = [a for a in inner if isinstance(value, typing.get_origin(a) or a) and isinstance(a, type) or
+                typing.get_origin(a) in (list, dict) and isinstance(value, typing.get_origin(a))]
+        for a in same + [a for a in inner if a not in same]:
+            try:
+                return _coerce(value, a, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {' or '.join(getattr(a, '__name__', str(a)) for a in inner)}, got "
+                          f"{_brief(value)}")
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {_brief(value)}")
+        return [_coerce(v, args[0], key) for v in value]
+    if typ is bool:
+        return _to_bool(value, key)
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {_brief(value)}")
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        try:
+            return int(str(value))
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {_brief(value)}") from None
+    if typ is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {_brief(value)}")
+        try:
+            return float(value)
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an integer beyond any float
+            raise ConfigError(f"{key}: expected a number, got {_brief(value)}") from None
+    if origin is dict or typ is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {_brief(value)}")
+        return value
+    if isinstance(typ, type) and issubclass(typ, enum.Enum):  # TrainingArguments' choices: checked by checks.py
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected one of {', '.join(str(m.value) for m in typ)}, got {_brief(value)}")
+        return value
+    if typ is str:
+        if value is None:  # `null` where null is no choice: it would become the text "None"
+            raise ConfigError(f"{key}: expected a string, got null")
+        if isinstance(value, bool):  # YAML 1.1 reads `no`/`yes` as booleans: `save_strategy: no` means "no"
+            return "yes" if value else "no"
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {_brief(value)}")
+        return str(value)
+    return value
+
+
+def _set(recipe: Recipe, path: str, raw: Any, where: str = "") -> None:
+    if path == "description":
+        recipe.description = str(raw)
+        return
+    section, _, leaf = path.partition(".")
+    if section not in SECTIONS or not leaf:
+        raise _unknown_key(path, where)
+    obj = getattr(recipe, section)
+    types = _field_types(type(obj))
+    if leaf not in types:
+        raise _unknown_key(path, where)
+    setattr(obj, leaf, _coerce(raw, types[leaf], f"{where}{path}"))
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return _load_yaml(text, "override") if text.strip() else text  # `key=` and `key= ` mean the text itself
+    except (yaml.YAMLError, ValueError, RecursionError):
+        return text
+
+
+# A YAML alias repeats the node it names without copying it, so nested aliases ("billion laughs") let a few
+# hundred bytes stand for billions of values, which building the recipe would then walk. Every real recipe is a
+# few dozen values; this bound is far above any of them.
+MAX_YAML_VALUES = 100_000
+
+
+def _expanded_size(root: yaml.Node, where: str) -> int:
+    """How many values the document stands for once every alias is expanded, counted over the node graph (each
+    node once), stopping past MAX_YAML_VALUES; an alias inside the node it names is refused."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:  # iterative: a deeply nested document must not exhaust Python's stack here
+        node, finished = stack.pop()
+        children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
+                    else node.value if isinstance(node, yaml.SequenceNode) else [])
+        if finished:
+            open_nodes.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(c)] for c in children)
+            if sizes[id(node)] > MAX_YAML_VALUES:
+                return sizes[id(node)]
+            continue
+        if id(node) in sizes:
+            continue
+        if id(node) in open_nodes:
+            raise ConfigError(f"{where}:{node.start_mark.line + 1}: invalid YAML: an alias refers to the node that "
+                              "holds it")
+        open_nodes.add(id(node))
+        stack.append((node, True))
+        stack += [(c, False) for c in children if id(c) not in sizes]
+    return sizes[id(root)]
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    """yaml.safe_load, refusing documents whose aliases expand past MAX_YAML_VALUES before building them."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, where) > MAX_YAML_VALUES:
+            raise ConfigError(f"{where}: refused: its YAML aliases expand to more than {MAX_YAML_VALUES:,} values "
+                              "(a recipe has a few dozen)")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and (prefix == "" and k in SECTIONS):
+            out += _flatten(v, key + ".")
+        else:
+            out.append((key, v))
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        if not path.is_file():
+            raise ConfigError(f"{path}: recipe file not found")
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:  # a name too long, a folder we may not enter
+        raise ConfigError(f"{path}: cannot read the recipe ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    try:
+        data = _load_yaml(text, str(path))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}{line}: invalid YAML: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
+    except ValueError as e:  # a value YAML parses but Python cannot hold, e.g. an integer of thousands of digits
+        raise ConfigError(f"{path}: invalid YAML: {str(e).splitlines()[0][:120]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of sections (model:, train:, ...)")
+    return data
+
+
+def split_overrides(tokens: list[str]) -> list[tuple[str, str]]:
+    """`a.b=c`, `--a.b c`, `--a.b=c` and bare `--flag` (true) -> [(key, text)]."""
+    pairs: list[tuple[str, str]] = []
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if tok.startswith("--"):
+            key = tok[2:]
+            if "=" in key:
+                key, _, val = key.partition("=")
+            elif i + 1 < len(tokens) and not tokens[i + 1].startswith("--") and "=" not in tokens[i + 1]:
+                i += 1
+                val = tokens[i]
+            else:
+                val = "true"
+            pairs.append((key, val))
+        elif "=" in tok:
+            key, _, val = tok.partition("=")
+            pairs.append((key, val))
+        else:
+            raise ConfigError(f"argument '{tok}': expected key=value or --key value")
+        i += 1
+    return pairs
+
+
+def build_recipe(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Defaults (the original's training configuration) <- YAML file <- overrides, then validated."""
+    recipe = Recipe()
+    pending: dict[str, Any] = {}
+    entries: list[tuple[str, Any, str]] = []
+    if path is not None:
+        p = Path(path)
+        entries += [(k, v, f"{p}: ") for k, v in _flatten(_read_yaml(p))]
+    entries += [(k, _parse_scalar(v), "override ") for k, v in split_overrides(list(overrides or []))]
+    for key, value, where in entries:
+        apply_key(recipe, key, value, where, pending)
+    if "_batch_size_training" in pending:
+        bst = _coerce(pending["_batch_size_training"], int, "batch_size_training")
+        micro = recipe.train.per_device_train_batch_size
+        if micro <= 0 or bst <= 0 or bst % micro:
+            raise ConfigError(
+                f"batch_size_training={bst} must be a positive multiple of micro_batch_size={micro}"
+            )
+        recipe.train.gradient_accumulation_steps = bst // micro
+    if pending.get("_fast_path"):
+        _fast_path(recipe)
+    validate(recipe)
+    return recipe
+
+
+def _fast_path(recipe: Recipe) -> None:
+    """`fast_path=true`: the recipe's samples per optimizer step, packed padding-free into one row per step
+    (attention confined to each sample through the position ids) instead of micro-batches accumulated one by
+    one. The step's loss is the same mean over its supervised tokens; what goes is the padding and the
+    accumulation loop. A recipe that already batches by tokens keeps its budget. Attention is sdpa on every
+    device: these rows change length every step, and flex_attention compiles again whenever the number of
+    128-token blocks changes (on 2 H200s a 7B full_sgd fast path trained 12 steps, then spent its last two
+    minutes compiling for a 64-row evaluation); flex_attention pays off with fixed shapes
+    (`data.pad_to_multiple_of` = `data.max_tokens_per_batch`, as the fast recipes do)."""
+    d, t = recipe.data, recipe.train
+    d.packing = True
+    recipe.model.attn_implementation = "sdpa"
+    if d.max_tokens_per_batch is None:
+        t.per_device_train_batch_size *= t.gradient_accumulation_steps
+        t.gradient_accumulation_steps = 1
+
+
+def apply_key(recipe: Recipe, key: str, value: Any, where: str, pending: dict[str, Any]) -> None:
+    if key in ALIASES:
+        target, convert = ALIASES[key]
+        if convert is not None:
+            value = convert(value, f"{where}{key}")
+        if target is None:
+            return
+        if target.startswith("_"):
+            pending[target] = value
+            return
+        key = target
+    elif "." not in key and key in TRAIN_KEYS:  # TRL's flat flags: --learning_rate, --per_device_train_batch_size
+        key = f"train.{key}"
+    _set(recipe, key, value, where)

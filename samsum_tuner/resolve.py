@@ -1,0 +1,67 @@
+"""The recipe, resolved once into the objects that run it: TrainingArguments (with the launch's FSDP settings) and
+the batching. Modules below this one take these objects, never the Recipe."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import TrainingArguments
+
+from .config import FsdpConfig, Recipe, TrainConfig
+from .errors import ConfigError
+from .launch import Launch
+
+# transformers renamed gradient_checkpointing to activation_checkpointing (the old name now warns); older releases
+# have only the old one.
+CHECKPOINTING = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+                 else "gradient_checkpointing")
+
+
+def training_arguments(recipe: Recipe, launch: Launch, layer_cls: list[str], has_eval: bool) -> TrainConfig:
+    """recipe.train completed with what the launch, the machine and the other sections decide: what the Trainer gets
+    and training_args.json records."""
+    t = recipe.train
+    derived: dict[str, Any] = {
+        "eval_strategy": t.eval_strategy if has_eval else "no",
+        "eval_on_start": t.eval_on_start and has_eval and t.eval_strategy != "no",
+        # Each decoder layer recomputed in backward (Recipe.checkpoints_activations), quantized models too (peft's
+        # own switch goes through transformers' deprecated gradient_checkpointing_enable). Under FSDP, unlike
+        # accelerate's wrapper, it replays the dropout masks and keeps the layer names peft saves adapters by.
+        CHECKPOINTING: recipe.checkpoints_activations,
+        f"{CHECKPOINTING}_kwargs": {"use_reentrant": False},
+        "use_cpu": not torch.cuda.is_available(),
+        "ddp_find_unused_parameters": False if launch.world_size > 1 and not launch.fsdp else None,
+        # Batches come from pinned memory (the Trainer's default with CUDA): copied without blocking, the next
+        # batch no longer waits for the previous optimizer step to finish on the GPU. Without CUDA nothing is
+        # pinned, and non_blocking would only draw the Trainer's notice about pinning.
+        "accelerator_config": {"non_blocking": True} if torch.cuda.is_available() else {},
+    }
+    if t.optim == "sgd":  # transformers' SGD takes its momentum from optim_args
+        derived["optim_args"] = ",".join(filter(None, [t.optim_args, f"momentum={t.momentum}"]))
+    if launch.fsdp and t.gradient_accumulation_steps > 1 and recipe.fsdp.reduce_every_micro_batch:
+        derived["accelerator_config"]["gradient_accumulation_kwargs"] = {"sync_each_batch": True}
+    derived.update(fsdp_arguments(recipe.fsdp, launch, layer_cls))
+    try:
+        return t.completed(**derived)
+    except (ValueError, TypeError) as e:  # a TrainingArguments field that its own checks refuse
+        raise ConfigError(f"train: {str(e).strip().splitlines()[0]}") from None
+
+
+def fsdp_arguments(f: FsdpConfig, launch: Launch, layer_cls: list[str]) -> dict:
+    """TrainingArguments FSDP fields for a torchrun launch; accelerate launches bring their own plugin."""
+    if not launch.fsdp or launch.launcher == "accelerate":
+        return {}
+    options = ["full_shard" if f.sharding_strategy == "FULL_SHARD" else f.sharding_strategy.lower(), "auto_wrap"]
+    if f.cpu_offload:
+        options.append("offload")
+    return {
+        "fsdp": " ".join(options),
+        "fsdp_config": {
+            "version": f.version,
+            "transformer_layer_cls_to_wrap": layer_cls,
+            "reshard_after_forward": f.sharding_strategy == "FULL_SHARD",
+            "state_dict_type": "SHARDED_STATE_DICT",
+            # Rank 0 loads the checkpoint, the others start on meta: one host copy, not one per rank.
+            "cpu_ram_efficient_loading": True,
+        },
+    }
