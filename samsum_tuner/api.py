@@ -22,7 +22,8 @@ from .recipe import build_recipe
 from .data import PreparedSplit, read_splits, tokenize_splits
 from .errors import (ConfigError, DiskFull, TrainingDiverged, TrainingInterrupted, TrainingOutOfMemory,
                      WontFitError)
-from .launch import Launch, check_environment, detect_launch
+from .checks import check_environment
+from .launch import Launch, detect_launch
 
 
 def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Recipe:
@@ -82,7 +83,7 @@ def _check_output_dir(recipe: Recipe) -> None:
 
 def prepare(recipe: Recipe, *, dry_run: bool = False, force: bool = False) -> Prepared:
     """All checks and the data, no model. `dry_run` reports hardware refusals as notes instead."""
-    launch = detect_launch(recipe)
+    launch = detect_launch(recipe.fsdp)
     notes: list[str] = []
     try:
         check_environment(recipe, launch)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .config import SECTIONS, ModelConfig, Recipe, TrainConfig
 from .errors import ConfigError, brief as _brief
+from .launch import Launch
 
 
 MAX_WORKERS = 256  # data loader workers or tokenizing processes: far more than any machine puts to use
@@ -268,3 +269,27 @@ def _check_training_arguments(t: TrainConfig) -> None:
         valid = [str(m.value) for m in choices[0]]
         if value not in valid:
             _one_of(value, valid, f"train.{f.name}", "choice")
+
+
+def check_environment(recipe: Recipe, launch: Launch) -> None:
+    """What this machine cannot do, refused before anything is loaded."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if recipe.train.fp16 and not cuda:
+        raise ConfigError("refused: train.fp16 (the original's --use_fp16) needs a CUDA GPU; this machine has "
+                          "none: use fp32 (train.fp16=false) on CPU")
+    if recipe.model.attn_implementation == "flex_attention" and not cuda:
+        raise ConfigError("refused: model.attn_implementation=flex_attention trains on a CUDA GPU only (torch's "
+                          "FlexAttention has no backward on CPU): use model.attn_implementation=sdpa, which "
+                          "keeps packed samples apart too")
+    if launch.fsdp and not cuda:
+        raise ConfigError("refused: FSDP needs CUDA GPUs (accelerate does not engage FSDP on CPU); drop "
+                          "fsdp.enabled / --enable_fsdp to train on CPU")
+    if recipe.train.eval_rouge_rows > 0 and launch.world_size > 1:
+        # Generation would run on every rank in lockstep through sharded layers; not supported yet.
+        raise ConfigError("refused: train.eval_rouge_rows needs a single process; score the saved run with "
+                          "samsum-tuner eval instead")
+    if launch.fsdp and launch.launcher == "python":
+        raise ConfigError("refused: fsdp.enabled needs a distributed launch: torchrun --nproc_per_node N -m "
+                          "samsum_tuner.train ... or accelerate launch --config_file accelerate_configs/fsdp4.yaml")
