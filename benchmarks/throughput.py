@@ -300,7 +300,7 @@ def _ours(a, path: str, overrides: list[str]) -> dict:
     optimizer step (samsum_tuner's FirstStepTimer: load, compilation)."""
     from samsum_tuner import build_trainer
     from samsum_tuner.model import compiles
-    from samsum_tuner.trainer import FirstStepTimer
+    from samsum_tuner.callbacks import FirstStepTimer
 
     recipe = _recipe(path, [f"data.split_slice=[:{a.rows}]", f"train.max_steps={a.warmup + a.steps}",
                             "train.output_dir=/tmp/bench_ours", "data.longest_first=false", *overrides,
@@ -418,7 +418,7 @@ def _matching_budget(lengths: list[int], seed: int) -> int:
     """The packed token budget per GPU whose batches, as samsum_tuner forms them, hold on average as many real
     tokens as the naive run's padded batches (4 x the mean sample): the same real tokens per optimizer step.
     From the longest sample up, so that no sample is cut, in steps of 16 tokens (tensor-core friendly shapes)."""
-    from samsum_tuner.data import token_budget_batches
+    from samsum_tuner.batching import token_budget_batches
 
     total, target = sum(lengths), NAIVE_ROWS_PER_GPU * sum(lengths) / len(lengths)
     first = -(-max(lengths) // 16) * 16

@@ -225,15 +225,31 @@ def _preflight(prepared: Prepared, enforce: bool):
     return result
 
 
+def batching_spec(recipe: Recipe):
+    """How the recipe's batches are formed and fed (batching.BatchingSpec)."""
+    from .batching import BatchingSpec
+
+    d = recipe.data
+    # The recipe's attention name, which picks a packed row's mask: the model's config may spell it otherwise
+    # (transformers drops a paged| prefix), and the model compute_loss gets may be wrapped (DDP, FSDP, PEFT).
+    return BatchingSpec(max_tokens_per_batch=d.max_tokens_per_batch, packing=d.packing,
+                        pad_to_multiple_of=d.pad_to_multiple_of, longest_first=d.longest_first,
+                        supervised_logits_only=recipe.train.supervised_logits_only,
+                        attn_implementation=recipe.model.attn_implementation)
+
+
 def build_trainer(recipe: Recipe, *, prepared: Prepared | None = None, callbacks: list | None = None):
     """A `SamsumTrainer` (a transformers.Trainer) with model, data, collator and memory callback."""
     from transformers import set_seed
+    from transformers.trainer_callback import ProgressCallback
 
+    from .batching import build_collator
+    from .callbacks import FirstStepTimer, ThroughputCallback
     from .guards import NonFiniteGuard
     from .memory import MemoryCallback, apply_gpu_limit
     from .model import layers_to_wrap, load_model
     from .resolve import training_arguments
-    from .trainer import FirstStepTimer, SamsumTrainer, ThroughputCallback, build_collator
+    from .trainer import SamsumTrainer
 
     prepared = prepared or prepare(recipe)
     launch = prepared.launch
@@ -250,18 +266,29 @@ def build_trainer(recipe: Recipe, *, prepared: Prepared | None = None, callbacks
                                sample_interval_s=recipe.memory.sample_interval_s,
                                gpu_limit_gib=recipe.memory.gpu_limit_gib)
     g = recipe.guard  # both limits 0: no guard at all, not one that checks and never stops
-    guard = [NonFiniteGuard(g, recipe.train.output_dir)] if g.max_nonfinite_steps or g.max_skipped_steps else []
+    guard = NonFiniteGuard(g, recipe.train.output_dir) if g.max_nonfinite_steps or g.max_skipped_steps else None
+    batching = batching_spec(recipe)
     trainer = SamsumTrainer(
         model=model,
         args=args,
         train_dataset=prepared.splits["train"].dataset,
         eval_dataset=prepared.splits["eval"].dataset if "eval" in prepared.splits else None,
-        data_collator=build_collator(recipe, prepared.tokenizer),
+        data_collator=build_collator(batching, prepared.tokenizer),
         processing_class=prepared.tokenizer,
-        callbacks=[memory_cb, *guard, first_step, *(callbacks or [])],
+        callbacks=[memory_cb, *([guard] if guard is not None else []), first_step, *(callbacks or [])],
         recipe=recipe,
+        batching=batching,
+        guard=guard,
+        memory=memory_cb,
     )
-    trainer.add_callback(ThroughputCallback(trainer.tokens_seen))
+    throughput = ThroughputCallback(trainer.tokens_seen)
+    trainer.add_callback(throughput)
+    trainer.timers = [first_step, throughput]  # their summaries join the run's metrics (_train)
+    # The one callback made by the Trainer itself (its __init__ adds it, whatever the callbacks given), so found by
+    # its kind, once: its bars, whose lines an interrupted run ends (_interrupted). None with disable_tqdm or in a
+    # notebook (other kinds).
+    trainer.progress_bars = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, ProgressCallback)),
+                                 None)
     trainer.prepared = prepared
     trainer.run_lock = lock
     return trainer
@@ -303,7 +330,6 @@ def _train(recipe: Recipe, trainer) -> dict[str, Any]:
     from .checkpoint import is_disk_full, latest_checkpoint
     from .memory import SHARED_CARD_GIB, held_outside_gib, is_cuda_oom, snapshot
     from .model import parameter_counts
-    from .trainer import FirstStepTimer, ThroughputCallback
 
     trainable, total = parameter_counts(trainer.model)
     if trainer.args.process_index == 0:
@@ -354,9 +380,8 @@ def _train(recipe: Recipe, trainer) -> dict[str, Any]:
             f"{' of a %s GiB cap' % recipe.memory.gpu_limit_gib if recipe.memory.gpu_limit_gib else ''}"
             f"{shared}"
         ) from None
-    for cb in trainer.callback_handler.callbacks:
-        if isinstance(cb, (ThroughputCallback, FirstStepTimer)):
-            metrics.update(cb.summary)
+    for timer in getattr(trainer, "timers", ()):  # a trainer built otherwise has none
+        metrics.update(timer.summary)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     if losses:
         metrics.update(first_loss=losses[0], last_loss=losses[-1])
@@ -377,15 +402,13 @@ def _train(recipe: Recipe, trainer) -> dict[str, Any]:
 
 def _interrupted(trainer, recipe: Recipe, summary: dict[str, Any]) -> TrainingInterrupted:
     """Ctrl-C: the run's summary says so, and the one line names what a resume would continue from."""
-    from transformers.trainer_callback import ProgressCallback
-
     from .checkpoint import latest_checkpoint
 
-    for cb in trainer.callback_handler.callbacks:  # end the progress bars' lines: the message gets a line of its own
-        if isinstance(cb, ProgressCallback):
-            for bar in (cb.training_bar, cb.prediction_bar):
-                if bar is not None:
-                    bar.close()
+    progress = getattr(trainer, "progress_bars", None)
+    if progress is not None:  # end the progress bars' lines: the message gets a line of its own
+        for bar in (progress.training_bar, progress.prediction_bar):
+            if bar is not None:
+                bar.close()
     step, last = trainer.state.global_step, latest_checkpoint(recipe.train.output_dir)
     where = (f"last complete checkpoint: {last} (resume with resume=auto)" if last is not None
              else "no complete checkpoint: nothing to resume")

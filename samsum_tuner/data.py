@@ -370,29 +370,6 @@ def tokenize_split(cfg: DataConfig, tokenizer, name: str, rows: list[dict[str, s
                          supervised=[sum(t != IGNORE_INDEX for t in x) for x in labels])
 
 
-def token_budget_batches(lengths: list[int], budget: int, packed: bool, seed: int) -> list[list[int]]:
-    """Sample indices grouped, in a seeded order, into batches whose cost stays within `budget` tokens: the sum
-    of lengths when packed, rows x the longest when padded. The training sampler and the memory planner both
-    use it, so the planner sees the batches training will run."""
-    import torch
-
-    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
-    batches: list[list[int]] = []
-    current: list[int] = []
-    total = longest = 0
-    for i in order:
-        n = lengths[i]
-        cost = total + n if packed else (len(current) + 1) * max(longest, n)
-        if current and cost > budget:
-            batches.append(current)
-            current, total, longest = [], 0, 0
-        current.append(i)
-        total, longest = total + n, max(longest, n)
-    if current:
-        batches.append(current)
-    return batches
-
-
 def read_splits(cfg: DataConfig) -> dict[str, tuple[list[dict[str, str]], CleanReport, str]]:
     """Train (and eval, if configured) read, checked, sliced and cleaned: no tokenizer, no model."""
     raw = {"train": load_clean_split(cfg, cfg.train_split, cfg.split_slice)}

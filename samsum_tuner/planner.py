@@ -256,7 +256,7 @@ def _logit_positions(recipe: Recipe, lengths: list[int] | None, supervised: list
     predicting a label (packed: the batch's summary tokens; padded: the union of the rows' summary spans)."""
     if not recipe.train.supervised_logits_only or not lengths or not supervised:
         return tokens
-    from .data import token_budget_batches
+    from .batching import token_budget_batches
 
     d = recipe.data
     n = [min(x, d.max_length) for x in lengths]

@@ -7,17 +7,19 @@ dataset handling would be bypassed, and its config surface moves between TRL rel
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer, TrainerCallback
+from transformers import Trainer
 from transformers.trainer_utils import speed_metrics
 
+from .batching import (PACKED_MASKS, BatchingSpec, LongestFirstSampler, TokenBudgetBatchSampler,
+                       WithSupervisedPositions, non_padding_tokens, packed_attention_mask, supervised_positions)
+from .callbacks import BatchSamplerEpoch
 from .checkpoint import RECIPE_FILE, atomic_checkpoint, rotate, saved_recipe, worst_over_processes
 from .config import Recipe
-from .data import IGNORE_INDEX, token_budget_batches
+from .data import IGNORE_INDEX
 from .guards import NonFiniteGuard
 from .memory import MemoryCallback
 
@@ -66,22 +68,24 @@ class TokenCounting:
 
 
 class SamsumTrainer(TokenCounting, Trainer):
-    """Trainer plus the original's optimizer and schedule, and perplexity in every log."""
+    """Trainer plus the original's optimizer and schedule, and perplexity in every log. Batches as `batching` says;
+    `guard` and `memory` (None: off) are callbacks among `callbacks` that it also calls itself."""
 
-    def __init__(self, *args, recipe: Recipe, **kwargs):
-        self.recipe = recipe
+    def __init__(self, *args, recipe: Recipe, batching: BatchingSpec, guard: NonFiniteGuard | None = None,
+                 memory: MemoryCallback | None = None, **kwargs):
+        self.recipe, self.batching, self.guard, self.memory = recipe, batching, guard, memory
         self._staging: str | None = None
         self._rouge_rows: list[dict[str, str]] | None = None
-        if recipe.train.supervised_logits_only:
+        if batching.supervised_logits_only:
             kwargs.setdefault("compute_loss_func", supervised_loss)
         super().__init__(*args, **kwargs)
         if self.compute_loss_func is supervised_loss:
             self.data_collator = WithSupervisedPositions(self.data_collator)
-        if recipe.data.max_tokens_per_batch or recipe.data.longest_first:
+        if batching.max_tokens_per_batch or batching.longest_first:
             self.add_callback(BatchSamplerEpoch())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        attn = self.recipe.model.attn_implementation
+        attn = self.batching.attn_implementation
         if "position_ids" in inputs and inputs.get("attention_mask") is None and attn in PACKED_MASKS:
             # Left to the model, a packed row's mask starts with transformers asking the GPU whether the row holds
             # several samples: a host sync at every forward. The row is packed; its mask is built here instead.
@@ -97,17 +101,14 @@ class SamsumTrainer(TokenCounting, Trainer):
             inputs = {k: v for k, v in inputs.items() if k != "logits_to_keep"}
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
-    def _callbacks(self, kind: type) -> list:
-        return [cb for cb in self.callback_handler.callbacks if isinstance(cb, kind)]
-
     def _get_output_dir(self, trial) -> str:
         return self._staging or super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model, trial) -> None:
         # The Trainer writes checkpoint-N in place; here it writes into staging and the folder appears
         # complete or not at all (checkpoint.py). Its own rotation then only sees the staging folder.
-        for guard in self._callbacks(NonFiniteGuard):
-            guard.check(self.state.global_step)
+        if self.guard is not None:
+            self.guard.check(self.state.global_step)
         run_dir = super()._get_output_dir(trial)
         with atomic_checkpoint(run_dir, self.state.global_step, is_main=self.args.should_save,
                                worst=lambda outcome: worst_over_processes(outcome, self.args.device)) as stage:
@@ -167,25 +168,25 @@ class SamsumTrainer(TokenCounting, Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        for guard in self._callbacks(NonFiniteGuard):
-            guard.observe(loss)
+        if self.guard is not None:
+            self.guard.observe(loss)
         return loss
 
     def _get_grad_norm(self, model, grad_norm=None):
         # The Trainer's gradient norm of every optimizer step (clipped or not), before the optimizer applies it.
         grad_norm = super()._get_grad_norm(model, grad_norm)
-        for guard in self._callbacks(NonFiniteGuard):
-            guard.observe_gradients(grad_norm)
+        if self.guard is not None:
+            self.guard.observe_gradients(grad_norm)
         return grad_norm
 
     def get_train_dataloader(self):
-        if not self.recipe.data.max_tokens_per_batch:
+        if not self.batching.max_tokens_per_batch:
             return super().get_train_dataloader()
-        return self._token_budget_loader(self.train_dataset, longest_first=self.recipe.data.longest_first)
+        return self._token_budget_loader(self.train_dataset, longest_first=self.batching.longest_first)
 
     def get_eval_dataloader(self, eval_dataset=None):
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if not self.recipe.data.max_tokens_per_batch or isinstance(dataset, (str, dict)):
+        if not self.batching.max_tokens_per_batch or isinstance(dataset, (str, dict)):
             return super().get_eval_dataloader(eval_dataset)
         # Evaluation batches cut by the training budget: with pad_to_multiple_of every batch has the training
         # shape, so flex_attention compiles one shape for both (fixed-count eval batches gave it several, and
@@ -193,8 +194,8 @@ class SamsumTrainer(TokenCounting, Trainer):
         return self._token_budget_loader(dataset)
 
     def _token_budget_loader(self, dataset, longest_first: bool = False):
-        batches = TokenBudgetBatchSampler(self._lengths(dataset), self.recipe.data.max_tokens_per_batch,
-                                          packed=self.recipe.data.packing, seed=self.args.seed,
+        batches = TokenBudgetBatchSampler(self._lengths(dataset), self.batching.max_tokens_per_batch,
+                                          packed=self.batching.packing, seed=self.args.seed,
                                           longest_first=longest_first)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=self.data_collator,
                                              num_workers=self.args.dataloader_num_workers,
@@ -202,7 +203,7 @@ class SamsumTrainer(TokenCounting, Trainer):
         return self.accelerator.prepare(loader)
 
     def _get_train_sampler(self, train_dataset=None):
-        if not self.recipe.data.longest_first:
+        if not self.batching.longest_first:
             return super()._get_train_sampler(train_dataset)
         return LongestFirstSampler(self._lengths(train_dataset or self.train_dataset),
                                    self.args.per_device_train_batch_size, self.args.seed)
@@ -225,75 +226,12 @@ class SamsumTrainer(TokenCounting, Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # Callbacks see a log line only after it is in log_history: memory figures join here instead.
-        for memory in self._callbacks(MemoryCallback):
-            logs.update(memory.pop_pending())
+        if self.memory is not None:
+            logs.update(self.memory.pop_pending())
         for loss_key, ppl_key in (("loss", "ppl"), ("train_loss", "train_ppl"), ("eval_loss", "eval_ppl")):
             if loss_key in logs:
                 logs[ppl_key] = math.exp(min(logs[loss_key], 50.0))
         super().log(logs, start_time)
-
-
-def non_padding_tokens(inputs: dict, pad_token_id: int | None) -> torch.Tensor:
-    """The Trainer's "non_padding" count of one batch, left on the device: the attention mask's ones, else the
-    input ids that are not the pad id (a packed row's tail is made of it)."""
-    if "attention_mask" in inputs:
-        return inputs["attention_mask"].sum()
-    ids = inputs["input_ids"]
-    return (ids != pad_token_id).sum() if pad_token_id is not None else torch.tensor(ids.numel(), device=ids.device)
-
-
-def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
-    """Positions t whose logits predict a supervised label at t + 1, in any row."""
-    return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
-
-
-def _sample_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """Which sample of a packed row each token belongs to: a new one wherever the position does not follow on
-    (transformers' own rule, find_packed_sequence_indices)."""
-    first = position_ids[:, :1] - 1
-    return (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
-
-
-def _flex_packed_mask(position_ids: torch.Tensor):
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    sample = _sample_ids(position_ids)
-
-    def causal_within_sample(b, h, q, kv):
-        return (q >= kv) & (sample[b, q] == sample[b, kv])
-
-    rows, length = sample.shape
-    return create_block_mask(causal_within_sample, rows, None, length, length, device=sample.device, _compile=True)
-
-
-def _sdpa_packed_mask(position_ids: torch.Tensor) -> torch.Tensor:
-    sample = _sample_ids(position_ids)
-    causal = torch.ones(sample.shape[1], sample.shape[1], dtype=torch.bool, device=sample.device).tril()
-    return ((sample[:, :, None] == sample[:, None, :]) & causal)[:, None]  # True: attend
-
-
-PACKED_MASKS = {"flex_attention": _flex_packed_mask, "sdpa": _sdpa_packed_mask}
-
-
-def packed_attention_mask(position_ids: torch.Tensor, attn_implementation: str):
-    """The attention mask of packed rows, ready for the model (a 4D mask or flex_attention's BlockMask, which
-    transformers takes as given): causal, and each token sees only its own sample."""
-    return PACKED_MASKS[attn_implementation](position_ids)
-
-
-class WithSupervisedPositions:
-    """A collator whose batches also carry `logits_to_keep`, the supervised positions, found on the host: on
-    the GPU the search (a nonzero) would wait for the GPU to finish the previous step before the host could
-    queue anything more."""
-
-    def __init__(self, collator):
-        self.collator = collator
-
-    def __call__(self, features):
-        batch = self.collator(features)
-        if "labels" in batch:
-            batch["logits_to_keep"] = supervised_positions(batch["labels"])
-        return batch
 
 
 def supervised_loss(outputs, targets: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
@@ -364,211 +302,3 @@ def prime_optimizer_state(optimizer) -> None:
             for param in group["params"]:
                 if param.requires_grad and param.grad is None:
                     param.grad = torch.zeros_like(param)
-
-
-class LongestFirstSampler(torch.utils.data.Sampler):
-    """A random order whose first batch is the longest samples: the memory peak comes at step 1."""
-
-    def __init__(self, lengths: list[int], batch_size: int, seed: int):
-        self.lengths, self.batch_size, self.seed, self.epoch = lengths, batch_size, seed, 0
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(len(self.lengths), generator=g).tolist()
-        longest = sorted(range(len(self.lengths)), key=lambda i: -self.lengths[i])[: self.batch_size]
-        head = set(longest)
-        return iter(longest + [i for i in order if i not in head])
-
-
-class TokenBudgetBatchSampler(torch.utils.data.Sampler):
-    """Batches of sample indices whose cost stays within a token budget: the sum of lengths when packed, rows x
-    the longest row when padded. The batches are formed once (from a seeded order), so every epoch has the same
-    number of optimizer steps, which the Trainer's schedule, accumulation and resume assume; each epoch visits
-    them in a new seeded order, with longest_first the batch holding the longest sample first."""
-
-    def __init__(self, lengths: list[int], budget: int, packed: bool, seed: int, longest_first: bool = False):
-        self.lengths, self.seed, self.longest_first, self.epoch = lengths, seed, longest_first, 0
-        self.batches = token_budget_batches(lengths, budget, packed, seed)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed + 1 + self.epoch)
-        order = torch.randperm(len(self.batches), generator=g).tolist()
-        if self.longest_first:
-            longest = max(range(len(self.lengths)), key=self.lengths.__getitem__)
-            first = next(b for b, batch in enumerate(self.batches) if longest in batch)
-            order.remove(first)
-            order.insert(0, first)
-        return iter([self.batches[b] for b in order])
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-
-class BatchSamplerEpoch(TrainerCallback):
-    """Sets the epoch on every sampler the train loader wraps, however deep, before each epoch.
-
-    Resuming mid-epoch, the Trainer iterates accelerate's skip_first_batches copy of the loader, whose
-    SkipBatchSampler neither has set_epoch nor passes it on; the Trainer's own reach goes one level down only,
-    so with two or more processes (SkipBatchSampler -> BatchSamplerShard -> TokenBudgetBatchSampler) the
-    resumed epoch replayed epoch 0's order (LongestFirstSampler, one level further under a BatchSampler,
-    likewise). The epoch comes from the state (its integer part is the epoch under way, a resumed one
-    included), not from whatever wrapper the Trainer happens to call set_epoch on."""
-
-    def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
-        sampler = getattr(train_dataloader, "batch_sampler", None)
-        while sampler is not None:
-            for s in (sampler, getattr(sampler, "sampler", None)):
-                if hasattr(s, "set_epoch"):
-                    s.set_epoch(int(state.epoch or 0))
-            sampler = getattr(sampler, "batch_sampler", None)
-
-
-class ThroughputCallback(TrainerCallback):
-    """Seconds per optimizer step and real (non-pad) tokens per second, from the end of the first step (warm-up)
-    to the end of the last one, less the evaluations and saves in between.
-
-    `tokens` gives the non-padding tokens seen so far over all processes (SamsumTrainer.tokens_seen). On a GPU
-    the marks are CUDA events on the GPU's own timeline: a wait every step would stall the host's queue of
-    launches."""
-
-    def __init__(self, tokens):
-        self.tokens = tokens
-        self.on_train_begin(None, None, None)
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.summary: dict[str, float] = {}
-        self.tokens0 = None
-        self.first = self.last = None  # (mark, step)
-        self.paused = None  # the mark where an evaluation or a save began
-        self.pauses: list[tuple] = []
-
-    @staticmethod
-    def _mark(args):
-        if args.device.type != "cuda":
-            return time.perf_counter()
-        mark = torch.cuda.Event(enable_timing=True)
-        mark.record()
-        return mark
-
-    @staticmethod
-    def _seconds(start, end) -> float:
-        if isinstance(end, float):
-            return end - start
-        end.synchronize()
-        return start.elapsed_time(end) / 1000
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if self.paused is not None:
-            self.pauses.append((self.paused, self._mark(args)))
-            self.paused = None
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.first is None:
-            self.tokens0 = self.tokens()
-            self.first = (self._mark(args), state.global_step)
-        else:
-            self.last = (self._mark(args), state.global_step)
-        self._pause_if(args, control)
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        self._pause_if(args, control)
-
-    def _pause_if(self, args, control) -> None:
-        if self.first is not None and self.paused is None and (control.should_evaluate or control.should_save):
-            self.paused = self._mark(args)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.first is None or self.last is None or self.last[1] <= self.first[1]:
-            return
-        (start, step0), (end, step1) = self.first, self.last
-        seconds = self._seconds(start, end) - sum(self._seconds(a, b) for a, b in self.pauses)
-        self.summary = {"s_per_step": seconds / (step1 - step0),
-                        "real_tokens_per_s": (self.tokens() - self.tokens0) / seconds, "timed_steps": step1 - step0}
-
-
-class FirstStepTimer(TrainerCallback):
-    """How long a run waits before its first optimizer step, printed once and kept in `summary` (the run's
-    metrics): seconds from the process's start to the end of that step, and the parts known to be long: the
-    model's load, an evaluation before training (eval_on_start) and the first step itself, which on a GPU holds
-    the compilation of everything compiled (flex_attention, model.compile) at the training shape."""
-
-    def __init__(self, model_load_s: float | None = None):
-        self.model_load_s = model_load_s
-        self.on_train_begin(None, None, None)
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.summary: dict[str, float] = {}
-        self.train_begin, self.step_begin, self.evaluated = time.time(), None, False
-
-    def on_evaluate(self, args, state, control, **kwargs):
-        self.evaluated = self.evaluated or self.step_begin is None
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if self.step_begin is None:
-            self.step_begin = time.time()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.summary or self.step_begin is None:
-            return
-        if args.device.type == "cuda":
-            torch.cuda.synchronize()  # once per run: the step has ended when its kernels have
-        import psutil
-
-        now = time.time()
-        self.summary = {"first_step_after_launch_s": round(now - psutil.Process().create_time(), 1),
-                        "first_step_s": round(now - self.step_begin, 1),
-                        "before_first_step_s": round(self.step_begin - self.train_begin, 1)}
-        if self.model_load_s is not None:
-            self.summary["model_load_s"] = round(self.model_load_s, 1)
-        if state.is_world_process_zero:
-            s = self.summary
-            parts = [f"model load {s['model_load_s']} s"] if "model_load_s" in s else []
-            if self.evaluated:
-                parts.append(f"evaluation before training {s['before_first_step_s']} s")
-            parts.append(f"first step {s['first_step_s']} s, compilation included")
-            print(f"samsum_tuner: first optimizer step {s['first_step_after_launch_s']} s after launch "
-                  f"({', '.join(parts)})", flush=True)
-
-
-def build_collator(recipe: Recipe, tokenizer):
-    multiple = recipe.data.pad_to_multiple_of
-    if recipe.data.packing:
-        # Padding-free: one row, position ids restart per sample; attention stays per sample only
-        # because load_model sets use_cache=False (see DESIGN.md).
-        flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
-        return PackedCollator(flatten, tokenizer.pad_token_id, multiple) if multiple else flatten
-    # Pads labels with -100 by position, so EOS stays supervised even when pad == eos.
-    return DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX, return_tensors="pt",
-                                  pad_to_multiple_of=multiple)
-
-
-class PackedCollator:
-    """A packed row padded to a multiple of `multiple` tokens. The tail is one more sample to the model (its
-    position ids restart at 0, so the block-diagonal mask keeps it apart), unsupervised, made of the pad id so
-    the Trainer's non-padding token count leaves it out."""
-
-    def __init__(self, flatten, pad_token_id: int, multiple: int):
-        self.flatten, self.pad_token_id, self.multiple = flatten, pad_token_id, multiple
-
-    def __call__(self, features):
-        batch = self.flatten(features)
-        n = batch["input_ids"].shape[1]
-        tail = -n % self.multiple
-        if tail:
-            fills = {"input_ids": self.pad_token_id, "labels": IGNORE_INDEX}
-            for key, value in batch.items():
-                if key == "position_ids":
-                    extra = torch.arange(tail, dtype=value.dtype).unsqueeze(0)
-                else:
-                    extra = torch.full((1, tail), fills.get(key, 0), dtype=value.dtype)
-                batch[key] = torch.cat([value, extra], dim=1)
-        return batch

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from samsum_tuner import cli
+from samsum_tuner.api import batching_spec
+from samsum_tuner.batching import build_collator
 from samsum_tuner.recipe import build_recipe
 from samsum_tuner.data import DataConfig, tokenize_row
 from samsum_tuner.evaluation import GenerationConfig, evaluate, generate, rouge
-from samsum_tuner.trainer import build_collator
 
 from .conftest import QUIET_RUN, tiny_llama
 from .damage import assert_refused, base, cut, edit, files_of, nothing, other_base, remove, write
@@ -45,8 +46,8 @@ def test_eos_stays_supervised_when_pad_is_eos(tokenizer):
     cfg = DataConfig()
     rows = [tokenize_row(cfg, tokenizer, {"dialogue": d, "summary": s}) for d, s in
             [("A: hi", "A greets."), ("A: a much longer dialogue here\nB: yes indeed it is long", "Long one.")]]
-    batch = build_collator(build_recipe(), tokenizer)([{"input_ids": r["input_ids"], "labels": r["labels"]}
-                                                       for r in rows])
+    collate = build_collator(batching_spec(build_recipe()), tokenizer)
+    batch = collate([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows])
     eos = tokenizer.eos_token_id
     for i, r in enumerate(rows):
         n = len(r["input_ids"])

@@ -5,9 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from samsum_tuner.api import batching_spec
+from samsum_tuner.batching import build_collator
 from samsum_tuner.recipe import build_recipe
 from samsum_tuner.data import IGNORE_INDEX
-from samsum_tuner.trainer import build_collator
 
 from .conftest import QUIET_RUN, tiny_llama, varied_rows, write_jsonl
 
@@ -36,7 +37,7 @@ def test_packed_losses_and_gradients_equal_unpacked(attn, tokenizer):
     model.config.use_cache = False  # what load_model sets: without it packed samples see each other
     samples = _samples()
     recipe = build_recipe(None, ["data.packing=true"])
-    batch = build_collator(recipe, tokenizer)(samples)
+    batch = build_collator(batching_spec(recipe), tokenizer)(samples)
     assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
     assert batch["position_ids"][0].tolist() == [p for s in samples for p in range(len(s["input_ids"]))]
 
@@ -119,7 +120,7 @@ def test_fast_path_trains_an_original_recipe_like_its_micro_batches(tiny_model_d
 
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
 def test_token_budget_batches(packed):
-    from samsum_tuner.trainer import TokenBudgetBatchSampler
+    from samsum_tuner.batching import TokenBudgetBatchSampler
 
     lengths = [5 + (i * 37) % 120 for i in range(200)]
     s = TokenBudgetBatchSampler(lengths, budget=256, packed=packed, seed=1)
@@ -184,11 +185,12 @@ def test_eval_batches_take_the_training_shape(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
 def test_supervised_logits_only_is_the_same_loss_and_gradients(tokenizer, packing):
     """lm_head on the summary positions only: equal loss and gradients to the model's own full-logits loss."""
-    from samsum_tuner.trainer import supervised_loss, supervised_positions
+    from samsum_tuner.batching import supervised_positions
+    from samsum_tuner.trainer import supervised_loss
 
     model = tiny_llama(vocab_size=256)
     model.config.use_cache = False
-    batch = build_collator(build_recipe(None, [f"data.packing={packing}"]), tokenizer)(_samples())
+    batch = build_collator(batching_spec(build_recipe(None, [f"data.packing={packing}"])), tokenizer)(_samples())
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     model.zero_grad()
     full = model(**inputs, labels=batch["labels"]).loss
@@ -207,7 +209,7 @@ def test_supervised_logits_only_is_the_same_loss_and_gradients(tokenizer, packin
 
 def test_trainer_with_and_without_supervised_logits_only_logs_the_same_losses(tiny_model_dir, tmp_path):
     import samsum_tuner as st
-    from samsum_tuner.trainer import supervised_positions
+    from samsum_tuner.batching import supervised_positions
 
     rows = varied_rows(16)
     write_jsonl(tmp_path / "d", "train", rows)
@@ -238,8 +240,9 @@ def test_packed_row_padded_to_a_fixed_shape_changes_no_loss(attn, tokenizer):
     model.config._attn_implementation = attn
     model.config.use_cache = False
     samples = _samples()
-    plain = build_collator(build_recipe(None, ["data.packing=true"]), tokenizer)(samples)
-    padded = build_collator(build_recipe(None, ["data.packing=true", "data.pad_to_multiple_of=96"]), tokenizer)(samples)
+    plain = build_collator(batching_spec(build_recipe(None, ["data.packing=true"])), tokenizer)(samples)
+    padded = build_collator(batching_spec(build_recipe(None, ["data.packing=true", "data.pad_to_multiple_of=96"])),
+                            tokenizer)(samples)
     n = plain["input_ids"].shape[1]
     assert padded["input_ids"].shape == (1, 96) and n < 96
     assert padded["position_ids"][0, n:].tolist() == list(range(96 - n))
@@ -258,13 +261,13 @@ def test_packed_row_padded_to_a_fixed_shape_changes_no_loss(attn, tokenizer):
 def test_the_packed_mask_built_beforehand_gives_the_models_own_logits(attn, tokenizer):
     """SamsumTrainer hands the model a packed row's mask (transformers would ask the GPU whether the row is
     packed, a host sync every forward): the same logits as the mask transformers builds, tail included."""
-    from samsum_tuner.trainer import packed_attention_mask
+    from samsum_tuner.batching import packed_attention_mask
 
     model = tiny_llama(vocab_size=256)
     model.config._attn_implementation = attn
     model.config.use_cache = False
-    batch = build_collator(build_recipe(None, ["data.packing=true", "data.pad_to_multiple_of=128"]), tokenizer)(
-        _samples())
+    batch = build_collator(batching_spec(build_recipe(None, ["data.packing=true", "data.pad_to_multiple_of=128"])),
+                           tokenizer)(_samples())
     mask = packed_attention_mask(batch["position_ids"], attn)
     assert mask.shape == (1, 1, 128, 128)
     if attn == "sdpa":  # sample 2 (from token 9 on) sees itself causally, not sample 1
@@ -276,7 +279,7 @@ def test_the_packed_mask_built_beforehand_gives_the_models_own_logits(attn, toke
 
 
 def test_padded_batches_round_up_to_the_multiple(tokenizer):
-    batch = build_collator(build_recipe(None, ["data.pad_to_multiple_of=64"]), tokenizer)(_samples())
+    batch = build_collator(batching_spec(build_recipe(None, ["data.pad_to_multiple_of=64"])), tokenizer)(_samples())
     assert batch["input_ids"].shape == (4, 64)
 
 

@@ -167,7 +167,7 @@ def test_the_throughput_window_counts_steps_not_evaluations_or_saves(device):
     come after the last step, a mid-run one between two steps."""
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
-    from samsum_tuner.trainer import ThroughputCallback
+    from samsum_tuner.callbacks import ThroughputCallback
 
     args = TrainingArguments("/tmp/unused", use_cpu=device == "cpu", report_to=[])
     assert args.device.type == device

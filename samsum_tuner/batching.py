@@ -1,0 +1,194 @@
+"""Batches: token budgets, samplers and collators, and the attention masks of packed rows.
+
+What SamsumTrainer feeds the model and what the memory planner sizes, from one description (`BatchingSpec`),
+with no recipe in sight: api.py makes the spec from the recipe. No transformers at import: the planner reads
+token_budget_batches here, and transformers' Trainer stack takes seconds to import (callbacks.BatchSamplerEpoch
+sets these samplers' epochs).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .data import IGNORE_INDEX
+
+
+@dataclass(frozen=True)
+class BatchingSpec:
+    """How training and evaluation batches are formed, and what they carry."""
+
+    max_tokens_per_batch: int | None  # batches cut by a token budget instead of a row count (None: by rows)
+    packing: bool  # padding-free: a batch's samples in one row, position ids restarting per sample
+    pad_to_multiple_of: int | None  # rows padded to a multiple of N tokens (packed: with an unsupervised tail)
+    longest_first: bool  # the batch with the longest sample trains first: an out-of-memory shows at step 1
+    supervised_logits_only: bool  # batches carry their supervised positions (logits_to_keep), the loss only those
+    attn_implementation: str  # the recipe's attention kernel, whose packed-row mask is built here (PACKED_MASKS)
+
+
+def token_budget_batches(lengths: list[int], budget: int, packed: bool, seed: int) -> list[list[int]]:
+    """Sample indices grouped, in a seeded order, into batches whose cost stays within `budget` tokens: the sum
+    of lengths when packed, rows x the longest when padded. The training sampler and the memory planner both
+    use it, so the planner sees the batches training will run."""
+    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
+    batches: list[list[int]] = []
+    current: list[int] = []
+    total = longest = 0
+    for i in order:
+        n = lengths[i]
+        cost = total + n if packed else (len(current) + 1) * max(longest, n)
+        if current and cost > budget:
+            batches.append(current)
+            current, total, longest = [], 0, 0
+        current.append(i)
+        total, longest = total + n, max(longest, n)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class LongestFirstSampler(torch.utils.data.Sampler):
+    """A random order whose first batch is the longest samples: the memory peak comes at step 1."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        self.lengths, self.batch_size, self.seed, self.epoch = lengths, batch_size, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=g).tolist()
+        longest = sorted(range(len(self.lengths)), key=lambda i: -self.lengths[i])[: self.batch_size]
+        head = set(longest)
+        return iter(longest + [i for i in order if i not in head])
+
+
+class TokenBudgetBatchSampler(torch.utils.data.Sampler):
+    """Batches of sample indices whose cost stays within a token budget: the sum of lengths when packed, rows x
+    the longest row when padded. The batches are formed once (from a seeded order), so every epoch has the same
+    number of optimizer steps, which the Trainer's schedule, accumulation and resume assume; each epoch visits
+    them in a new seeded order, with longest_first the batch holding the longest sample first."""
+
+    def __init__(self, lengths: list[int], budget: int, packed: bool, seed: int, longest_first: bool = False):
+        self.lengths, self.seed, self.longest_first, self.epoch = lengths, seed, longest_first, 0
+        self.batches = token_budget_batches(lengths, budget, packed, seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + 1 + self.epoch)
+        order = torch.randperm(len(self.batches), generator=g).tolist()
+        if self.longest_first:
+            longest = max(range(len(self.lengths)), key=self.lengths.__getitem__)
+            first = next(b for b, batch in enumerate(self.batches) if longest in batch)
+            order.remove(first)
+            order.insert(0, first)
+        return iter([self.batches[b] for b in order])
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def build_collator(spec: BatchingSpec, tokenizer):
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+    multiple = spec.pad_to_multiple_of
+    if spec.packing:
+        # Padding-free: one row, position ids restart per sample; attention stays per sample only
+        # because load_model sets use_cache=False (see DESIGN.md).
+        flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+        return PackedCollator(flatten, tokenizer.pad_token_id, multiple) if multiple else flatten
+    # Pads labels with -100 by position, so EOS stays supervised even when pad == eos.
+    return DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX, return_tensors="pt",
+                                  pad_to_multiple_of=multiple)
+
+
+class PackedCollator:
+    """A packed row padded to a multiple of `multiple` tokens. The tail is one more sample to the model (its
+    position ids restart at 0, so the block-diagonal mask keeps it apart), unsupervised, made of the pad id so
+    the Trainer's non-padding token count leaves it out."""
+
+    def __init__(self, flatten, pad_token_id: int, multiple: int):
+        self.flatten, self.pad_token_id, self.multiple = flatten, pad_token_id, multiple
+
+    def __call__(self, features):
+        batch = self.flatten(features)
+        n = batch["input_ids"].shape[1]
+        tail = -n % self.multiple
+        if tail:
+            fills = {"input_ids": self.pad_token_id, "labels": IGNORE_INDEX}
+            for key, value in batch.items():
+                if key == "position_ids":
+                    extra = torch.arange(tail, dtype=value.dtype).unsqueeze(0)
+                else:
+                    extra = torch.full((1, tail), fills.get(key, 0), dtype=value.dtype)
+                batch[key] = torch.cat([value, extra], dim=1)
+        return batch
+
+
+class WithSupervisedPositions:
+    """A collator whose batches also carry `logits_to_keep`, the supervised positions, found on the host: on
+    the GPU the search (a nonzero) would wait for the GPU to finish the previous step before the host could
+    queue anything more."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        if "labels" in batch:
+            batch["logits_to_keep"] = supervised_positions(batch["labels"])
+        return batch
+
+
+def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Positions t whose logits predict a supervised label at t + 1, in any row."""
+    return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+
+
+def _sample_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """Which sample of a packed row each token belongs to: a new one wherever the position does not follow on
+    (transformers' own rule, find_packed_sequence_indices)."""
+    first = position_ids[:, :1] - 1
+    return (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
+
+
+def _flex_packed_mask(position_ids: torch.Tensor):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    sample = _sample_ids(position_ids)
+
+    def causal_within_sample(b, h, q, kv):
+        return (q >= kv) & (sample[b, q] == sample[b, kv])
+
+    rows, length = sample.shape
+    return create_block_mask(causal_within_sample, rows, None, length, length, device=sample.device, _compile=True)
+
+
+def _sdpa_packed_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    sample = _sample_ids(position_ids)
+    causal = torch.ones(sample.shape[1], sample.shape[1], dtype=torch.bool, device=sample.device).tril()
+    return ((sample[:, :, None] == sample[:, None, :]) & causal)[:, None]  # True: attend
+
+
+PACKED_MASKS = {"flex_attention": _flex_packed_mask, "sdpa": _sdpa_packed_mask}
+
+
+def packed_attention_mask(position_ids: torch.Tensor, attn_implementation: str):
+    """The attention mask of packed rows, ready for the model (a 4D mask or flex_attention's BlockMask, which
+    transformers takes as given): causal, and each token sees only its own sample."""
+    return PACKED_MASKS[attn_implementation](position_ids)
+
+
+def non_padding_tokens(inputs: dict, pad_token_id: int | None) -> torch.Tensor:
+    """The Trainer's "non_padding" count of one batch, left on the device: the attention mask's ones, else the
+    input ids that are not the pad id (a packed row's tail is made of it)."""
+    if "attention_mask" in inputs:
+        return inputs["attention_mask"].sum()
+    ids = inputs["input_ids"]
+    return (ids != pad_token_id).sum() if pad_token_id is not None else torch.tensor(ids.numel(), device=ids.device)
