@@ -225,19 +225,6 @@ def _preflight(prepared: Prepared, enforce: bool):
     return result
 
 
-def batching_spec(recipe: Recipe):
-    """How the recipe's batches are formed and fed (batching.BatchingSpec)."""
-    from .batching import BatchingSpec
-
-    d = recipe.data
-    # The recipe's attention name, which picks a packed row's mask: the model's config may spell it otherwise
-    # (transformers drops a paged| prefix), and the model compute_loss gets may be wrapped (DDP, FSDP, PEFT).
-    return BatchingSpec(max_tokens_per_batch=d.max_tokens_per_batch, packing=d.packing,
-                        pad_to_multiple_of=d.pad_to_multiple_of, longest_first=d.longest_first,
-                        supervised_logits_only=recipe.train.supervised_logits_only,
-                        attn_implementation=recipe.model.attn_implementation)
-
-
 def build_trainer(recipe: Recipe, *, prepared: Prepared | None = None, callbacks: list | None = None):
     """A `SamsumTrainer` (a transformers.Trainer) with model, data, collator and memory callback."""
     from transformers import set_seed
@@ -245,10 +232,11 @@ def build_trainer(recipe: Recipe, *, prepared: Prepared | None = None, callbacks
 
     from .batching import build_collator
     from .callbacks import FirstStepTimer, ThroughputCallback
+    from .evaluation import RougeProbe
     from .guards import NonFiniteGuard
     from .memory import MemoryCallback, apply_gpu_limit
     from .model import layers_to_wrap, load_model
-    from .resolve import training_arguments
+    from .resolve import batching_spec, training_arguments
     from .trainer import SamsumTrainer
 
     prepared = prepared or prepare(recipe)
@@ -276,8 +264,9 @@ def build_trainer(recipe: Recipe, *, prepared: Prepared | None = None, callbacks
         data_collator=build_collator(batching, prepared.tokenizer),
         processing_class=prepared.tokenizer,
         callbacks=[memory_cb, *([guard] if guard is not None else []), first_step, *(callbacks or [])],
-        recipe=recipe,
         batching=batching,
+        recipe_yaml=recipe.to_yaml(),
+        rouge=RougeProbe(recipe.data, recipe.train.eval_rouge_rows) if recipe.train.eval_rouge_rows else None,
         guard=guard,
         memory=memory_cb,
     )

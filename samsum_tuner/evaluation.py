@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .config import Recipe
+from .config import DataConfig, Recipe
 from .recipe import build_recipe, split_overrides
 from .data import load_clean_split
 from .errors import ConfigError
@@ -70,7 +70,7 @@ def score(preds: list[dict[str, Any]], references: list[str]) -> dict[str, float
 
 
 @torch.no_grad()
-def generate(model, tokenizer, recipe: Recipe, dialogues: list[str], gen: GenerationConfig,
+def generate(model, tokenizer, data: DataConfig, dialogues: list[str], gen: GenerationConfig,
              progress: bool = True) -> list[dict[str, Any]]:
     """Summaries for dialogues, in order; each with whether it ended at EOS and its token count."""
     from tqdm.auto import tqdm
@@ -86,7 +86,7 @@ def generate(model, tokenizer, recipe: Recipe, dialogues: list[str], gen: Genera
     bar = tqdm(total=len(dialogues), desc="generating", disable=not progress)
     for start in range(0, len(order), gen.batch_size):
         idx = order[start:start + gen.batch_size]
-        prompts = [_encode_prompt(recipe.data, tokenizer, dialogues[i]) for i in idx]
+        prompts = [_encode_prompt(data, tokenizer, dialogues[i]) for i in idx]
         width = max(map(len, prompts))
         # Left padding: every prompt ends where generation starts.
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
@@ -104,6 +104,24 @@ def generate(model, tokenizer, recipe: Recipe, dialogues: list[str], gen: Genera
         bar.update(len(idx))
     bar.close()
     return [results[i] for i in range(len(dialogues))]
+
+
+class RougeProbe:
+    """ROUGE as `samsum-tuner eval` scores it (greedy, 96 new tokens) on the first n rows of the eval split, for
+    the Trainer's every evaluation (SamsumTrainer's `rouge`)."""
+
+    def __init__(self, data: DataConfig, n: int):
+        self.data, self.n, self.rows = data, n, None
+
+    def __call__(self, model, tokenizer) -> dict[str, float]:
+        from .data import load_clean_split
+
+        if self.rows is None:
+            self.rows = load_clean_split(self.data, self.data.eval_split)[0][:self.n]
+        # generate() left-pads the prompts itself: the tokenizer's padding side is not involved.
+        preds = generate(model, tokenizer, self.data, [r["dialogue"] for r in self.rows], GenerationConfig(),
+                         progress=False)
+        return {f"eval_{k}": v for k, v in score(preds, [r["summary"] for r in self.rows]).items()}
 
 
 # ---------------------------------------------------------------- what a saved run or model folder holds
@@ -352,7 +370,7 @@ def evaluate(run_or_model: str, *, split: str = "test", limit: int | None = None
     rows = rows[:limit] if limit else rows
     print(f"samsum_tuner: prompt: {src.prompt()}", flush=True)
     model, tokenizer, recipe = load_for_eval(src)
-    preds = generate(model, tokenizer, recipe, [r["dialogue"] for r in rows], gen, progress=progress)
+    preds = generate(model, tokenizer, recipe.data, [r["dialogue"] for r in rows], gen, progress=progress)
     metrics: dict[str, Any] = score(preds, [r["summary"] for r in rows])
     metrics.update(rows=len(rows), split=split, source=origin, max_new_tokens=gen.max_new_tokens,
                    do_sample=gen.do_sample, chat_template=recipe.data.chat_template,

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
+from .batching import BatchingSpec
 from .config import FsdpConfig, Recipe, TrainConfig
 from .errors import ConfigError
 from .launch import Launch
@@ -65,3 +66,14 @@ def fsdp_arguments(f: FsdpConfig, launch: Launch, layer_cls: list[str]) -> dict:
             "cpu_ram_efficient_loading": True,
         },
     }
+
+
+def batching_spec(recipe: Recipe) -> BatchingSpec:
+    """How the recipe's batches are formed and fed."""
+    d = recipe.data
+    # The recipe's attention name, which picks a packed row's mask: the model's config may spell it otherwise
+    # (transformers drops a paged| prefix), and the model compute_loss gets may be wrapped (DDP, FSDP, PEFT).
+    return BatchingSpec(max_tokens_per_batch=d.max_tokens_per_batch, packing=d.packing,
+                        pad_to_multiple_of=d.pad_to_multiple_of, longest_first=d.longest_first,
+                        supervised_logits_only=recipe.train.supervised_logits_only,
+                        attn_implementation=recipe.model.attn_implementation)

@@ -1,4 +1,5 @@
-"""Recipe -> TrainingArguments + Trainer. The step itself is transformers' own.
+"""The Trainer subclass: transformers' own step, with batches by token budget, the loss on supervised positions only,
+the original's per-epoch StepLR, atomic checkpoints and resume with this run's hyperparameters.
 
 We use `transformers.Trainer` rather than TRL's `SFTTrainer`: our data pipeline already produces
 completion-only labels (SAMSum cleaning, dialogue-side truncation, exact masks we test), so SFTTrainer's
@@ -8,18 +9,17 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers import Trainer
+from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.trainer_utils import speed_metrics
 
 from .batching import (PACKED_MASKS, BatchingSpec, LongestFirstSampler, TokenBudgetBatchSampler,
                        WithSupervisedPositions, non_padding_tokens, packed_attention_mask, supervised_positions)
 from .callbacks import BatchSamplerEpoch
 from .checkpoint import RECIPE_FILE, atomic_checkpoint, rotate, saved_recipe, worst_over_processes
-from .config import Recipe
-from .data import IGNORE_INDEX
 from .guards import NonFiniteGuard
 from .memory import MemoryCallback
 
@@ -68,14 +68,15 @@ class TokenCounting:
 
 
 class SamsumTrainer(TokenCounting, Trainer):
-    """Trainer plus the original's optimizer and schedule, and perplexity in every log. Batches as `batching` says;
-    `guard` and `memory` (None: off) are callbacks among `callbacks` that it also calls itself."""
+    """Trainer plus the original's schedule and perplexity in every log. Batches as `batching` says; `guard` and
+    `memory` (None: off) are callbacks among `callbacks` that it also calls itself; `rouge(model, tokenizer)` adds
+    its scores to every evaluation; `recipe_yaml` goes into every checkpoint (what a resume checks)."""
 
-    def __init__(self, *args, recipe: Recipe, batching: BatchingSpec, guard: NonFiniteGuard | None = None,
-                 memory: MemoryCallback | None = None, **kwargs):
-        self.recipe, self.batching, self.guard, self.memory = recipe, batching, guard, memory
+    def __init__(self, *args, batching: BatchingSpec, recipe_yaml: str, guard: NonFiniteGuard | None = None,
+                 memory: MemoryCallback | None = None, rouge: Callable[[Any, Any], dict] | None = None, **kwargs):
+        self.batching, self.recipe_yaml, self.rouge = batching, recipe_yaml, rouge
+        self.guard, self.memory = guard, memory
         self._staging: str | None = None
-        self._rouge_rows: list[dict[str, str]] | None = None
         if batching.supervised_logits_only:
             kwargs.setdefault("compute_loss_func", supervised_loss)
         super().__init__(*args, **kwargs)
@@ -116,15 +117,15 @@ class SamsumTrainer(TokenCounting, Trainer):
             try:
                 super()._save_checkpoint(model, trial)
                 if self.args.should_save:  # what a resume checks its recipe against
-                    (stage / RECIPE_FILE).write_text(self.recipe.to_yaml(), encoding="utf-8")
+                    (stage / RECIPE_FILE).write_text(self.recipe_yaml, encoding="utf-8")
             finally:
                 self._staging = None
         if self.args.should_save:
             rotate(run_dir, self.args.save_total_limit,
                    protect=(self.state.best_model_checkpoint,) if self.state.best_model_checkpoint else ())
 
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        super()._save(output_dir, state_dict)
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
         # The Trainer pickles TrainingArguments into training_args.bin; a pickle is code on load. JSON instead.
         out = Path(output_dir if output_dir is not None else self.args.output_dir)
         if self.args.should_save and (out / "training_args.bin").is_file():
@@ -133,24 +134,11 @@ class SamsumTrainer(TokenCounting, Trainer):
 
     def evaluate(self, *args, **kwargs) -> dict[str, float]:
         metrics = super().evaluate(*args, **kwargs)
-        if self.recipe.train.eval_rouge_rows > 0:
-            scores = self._rouge_of_first_rows(self.recipe.train.eval_rouge_rows)
+        if self.rouge is not None:
+            scores = self.rouge(self.model, self.processing_class)
             self.log(scores)
             metrics.update(scores)
         return metrics
-
-    def _rouge_of_first_rows(self, n: int) -> dict[str, float]:
-        """The scoring of `samsum-tuner eval` (greedy, 96 new tokens) on the first n validation rows."""
-        from .data import load_clean_split
-        from .evaluation import GenerationConfig, generate, score
-
-        if self._rouge_rows is None:
-            self._rouge_rows = load_clean_split(self.recipe.data, self.recipe.data.eval_split)[0][:n]
-        rows = self._rouge_rows
-        # generate() left-pads the prompts itself: the tokenizer's padding side is not involved.
-        preds = generate(self.model, self.processing_class, self.recipe, [r["dialogue"] for r in rows],
-                         GenerationConfig(), progress=False)
-        return {f"eval_{k}": v for k, v in score(preds, [r["summary"] for r in rows]).items()}
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if checkpoint is not None and self.is_fsdp_enabled:
@@ -161,7 +149,7 @@ class SamsumTrainer(TokenCounting, Trainer):
         if checkpoint is None:
             return
         changes = rebase_hyperparameters(self.optimizer, self.lr_scheduler, given)
-        changes += schedule_changes(saved_recipe(checkpoint), self.recipe)
+        changes += schedule_changes(saved_recipe(checkpoint), self.args.to_dict())
         if self.is_world_process_zero():
             for change in changes:
                 print(f"samsum_tuner: resume: {change} (from the recipe)", flush=True)
@@ -180,9 +168,15 @@ class SamsumTrainer(TokenCounting, Trainer):
         return grad_norm
 
     def get_train_dataloader(self):
-        if not self.batching.max_tokens_per_batch:
-            return super().get_train_dataloader()
-        return self._token_budget_loader(self.train_dataset, longest_first=self.batching.longest_first)
+        b = self.batching
+        if b.max_tokens_per_batch:
+            return self._token_budget_loader(self.train_dataset, longest_first=b.longest_first)
+        if b.longest_first:
+            first = LongestFirstSampler(self._lengths(self.train_dataset), self.args.per_device_train_batch_size,
+                                        self.args.seed)
+            return self._loader(self.train_dataset, torch.utils.data.BatchSampler(
+                first, self.args.per_device_train_batch_size, drop_last=self.args.dataloader_drop_last))
+        return super().get_train_dataloader()
 
     def get_eval_dataloader(self, eval_dataset=None):
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
@@ -197,16 +191,13 @@ class SamsumTrainer(TokenCounting, Trainer):
         batches = TokenBudgetBatchSampler(self._lengths(dataset), self.batching.max_tokens_per_batch,
                                           packed=self.batching.packing, seed=self.args.seed,
                                           longest_first=longest_first)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=self.data_collator,
+        return self._loader(dataset, batches)
+
+    def _loader(self, dataset, batch_sampler):
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=self.data_collator,
                                              num_workers=self.args.dataloader_num_workers,
                                              pin_memory=self.args.dataloader_pin_memory)
         return self.accelerator.prepare(loader)
-
-    def _get_train_sampler(self, train_dataset=None):
-        if not self.batching.longest_first:
-            return super()._get_train_sampler(train_dataset)
-        return LongestFirstSampler(self._lengths(train_dataset or self.train_dataset),
-                                   self.args.per_device_train_batch_size, self.args.seed)
 
     @staticmethod
     def _lengths(dataset) -> list[int]:
@@ -235,15 +226,10 @@ class SamsumTrainer(TokenCounting, Trainer):
 
 
 def supervised_loss(outputs, targets: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
-    """Causal-LM cross-entropy from logits kept at `keep = supervised_positions(labels)` only, `targets` being
-    `labels[:, 1:][:, keep]`: the same value as the model's own loss (sum over supervised tokens / their count,
-    or / num_items_in_batch under accumulation)."""
-    logits = outputs.logits.float()
-    targets = targets.to(logits.device)
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                             ignore_index=IGNORE_INDEX, reduction="sum")
-    n = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE_INDEX).sum()
-    return loss / (n.to(loss.device) if torch.is_tensor(n) else n)
+    """transformers' causal-LM loss of logits kept at `keep = supervised_positions(labels)` only, `targets` being
+    their shifted labels `labels[:, 1:][:, keep]`: the model's own loss, without the logits nothing reads."""
+    return ForCausalLMLoss(outputs.logits, None, outputs.logits.size(-1), num_items_in_batch=num_items_in_batch,
+                           shift_labels=targets)
 
 
 # Optimizer group keys a resume takes from this run's recipe rather than the checkpoint (initial_lr: the base rate
@@ -276,10 +262,11 @@ def rebase_hyperparameters(optimizer, scheduler, given: list[dict[str, Any]]) ->
 SCHEDULE = ("lr_scheduler_type", "warmup_steps", "gamma", "num_train_epochs", "max_steps", "max_grad_norm")
 
 
-def schedule_changes(saved: dict | None, recipe: Recipe) -> list[str]:
-    """Schedule settings that differ from the checkpoint's recipe. They take effect as they are: the schedule's
-    function is this run's, built from its recipe (LambdaLR restores no plain function from a checkpoint)."""
-    was, now = (saved or {}).get("train") or {}, recipe.to_dict()["train"]
+def schedule_changes(saved: dict | None, now: dict) -> list[str]:
+    """Schedule settings of this run's arguments (`now`, TrainingArguments.to_dict()) that differ from the
+    checkpoint's recipe. They take effect as they are: the schedule's function is this run's (LambdaLR restores no
+    plain function from a checkpoint)."""
+    was = (saved or {}).get("train") or {}
     keys = [k for k in SCHEDULE if k != "gamma" or now["lr_scheduler_type"] == "steplr"]
     return [f"{k} {was[k]} -> {now[k]}" for k in keys if k in was and was[k] != now[k]]
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from samsum_tuner import cli
-from samsum_tuner.api import batching_spec
+from samsum_tuner.resolve import batching_spec
 from samsum_tuner.batching import build_collator
 from samsum_tuner.recipe import build_recipe
 from samsum_tuner.data import DataConfig, tokenize_row
@@ -89,8 +89,8 @@ def test_generation_is_batched_left_padded_and_order_preserving(tokenizer):
     recipe = build_recipe()
     dialogues = ["A: hi", "A: a longer dialogue\nB: with two turns and more words", "B: ok"]
     gen = GenerationConfig(max_new_tokens=5, batch_size=2)
-    batched = generate(model, tokenizer, recipe, dialogues, gen, progress=False)
-    one_by_one = [generate(model, tokenizer, recipe, [d], GenerationConfig(max_new_tokens=5, batch_size=1),
+    batched = generate(model, tokenizer, recipe.data, dialogues, gen, progress=False)
+    one_by_one = [generate(model, tokenizer, recipe.data, [d], GenerationConfig(max_new_tokens=5, batch_size=1),
                            progress=False)[0] for d in dialogues]
     assert [b["prediction"] for b in batched] == [o["prediction"] for o in one_by_one]
     assert all(0 <= b["new_tokens"] <= 5 for b in batched)

@@ -91,13 +91,13 @@ def test_trainer_run_writes_prints_and_logs_epoch_records(tmp_path, capsys):
 
 
 def test_samsum_trainer_hands_figures_to_every_callback_and_step_windows(tmp_path):
-    from samsum_tuner.api import batching_spec
     from samsum_tuner.config import Recipe
+    from samsum_tuner.resolve import batching_spec
     from samsum_tuner.trainer import SamsumTrainer
 
     out = tmp_path / "run"
     cb, spy = MemoryCallback(str(out), log_every_steps=2, sample_interval_s=0.01), _Spy()
-    trainer = _tiny_trainer(out, cb, trainer_cls=SamsumTrainer, extra_callbacks=[spy], recipe=Recipe(),
+    trainer = _tiny_trainer(out, cb, trainer_cls=SamsumTrainer, extra_callbacks=[spy], recipe_yaml=Recipe().to_yaml(),
                             batching=batching_spec(Recipe()), memory=cb)
     trainer.train()
     # SamsumTrainer.log pops the figures before the line is built: callbacks ahead of ours see them too.

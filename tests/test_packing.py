@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from samsum_tuner.api import batching_spec
+from samsum_tuner.resolve import batching_spec
 from samsum_tuner.batching import build_collator
 from samsum_tuner.recipe import build_recipe
 from samsum_tuner.data import IGNORE_INDEX

@@ -214,7 +214,7 @@ def test_longest_first_puts_the_worst_batch_at_step_one(tiny_model_dir, tmp_path
     lengths = [len(x) for x in trainer.train_dataset["input_ids"]]
     first = next(iter(trainer.get_train_dataloader()))
     assert first["input_ids"].shape[1] == max(lengths)
-    order = list(trainer._get_train_sampler())
+    order = list(trainer.get_train_dataloader().batch_sampler.sampler)  # the LongestFirstSampler's order
     assert sorted(order) == list(range(30)) and {lengths[i] for i in order[:3]} == set(sorted(lengths)[-3:])
 
 
