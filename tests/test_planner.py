@@ -10,8 +10,8 @@ import torch
 
 from samsum_tuner.config import Recipe, build_recipe
 from samsum_tuner.errors import ConfigError
-from samsum_tuner.planner import (CUDA_CONTEXT_GIB, FRAGMENTATION, GIB, LLAMA_SHAPES, ModelShape,
-                                  layer_activation_bytes, plan, shape_for_model_name, shape_from_config)
+from samsum_tuner.planner import CUDA_CONTEXT_GIB, FRAGMENTATION, GIB, layer_activation_bytes, plan
+from samsum_tuner.shapes import LLAMA_SHAPES, ModelShape, shape_for_model_name, shape_from_config
 
 from .conftest import ROOT, torchrun_two
 
