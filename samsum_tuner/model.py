@@ -295,13 +295,10 @@ def layers_to_wrap(recipe: Recipe) -> list[str]:
 
 
 def _build_context(recipe: Recipe, fsdp: bool):
-    """Where a random model is built. Under FSDP accelerate shards it with cpu_ram_efficient_loading:
-    rank 0's weights (on the host) are broadcast and the other ranks need only the shapes, as
-    from_pretrained does for a checkpoint; a full copy per GPU would put the whole model on every card
-    before sharding. The other ranks keep real buffers (init_empty_weights leaves them alone): accelerate
-    re-registers non-persistent buffers such as the rotary inv_freq from each rank's own copy. A 4-bit
-    model stays on its GPU: bitsandbytes quantizes there and keeps the quant_state beside the data
-    (FSDP's move would leave a host-built quant_state behind), and at 4 bits the copy is small."""
+    """Where a random model is built. Under FSDP with cpu_ram_efficient_loading, rank 0 builds it on the host and
+    broadcasts it, and the other ranks build shapes only (real buffers: accelerate re-registers the rotary
+    inv_freq from each rank's copy), so no card holds the whole model before sharding. A 4-bit model stays on its
+    GPU: bitsandbytes keeps the quant_state beside the data there."""
     rank0_loads = os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "").lower() in ("1", "true")
     if not fsdp or recipe.quantization.bits or not rank0_loads:
         # Without cpu_ram_efficient_loading nothing broadcasts rank 0's weights: every rank builds its own.
@@ -314,11 +311,9 @@ def _build_context(recipe: Recipe, fsdp: bool):
 
 
 def _draw_device(context, config, dtype: torch.dtype, limit_gib: float | None):
-    """Where the random values are drawn. Rank 0 of an FSDP run keeps its copy on the host, but drawing 7-13B
-    values there takes minutes (torch's default init, then transformers' normal_, ~14 ns per parameter on two
-    cores); drawn on an H200 and copied down, the 7B shape took 22-25 s and the 13B 43 s, mostly the copy.
-    Peak GPU figures start at the first epoch, so the transient does not reach them; it needs the whole model
-    free on the card (and under memory.gpu_limit_gib), otherwise the host draws."""
+    """Where the random values are drawn: on the GPU and copied down to rank 0's host copy when the whole model
+    fits free on the card (and under memory.gpu_limit_gib), because drawing 7-13B values on the host takes
+    minutes (timings in docs/planner.md); otherwise on the host. The transient precedes every reported peak."""
     if not (isinstance(context, torch.device) and context.type == "cpu" and torch.cuda.is_available()):
         return context
     gpu = _local_device()
@@ -381,11 +376,8 @@ def compile_layers(model, layer_classes: list[str]) -> int:
 def _materialize_meta_parameters(model) -> None:
     """Give parameters that hold only a shape (FSDP ranks other than 0) real but untouched host storage.
 
-    Under FSDP2 the Trainer creates the optimizer before accelerate shards the model, and accelerate then
-    finds each optimizer slot's new parameter by data_ptr(): every meta tensor's is 0, so on those ranks all
-    slots collapsed onto one parameter and the rank trained the wrong weights, silently (accelerate#3930).
-    torch.empty on the host reserves address space only: no page is written until accelerate replaces the
-    values with rank 0's broadcast, so this costs no host memory. Buffers stay as they are (real)."""
+    accelerate maps optimizer slots to sharded parameters by data_ptr(), which is 0 for every meta tensor: those
+    ranks would silently train the wrong weights (accelerate#3930). Untouched torch.empty pages cost no memory."""
     for module in model.modules():
         for name, param in list(module._parameters.items()):
             if param is not None and param.is_meta:
