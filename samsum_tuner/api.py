@@ -112,9 +112,9 @@ def _tokenized(recipe: Recipe, data: DataConfig, *, loading: bool = False):
 
 
 def _on_hub(name: str) -> bool:
-    from .model import EMBEDDED, _looks_local, random_shape_name
+    from .model import EMBEDDED, looks_local, random_shape_name
 
-    return not (name == EMBEDDED or random_shape_name(name) is not None or _looks_local(name))
+    return not (name == EMBEDDED or random_shape_name(name) is not None or looks_local(name))
 
 
 def check_for_plan(recipe: Recipe) -> None:
@@ -138,7 +138,7 @@ def train_lengths(recipe: Recipe) -> tuple[list[int], list[int]]:
 
     from .data import resolve_source
     from .hub import hub_problem, in_hub_cache
-    from .model import _looks_local, load_tokenizer
+    from .model import load_tokenizer, looks_local
 
     name, source = recipe.model.name, resolve_source(recipe.data)
     missing, cached_tokenizer = [], False  # missing: (what, why)
@@ -150,7 +150,7 @@ def train_lengths(recipe: Recipe) -> tuple[list[int], list[int]]:
         why = None if cached_tokenizer else hub_problem(name, "config.json", constants.HF_HUB_OFFLINE,
                                                         revision=recipe.model.revision)
         missing += [(f"the tokenizer of {name}", why)] if why else []
-    if not _looks_local(source):
+    if not looks_local(source):
         import datasets
 
         offline = datasets.config.HF_HUB_OFFLINE  # HF_DATASETS_OFFLINE, else HF_HUB_OFFLINE

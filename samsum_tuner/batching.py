@@ -100,7 +100,7 @@ def build_collator(spec: BatchingSpec, tokenizer):
     multiple = spec.pad_to_multiple_of
     if spec.packing:
         # Padding-free: one row, position ids restart per sample; attention stays per sample only
-        # because load_model sets use_cache=False (see DESIGN.md).
+        # because load_model sets use_cache=False.
         flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
         return PackedCollator(flatten, tokenizer.pad_token_id, multiple) if multiple else flatten
     # Pads labels with -100 by position, so EOS stays supervised even when pad == eos.

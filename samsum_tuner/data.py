@@ -17,6 +17,7 @@ from typing import Any, Iterable
 
 from .config import DataConfig
 from .errors import ConfigError, DataError
+from .hub import cache_dir
 
 SPLIT_ALIASES = {"validation": ("validation", "val", "dev"), "train": ("train",), "test": ("test",)}
 EXTENSIONS = (".jsonl.gz", ".jsonl", ".json")
@@ -311,10 +312,6 @@ def load_clean_split(cfg: DataConfig, split: str, split_slice: str | None = None
         why = f" after slicing to {split_slice!r}" if split_slice else ""
         raise DataError(f"{origin}: split '{split}' has no usable rows{why} (cleaning: {report.line()})")
     return cleaned, report, origin
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SAMSUM_TUNER_CACHE", Path.home() / ".cache" / "samsum_tuner"))
 
 
 def _fingerprint(cfg: DataConfig, tokenizer, rows: list[dict[str, str]]) -> str:

@@ -1,8 +1,18 @@
-"""Whether the Hugging Face hub can serve a file now, found at once: a download against an unreachable hub retries
-for ~25 s before it fails."""
+"""Where downloads live, and whether the Hugging Face hub can serve a file now.
+
+A download against an unreachable hub retries for ~25 s before it fails, so reachability is asked once, at once.
+"""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 HUB_PROBE_TIMEOUT_S = 5.0
+
+
+def cache_dir() -> Path:
+    """samsum_tuner's own cache (tokenized splits, the converted SmolLM2, compiled kernels): $SAMSUM_TUNER_CACHE."""
+    return Path(os.environ.get("SAMSUM_TUNER_CACHE", Path.home() / ".cache" / "samsum_tuner"))
 
 
 def in_hub_cache(repo_id: str, filenames: tuple[str, ...], repo_type: str | None = None,
@@ -15,8 +25,8 @@ def in_hub_cache(repo_id: str, filenames: tuple[str, ...], repo_type: str | None
 
 def hub_problem(repo_id: str, filename: str, offline: bool, repo_type: str | None = None,
                 revision: str | None = None) -> str | None:
-    """Why the hub cannot serve `filename` of a repository now (None: it can), found at once: one request without
-    retries (huggingface_hub's fast-fallback mode), where a download retries an unreachable hub for ~25 s."""
+    """Why the hub cannot serve `filename` of a repository now (None: it can): one request without retries
+    (huggingface_hub's fast-fallback mode)."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
     if offline:

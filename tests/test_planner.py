@@ -11,8 +11,9 @@ import torch
 from samsum_tuner.config import Recipe
 from samsum_tuner.recipe import build_recipe
 from samsum_tuner.errors import ConfigError
-from samsum_tuner.planner import (CUDA_CONTEXT_GIB, FRAGMENTATION, GIB, LLAMA_SHAPES, ModelShape,
-                                  layer_activation_bytes, plan, shape_for_model_name, shape_from_config)
+from samsum_tuner.planner import plan
+from samsum_tuner.planner_terms import CUDA_CONTEXT_GIB, FRAGMENTATION, GIB, layer_activation_bytes
+from samsum_tuner.shapes import LLAMA_SHAPES, ModelShape, shape_for_model_name, shape_from_config
 
 from .conftest import ROOT, torchrun_two
 
@@ -319,7 +320,7 @@ def test_log_fsdp_full_adamw_fp32_cpu_offload_fits_gpus_not_host():
 
 
 def test_pinned_shards_round_up_to_powers_of_two():
-    from samsum_tuner.planner import pinned_shard_bytes
+    from samsum_tuner.planner_terms import pinned_shard_bytes
 
     shape = ModelShape(vocab_size=49152, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                        num_attention_heads=32, num_key_value_heads=32)
