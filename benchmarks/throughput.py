@@ -194,9 +194,9 @@ def _hf_args(out: str, steps: int, batch: int, **overrides):
 def _random_7b(attn: str, dtype: torch.dtype = torch.bfloat16, vocab_size: int | None = None):
     from transformers import AutoModelForCausalLM
 
-    from samsum_tuner.model import load_model_config
+    from samsum_tuner.model_source import load_model_config
 
-    config = load_model_config(_recipe(None, [f"model.name={MODEL}"]))
+    config = load_model_config(_recipe(None, [f"model.name={MODEL}"]).model)
     config._attn_implementation = attn
     config.use_cache = False
     if vocab_size:
@@ -275,12 +275,16 @@ def _naive_qlora(a, checkpointing: bool) -> dict:
     prepare_model_for_kbit_training (fp32 norms and embeddings, input gradients; gradient checkpointing if asked)."""
     from peft import prepare_model_for_kbit_training
 
+    from transformers import BitsAndBytesConfig
+
     from samsum_tuner.model import quantize_linears
 
     recipe = _recipe(None, [f"model.name={MODEL}", "quantization.bits=4", "lora.enabled=true"])
     dataset, tokenizer = _stream(recipe, a.rows)
     model = _random_7b("sdpa")
-    quantize_linears(model, recipe, torch.bfloat16, fsdp=False)
+    # QLoRA's NF4 with double quantization and bf16 compute, as the peft/bitsandbytes docs configure it
+    quantize_linears(model, BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16))
     model = _lora(prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing))
     return {**_trainer_run(model, tokenizer, dataset, 8, a), "gradient_checkpointing": checkpointing}
 
@@ -312,7 +316,7 @@ def _ours(a, path: str, overrides: list[str]) -> dict:
         _profile_last_steps(trainer, a)
     trainer.train()
     first_step = next(cb.summary for cb in trainer.callback_handler.callbacks if isinstance(cb, FirstStepTimer))
-    return {**timer.result(), "fsdp_units": _fsdp_units(trainer), "compiled": compiles(recipe), **first_step}
+    return {**timer.result(), "fsdp_units": _fsdp_units(trainer), "compiled": compiles(recipe.model), **first_step}
 
 
 def _profile_last_steps(trainer, a) -> None:
@@ -487,7 +491,7 @@ def trl_default(a) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from samsum_tuner.data import load_clean_split
-    from samsum_tuner.model import embedded_model_dir
+    from samsum_tuner.smollm2 import embedded_model_dir
 
     recipe = _recipe("recipes/smollm2_gpu.yaml", [])
     rows = load_clean_split(recipe.data, "train")[0][: a.rows]
@@ -513,7 +517,7 @@ def flex_loop_16k(a) -> dict:
     flex_attention, batches of up to 16,384 tokens, pure bf16 weights, AdamW."""
     from transformers import AutoModelForCausalLM, DataCollatorWithFlattening
 
-    from samsum_tuner.model import embedded_model_dir
+    from samsum_tuner.smollm2 import embedded_model_dir
 
     recipe = _recipe("recipes/smollm2_gpu.yaml", [])
     dataset, _ = _stream(recipe, a.rows)

@@ -102,17 +102,25 @@ def prepare(recipe: Recipe, *, dry_run: bool = False, force: bool = False) -> Pr
 def _tokenized(recipe: Recipe, data: DataConfig, *, loading: bool = False):
     """(tokenizer, tokenized splits) for `data`: the model's source is checked, its weights never loaded. Unless
     `loading` (the model loads next), no code from the model's folder runs, trusted or not."""
-    from .model import check_model, check_model_source, load_tokenizer
+    from .model_source import check_model, check_model_source, load_tokenizer
 
-    check_model_source(recipe)  # a missing model folder or unknown shape: a stat, before reading any data
+    check_model_source(recipe.model)  # a missing model folder or unknown shape: a stat, before reading any data
     raw = read_splits(data)  # data errors (file:line) before anything model-shaped loads
-    check_model(recipe, loading=loading)  # config.json, weights, LoRA targets: read by transformers, no weights
-    tokenizer = load_tokenizer(recipe, run_code=loading)
+    # config.json, weights, LoRA targets: read by transformers, no weights
+    check_model(recipe.model, _lora_targets(recipe), loading=loading)
+    tokenizer = load_tokenizer(recipe.model, run_code=loading)
     return tokenizer, tokenize_splits(data, tokenizer, raw)
 
 
+def _lora_targets(recipe: Recipe) -> list[str] | None:
+    """The modules LoRA adapts, which the model must have; None: no LoRA."""
+    return recipe.lora.target_modules if recipe.lora.enabled else None
+
+
 def _on_hub(name: str) -> bool:
-    from .model import EMBEDDED, looks_local, random_shape_name
+    from .model_source import looks_local
+    from .shapes import random_shape_name
+    from .smollm2 import EMBEDDED
 
     return not (name == EMBEDDED or random_shape_name(name) is not None or looks_local(name))
 
@@ -120,10 +128,10 @@ def _on_hub(name: str) -> bool:
 def check_for_plan(recipe: Recipe) -> None:
     """What a plan checks of the model: all but a hub model's config (the planner has the shapes it knows, and
     training checks the rest when it loads), so that a plan works offline."""
-    from .model import check_model
+    from .model_source import check_model
 
     if not _on_hub(recipe.model.name):
-        check_model(recipe)
+        check_model(recipe.model, _lora_targets(recipe))
 
 
 class HubUnreachable(ConfigError):
@@ -138,7 +146,7 @@ def train_lengths(recipe: Recipe) -> tuple[list[int], list[int]]:
 
     from .data import resolve_source
     from .hub import hub_problem, in_hub_cache
-    from .model import load_tokenizer, looks_local
+    from .model_source import load_tokenizer, looks_local
 
     name, source = recipe.model.name, resolve_source(recipe.data)
     missing, cached_tokenizer = [], False  # missing: (what, why)
@@ -165,7 +173,7 @@ def train_lengths(recipe: Recipe) -> tuple[list[int], list[int]]:
                              if len(whys) == 1 else "cannot reach " + " or ".join(f"{w} ({y})" for w, y in missing))
     data = replace(recipe.data, eval_split=None)
     raw = read_splits(data)  # data errors (file:line) before the tokenizer
-    tokenizer = load_tokenizer(recipe, run_code=False, local_files_only=cached_tokenizer)
+    tokenizer = load_tokenizer(recipe.model, run_code=False, local_files_only=cached_tokenizer)
     split = tokenize_splits(data, tokenizer, raw)["train"]
     return split.lengths, split.supervised
 
@@ -236,7 +244,7 @@ def build_trainer(recipe: Recipe, *, prepared: Prepared | None = None, callbacks
     from .guards import NonFiniteGuard
     from .memory import MemoryCallback, apply_gpu_limit
     from .model import layers_to_wrap, load_model
-    from .resolve import batching_spec, training_arguments
+    from .resolve import batching_spec, model_load, training_arguments
     from .trainer import SamsumTrainer
 
     prepared = prepared or prepare(recipe)
@@ -245,10 +253,10 @@ def build_trainer(recipe: Recipe, *, prepared: Prepared | None = None, callbacks
     set_seed(recipe.train.seed)  # LoRA/random init happen here, before the Trainer seeds: same run, same weights
     # TrainingArguments first: under a torchrun FSDP launch they export the FSDP environment that
     # from_pretrained reads to load on rank 0 only (one host copy of the weights, not one per rank).
-    args = training_arguments(recipe, launch, layers_to_wrap(recipe), has_eval="eval" in prepared.splits)
+    args = training_arguments(recipe, launch, layers_to_wrap(recipe.model), has_eval="eval" in prepared.splits)
     lock = _lock_run_dir(recipe, args)  # the process group exists now: every process learns the verdict
     loading = time.perf_counter()
-    model = load_model(recipe, fsdp=launch.fsdp)
+    model = load_model(model_load(recipe, fsdp=launch.fsdp))
     first_step = FirstStepTimer(model_load_s=time.perf_counter() - loading)
     memory_cb = MemoryCallback(recipe.train.output_dir, log_every_steps=recipe.memory.log_every_steps,
                                sample_interval_s=recipe.memory.sample_interval_s,

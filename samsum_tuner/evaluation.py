@@ -189,7 +189,8 @@ def check_adapter_fits(folder: Path, recipe: Recipe) -> None:
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .model import EMBEDDED, embedded_model_dir, random_shape_name
+    from .shapes import random_shape_name
+    from .smollm2 import EMBEDDED, embedded_model_dir
 
     name = recipe.model.name
     if random_shape_name(name) is not None:
@@ -271,7 +272,9 @@ def run_recipe(folder: Path, overrides: list[str] | None = None) -> Recipe:
 def resolve_eval_source(run_or_model: str, overrides: list[str] | None = None) -> EvalSource:
     """A run directory (adapter or full model), a merged folder, a model folder or a model name: its recipe
     and files checked, nothing loaded."""
-    from .model import EMBEDDED, check_model_source, random_shape_name
+    from .model_source import check_model_source
+    from .shapes import random_shape_name
+    from .smollm2 import EMBEDDED
 
     overrides = list(overrides or [])
     path = Path(run_or_model)
@@ -284,7 +287,7 @@ def resolve_eval_source(run_or_model: str, overrides: list[str] | None = None) -
         check_saved_model(path, adapter)
         if adapter:  # the base model the adapter goes on
             try:
-                check_model_source(recipe)
+                check_model_source(recipe.model)
             except ConfigError as e:
                 raise ConfigError(f"{path / 'recipe.yaml'}: {e}") from None
             check_adapter_fits(path, recipe)
@@ -298,7 +301,7 @@ def resolve_eval_source(run_or_model: str, overrides: list[str] | None = None) -
     recipe = build_recipe(None, [f"model.name={run_or_model}", *overrides])
     if random_shape_name(recipe.model.name) is not None:
         raise ConfigError(f"model.name: {recipe.model.name} has random weights: nothing to evaluate")
-    check_model_source(recipe)
+    check_model_source(recipe.model)
     folder = path if path.is_dir() and recipe.model.name != EMBEDDED else None
     if folder is not None:
         check_saved_model(folder, adapter=False)
@@ -309,7 +312,8 @@ def load_for_eval(source: EvalSource | str, overrides: list[str] | None = None):
     """(model, tokenizer, recipe) of a resolved source (or of a path or name, resolved here)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .model import EMBEDDED, embedded_model_dir, load_tokenizer
+    from .model_source import load_tokenizer
+    from .smollm2 import EMBEDDED, embedded_model_dir
 
     src = source if isinstance(source, EvalSource) else resolve_eval_source(source, overrides)
     recipe = src.recipe
@@ -329,7 +333,7 @@ def load_for_eval(source: EvalSource | str, overrides: list[str] | None = None):
             else:
                 model = AutoModelForCausalLM.from_pretrained(src.folder, **load)
         else:
-            tokenizer = load_tokenizer(recipe)
+            tokenizer = load_tokenizer(recipe.model)
             name = embedded_model_dir() if recipe.model.name == EMBEDDED else recipe.model.name
             model = AutoModelForCausalLM.from_pretrained(name, **load)
     tokenizer.padding_side = "left"

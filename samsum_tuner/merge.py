@@ -47,7 +47,7 @@ def _check_target(target: Path, run: Path, overwrite: bool) -> None:
 
 
 def _check_run(run: Path) -> Recipe:
-    from .model import check_model_source
+    from .model_source import check_model_source
 
     if not run.is_dir():
         raise ConfigError(f"{run}: {'is not a folder' if run.exists() else 'no such run directory'}")
@@ -60,7 +60,7 @@ def _check_run(run: Path) -> Recipe:
     recipe = run_recipe(run)
     check_saved_model(run, adapter=True)
     try:
-        check_model_source(recipe)  # the base the adapter goes on
+        check_model_source(recipe.model)  # the base the adapter goes on
     except ConfigError as e:
         raise ConfigError(f"{run / 'recipe.yaml'}: {e}") from None
     check_adapter_fits(run, recipe)
@@ -78,7 +78,7 @@ def merge(run_dir: str, out: str, *, overwrite: bool = False) -> Path:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .model import EMBEDDED, embedded_model_dir
+    from .smollm2 import EMBEDDED, embedded_model_dir
 
     # Always the full-precision base, also for QLoRA runs: merging into 4-bit weights would round the adapter away.
     base_name = embedded_model_dir() if recipe.model.name == EMBEDDED else recipe.model.name

@@ -1,5 +1,6 @@
-"""The recipe, resolved once into the objects that run it: TrainingArguments (with the launch's FSDP settings) and
-the batching. Modules below this one take these objects, never the Recipe."""
+"""The recipe, resolved once into the objects that run it: TrainingArguments (with the launch's FSDP settings), the
+model's load (BitsAndBytesConfig, peft's LoraConfig) and the batching. Modules below this one take these objects or
+their own section of the recipe, never the Recipe."""
 from __future__ import annotations
 
 from typing import Any
@@ -11,6 +12,7 @@ from .batching import BatchingSpec
 from .config import FsdpConfig, Recipe, TrainConfig
 from .errors import ConfigError
 from .launch import Launch
+from .model import ModelLoad
 
 # transformers renamed gradient_checkpointing to activation_checkpointing (the old name now warns); older releases
 # have only the old one.
@@ -77,3 +79,37 @@ def batching_spec(recipe: Recipe) -> BatchingSpec:
                         pad_to_multiple_of=d.pad_to_multiple_of, longest_first=d.longest_first,
                         supervised_logits_only=recipe.train.supervised_logits_only,
                         attn_implementation=recipe.model.attn_implementation)
+
+
+DTYPES = {None: torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def compute_dtype(recipe: Recipe) -> torch.dtype:
+    """What the matmuls run in: fp16/bf16 under mixed precision, else the weights' own dtype."""
+    t = recipe.train
+    if t.fp16:
+        return torch.float16
+    if t.bf16:
+        return torch.bfloat16
+    return DTYPES[recipe.model.dtype]
+
+
+def model_load(recipe: Recipe, *, fsdp: bool = False) -> ModelLoad:
+    """How model.load_model loads the recipe's model; `fsdp`: the launch shards it."""
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig
+
+    q, lo, cdtype = recipe.quantization, recipe.lora, compute_dtype(recipe)
+    bnb = None
+    if q.bits == 8:
+        bnb = BitsAndBytesConfig(load_in_8bit=True)
+    elif q.bits == 4:
+        bnb = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant,
+            bnb_4bit_compute_dtype=cdtype,
+            # FSDP flattens parameters of one dtype: 4-bit storage must be the compute dtype (fsdp_qlora).
+            bnb_4bit_quant_storage=cdtype if fsdp else torch.uint8)
+    lora = LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=list(lo.target_modules),
+                      bias=lo.bias, task_type="CAUSAL_LM") if lo.enabled else None
+    return ModelLoad(recipe.model, cdtype if q.bits else DTYPES[recipe.model.dtype], bnb, lora, fsdp,
+                     recipe.memory.gpu_limit_gib)

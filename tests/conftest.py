@@ -47,11 +47,11 @@ def _samsum_env(monkeypatch):
 def tokenizer():
     """SmolLM2's real tokenizer (from the embedded GGUF, converted once into the cache)."""
     from samsum_tuner.config import Recipe
-    from samsum_tuner.model import load_tokenizer
+    from samsum_tuner.model_source import load_tokenizer
 
     r = Recipe()
     r.model.name = "smollm2-135m"
-    return load_tokenizer(r)
+    return load_tokenizer(r.model)
 
 
 def tiny_llama(vocab_size: int = 49152, seed: int = 0):

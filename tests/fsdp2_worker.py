@@ -20,6 +20,7 @@ from torch.distributed.fsdp import fully_shard
 from samsum_tuner import checkpoint as ck
 from samsum_tuner.recipe import build_recipe
 from samsum_tuner.model import load_model
+from samsum_tuner.resolve import model_load
 
 SAVE_EVERY, BATCH, SEQ = 2, 2, 24
 
@@ -45,7 +46,7 @@ def main() -> None:
     torch.manual_seed(0)
     recipe = build_recipe(None, [f"model.name={a.model_dir}", "--use_peft", f"lora.dropout={a.dropout}",
                                  "lora.target_modules=q_proj,v_proj,gate_proj", f"model.compile={a.compile}"])
-    model = load_model(recipe)  # the library's LoRA wrapping
+    model = load_model(model_load(recipe))  # the library's LoRA wrapping
     for layer in model.base_model.model.model.layers:
         fully_shard(layer)
     fully_shard(model)

@@ -34,17 +34,19 @@ def test_the_fast_recipes_compile_on_cuda_and_the_cpu_demo_never():
     for name in FAST_RECIPES:
         recipe = build_recipe(ROOT / "recipes" / name)
         assert recipe.model.compile == "auto", name
-        assert compiles(recipe) == torch.cuda.is_available(), name
+        assert compiles(recipe.model) == torch.cuda.is_available(), name
     demo = build_recipe(ROOT / "recipes" / "demo_cpu.yaml")
-    assert demo.model.compile is False and not compiles(demo)
-    assert compiles(build_recipe(None, ["model.compile=true"]))  # an explicit true compiles anywhere
+    assert demo.model.compile is False and not compiles(demo.model)
+    assert compiles(build_recipe(None, ["model.compile=true"]).model)  # an explicit true compiles anywhere
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="auto compiles where CUDA is available")
 def test_auto_loads_an_eager_model_on_a_cpu(tiny_model_dir, capsys):
     from samsum_tuner.model import load_model
+    from samsum_tuner.resolve import model_load
 
-    model = load_model(build_recipe(None, [f"model.name={tiny_model_dir}", "model.compile=auto", "--use_peft"]))
+    model = load_model(model_load(build_recipe(None, [f"model.name={tiny_model_dir}", "model.compile=auto",
+                                                      "--use_peft"])))
     assert not any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
     assert "compiled in place" not in capsys.readouterr().out
 

@@ -656,8 +656,9 @@ class _Loads:
 @pytest.fixture
 def no_model(monkeypatch):
     import samsum_tuner.model
+    import samsum_tuner.model_source
 
-    allowed, real_tokenizer = _Loads(), samsum_tuner.model.load_tokenizer
+    allowed, real_tokenizer = _Loads(), samsum_tuner.model_source.load_tokenizer
 
     def refuse(*a, **k):
         raise AssertionError("a model was loaded")
@@ -668,7 +669,7 @@ def no_model(monkeypatch):
         return real_tokenizer(*a, **k)
 
     monkeypatch.setattr(samsum_tuner.model, "load_model", refuse)
-    monkeypatch.setattr(samsum_tuner.model, "load_tokenizer", tokenizer)
+    monkeypatch.setattr(samsum_tuner.model_source, "load_tokenizer", tokenizer)
     return allowed
 
 

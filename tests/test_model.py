@@ -6,12 +6,18 @@ import torch
 
 from samsum_tuner.recipe import build_recipe
 from samsum_tuner.errors import ConfigError
-from samsum_tuner.model import (apply_adapters, check_model, check_model_source, load_model_config, load_tokenizer,
-                                parameter_counts, pretrained_kwargs, quantize_linears)
+from samsum_tuner.model import apply_adapters, parameter_counts, pretrained_kwargs, quantize_linears
+from samsum_tuner.model_source import check_model, check_model_source, load_model_config, load_tokenizer
+from samsum_tuner.resolve import model_load
 
 from .conftest import tiny_llama
 
 LLAMA2_VOCAB, SMOL_VOCAB = 32000, 49152
+
+
+def _checked(recipe):
+    """check_model's arguments for a recipe: its model section and LoRA targets (as the API passes them)."""
+    return recipe.model, recipe.lora.target_modules if recipe.lora.enabled else None
 
 
 @pytest.mark.parametrize("shape, llama2_params", [("llama2-7b", 6_738_415_616), ("llama2-13b", 13_015_864_320),
@@ -19,7 +25,7 @@ LLAMA2_VOCAB, SMOL_VOCAB = 32000, 49152
 def test_random_shapes_have_the_real_parameter_counts(shape, llama2_params):
     from transformers import AutoModelForCausalLM
 
-    config = load_model_config(build_recipe(None, [f"model.name=random:{shape}"]))
+    config = load_model_config(build_recipe(None, [f"model.name=random:{shape}"]).model)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     n = sum(p.numel() for p in model.parameters())
@@ -30,7 +36,7 @@ def test_random_shapes_have_the_real_parameter_counts(shape, llama2_params):
 
 def test_unknown_random_shape_refused():
     with pytest.raises(ConfigError, match="unknown random shape 'random:llama3-8b'"):
-        check_model_source(build_recipe(None, ["model.name=random:llama3-8b"]))
+        check_model_source(build_recipe(None, ["model.name=random:llama3-8b"]).model)
 
 
 def _folder(tmp_path, model_dir, name: str, config=None, skip=()):
@@ -50,7 +56,7 @@ def _folder(tmp_path, model_dir, name: str, config=None, skip=()):
 
 def _refusal(d, *overrides, loading=True) -> str:
     with pytest.raises(ConfigError) as e:
-        check_model(build_recipe(None, [f"model.name={d}", *overrides]), loading=loading)
+        check_model(*_checked(build_recipe(None, [f"model.name={d}", *overrides])), loading=loading)
     assert "\n" not in str(e.value)
     return str(e.value)
 
@@ -84,7 +90,8 @@ def test_weights_are_checked_when_a_run_loads_them_only(tmp_path, tiny_model_dir
     bare = _folder(tmp_path, tiny_model_dir, "bare", skip=("model.safetensors",))
     assert _refusal(bare) == (f"model.name: {bare} holds no weights (model.safetensors, pytorch_model.bin or a "
                               "sharded index)")
-    check_model(build_recipe(None, [f"model.name={bare}"]), loading=False)  # a dry run or a plan needs no weights
+    # a dry run or a plan needs no weights
+    check_model(*_checked(build_recipe(None, [f"model.name={bare}"])), loading=False)
     index = {"weight_map": {"lm_head.weight": "part-2.safetensors"}}
     (bare / "model.safetensors.index.json").write_text(json.dumps(index))
     assert _refusal(bare) == f"model.name: part-2.safetensors, a shard named in {bare}'s weight index, is missing"
@@ -94,7 +101,7 @@ def test_weights_are_checked_when_a_run_loads_them_only(tmp_path, tiny_model_dir
     cut = _folder(tmp_path, tiny_model_dir, "cut", skip=("model.safetensors",))
     (cut / "model.safetensors").write_bytes((tiny_model_dir / "model.safetensors").read_bytes()[:100_000])
     assert _refusal(cut).startswith(f"model.name: {cut / 'model.safetensors'} is not a readable safetensors file (")
-    check_model(build_recipe(None, [f"model.name={tiny_model_dir}"]), loading=True)  # the whole folder passes
+    check_model(*_checked(build_recipe(None, [f"model.name={tiny_model_dir}"])), loading=True)  # the whole folder
 
 
 def test_lora_targets_are_checked_against_the_models_module_names(tmp_path, tiny_model_dir):
@@ -102,47 +109,49 @@ def test_lora_targets_are_checked_against_the_models_module_names(tmp_path, tiny
     assert message == (f"lora.target_modules: c_attn, query_key_value not in {tiny_model_dir}; its linear layers are "
                        "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj")
     for targets in ("q_proj,v_proj", "self_attn.o_proj,mlp.up_proj,lm_head", "all-linear"):  # as peft matches them
-        check_model(build_recipe(None, [f"model.name={tiny_model_dir}", "--use_peft",
-                                        f"lora.target_modules={targets}"]))
-    check_model(build_recipe(None, [f"model.name={tiny_model_dir}", "lora.target_modules=nothing"]))  # LoRA off
+        check_model(*_checked(build_recipe(None, [f"model.name={tiny_model_dir}", "--use_peft",
+                                                  f"lora.target_modules={targets}"])))
+    check_model(*_checked(build_recipe(None, [f"model.name={tiny_model_dir}", "lora.target_modules=nothing"])))  # off
     with pytest.raises(ConfigError, match="^lora.target_modules: wq not in random:llama2-70b; its linear layers are "):
-        check_model(build_recipe(None, ["model.name=random:llama2-70b", "--use_peft", "lora.target_modules=wq"]))
+        check_model(*_checked(build_recipe(None, ["model.name=random:llama2-70b", "--use_peft",
+                                                  "lora.target_modules=wq"])))
 
 
 def test_a_tokenizer_that_cannot_load_is_one_line(tmp_path, tiny_model_dir):
     none = _folder(tmp_path, tiny_model_dir, "none", skip=("tokenizer.json", "tokenizer_config.json"))
     with pytest.raises(ConfigError, match=rf"^model.name: cannot load a tokenizer from {none} \(no tokenizer.json, "
                                           r"tokenizer.model, vocab.json, vocab.txt, spiece.model\)$"):
-        load_tokenizer(build_recipe(None, [f"model.name={none}"]))
+        load_tokenizer(build_recipe(None, [f"model.name={none}"]).model)
     bad = _folder(tmp_path, tiny_model_dir, "bad", skip=("tokenizer.json",))
     (bad / "tokenizer.json").write_text('{"version": "1.0", "model": ')
     with pytest.raises(ConfigError, match=rf"^model.name: cannot load a tokenizer from {bad} \(.+\)$"):
-        load_tokenizer(build_recipe(None, [f"model.name={bad}"]))
+        load_tokenizer(build_recipe(None, [f"model.name={bad}"]).model)
 
 
 def test_fsdp_loading_has_no_device_map_and_4bit_storage_in_compute_dtype():
     r = build_recipe(None, ["--use_peft", "--quantization", "True", "--use_fp16"])
-    single = pretrained_kwargs(r, fsdp=False)
-    fsdp = pretrained_kwargs(r, fsdp=True)
+    single = pretrained_kwargs(model_load(r, fsdp=False))
+    fsdp = pretrained_kwargs(model_load(r, fsdp=True))
     assert "device_map" in single and single["quantization_config"].bnb_4bit_quant_storage == torch.uint8
     assert "device_map" not in fsdp  # device_map="auto" gave the original "Inconsistent compute_device and device_id"
     q = fsdp["quantization_config"]
     assert q.bnb_4bit_quant_storage == torch.float16 == q.bnb_4bit_compute_dtype and q.bnb_4bit_quant_type == "nf4"
     assert q.bnb_4bit_use_double_quant
-    full = pretrained_kwargs(build_recipe(None, ["--use_fp16"]), fsdp=True)
+    full = pretrained_kwargs(model_load(build_recipe(None, ["--use_fp16"]), fsdp=True))
     assert full["dtype"] == torch.float32 and "quantization_config" not in full  # fp16 = fp32 weights + autocast
-    assert pretrained_kwargs(build_recipe(None, ["--fsdp_config.pure_bf16"]), fsdp=True)["dtype"] == torch.bfloat16
+    pure = pretrained_kwargs(model_load(build_recipe(None, ["--fsdp_config.pure_bf16"]), fsdp=True))
+    assert pure["dtype"] == torch.bfloat16
 
 
 def test_qlora_on_cpu_trains_only_the_adapter():
     r = build_recipe(None, ["--use_peft", "--quantization", "True", "lora.target_modules=q_proj,v_proj"])
     model = tiny_llama(vocab_size=256)
-    quantize_linears(model, r, torch.float32, fsdp=False)
+    quantize_linears(model, model_load(r, fsdp=False).quantization)
     import bitsandbytes as bnb
 
     linears = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(linears) == 2 * 7  # q,k,v,o,gate,up,down per layer
-    model = apply_adapters(r, model)
+    model = apply_adapters(model, model_load(r))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     before = {n: p.detach().clone() for n, p in model.named_parameters()
@@ -171,13 +180,13 @@ def test_fsdp_random_model_is_real_on_rank_0_and_shapes_only_elsewhere(monkeypat
     r = build_recipe(None, ["--enable_fsdp", "--use_peft"])
     monkeypatch.delenv("FSDP_CPU_RAM_EFFICIENT_LOADING", raising=False)
     monkeypatch.setenv("RANK", "1")
-    with _build_context(r, fsdp=True):  # nobody broadcasts rank 0's weights: every rank builds real ones
+    with _build_context(model_load(r, fsdp=True)):  # nobody broadcasts rank 0's weights: every rank builds real ones
         assert {p.device.type for p in tiny_llama(vocab_size=256).parameters()} == {"cpu"}
     monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")  # what accelerate/our torchrun path export
     placed = {}
     for rank in ("0", "1"):
         monkeypatch.setenv("RANK", rank)
-        with _build_context(r, fsdp=True):
+        with _build_context(model_load(r, fsdp=True)):
             model = tiny_llama(vocab_size=256)
         placed[rank] = ({p.device.type for p in model.parameters()}, {b.device.type for b in model.buffers()})
     assert placed["0"] == ({"cpu"}, {"cpu"})
@@ -199,7 +208,7 @@ def test_other_fsdp_ranks_get_distinct_parameters_without_a_host_copy(monkeypatc
     monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
     r = build_recipe(None, ["--enable_fsdp", "model.name=random:llama2-7b", "train.bf16=true"])
     before = psutil.Process().memory_info().rss
-    model = load_model(r, fsdp=True)  # full fine-tune: every parameter is trainable
+    model = load_model(model_load(r, fsdp=True))  # full fine-tune: every parameter is trainable
     grown = (psutil.Process().memory_info().rss - before) / 2**30
     params = list(model.parameters())
     assert all(p.device.type == "cpu" for p in params) and len({p.data_ptr() for p in params}) == len(params)
@@ -211,7 +220,7 @@ def test_other_fsdp_ranks_get_distinct_parameters_without_a_host_copy(monkeypatc
 def test_fsdp_4bit_built_model_stores_in_compute_dtype():
     r = build_recipe(None, ["--use_peft", "--quantization", "True", "--enable_fsdp", "train.bf16=true"])
     model = tiny_llama(vocab_size=256).to(torch.bfloat16)
-    quantize_linears(model, r, torch.bfloat16, fsdp=True)
+    quantize_linears(model, model_load(r, fsdp=True).quantization)
     import bitsandbytes as bnb
 
     w = next(m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)).weight
@@ -221,7 +230,7 @@ def test_fsdp_4bit_built_model_stores_in_compute_dtype():
 def test_8bit_layers_build():
     r = build_recipe(None, ["--use_peft", "--quantization", "8bit"])
     model = tiny_llama(vocab_size=256)
-    quantize_linears(model, r, torch.float32, fsdp=False)
+    quantize_linears(model, model_load(r, fsdp=False).quantization)
     import bitsandbytes as bnb
 
     assert sum(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules()) == 14
@@ -235,7 +244,7 @@ def test_embedded_smollm2_loads_through_gguf_path_and_takes_a_lora_step_on_real_
     from samsum_tuner.model import load_model
 
     r = build_recipe(None, ["model.name=smollm2-135m", "--use_peft"])
-    model = load_model(r)
+    model = load_model(model_load(r))
     t, total = parameter_counts(model)
     assert total - t == 134_515_008  # SmolLM2-135M: tied embeddings
     assert not hasattr(model.config, "quantization_config") or model.config.quantization_config is None

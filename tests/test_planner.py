@@ -113,10 +113,11 @@ def _tiny(layers: int, dtype=torch.float32, lora=(), bits=None):
     model = LlamaForCausalLM(cfg).to(dtype)
     if bits:
         from samsum_tuner.model import quantize_linears
+        from samsum_tuner.resolve import model_load
 
         r = Recipe()
         r.quantization.bits, r.lora.enabled = bits, True
-        quantize_linears(model, r, torch.float32, fsdp=False)
+        quantize_linears(model, model_load(r).quantization)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if lora:
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05, target_modules=list(lora),
@@ -517,7 +518,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.fsdp import fully_shard
 from samsum_tuner.recipe import build_recipe
 from samsum_tuner.model import load_model
-from samsum_tuner.resolve import training_arguments
+from samsum_tuner.resolve import model_load, training_arguments
 from samsum_tuner.launch import Launch
 dist.init_process_group("gloo")
 rank = dist.get_rank()
@@ -525,7 +526,7 @@ def step(setting, accelerate_way=False):
     torch.manual_seed(0)
     recipe = build_recipe(None, [f"model.name={sys.argv[1]}", "--use_peft", "--enable_fsdp", "lora.dropout=0.3",
                                  f"train.output_dir={sys.argv[2]}/run", *setting])
-    model = load_model(recipe)
+    model = load_model(model_load(recipe))
     with torch.no_grad():  # lora_B starts at zero; make the adapters' gradients depend on the dropout masks
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -675,7 +676,7 @@ def test_planner_and_training_checkpoint_the_same_runs(name, setting, tmp_path, 
     it: test_entrypoints.py). Unset: FSDP runs checkpoint every decoder layer and the others do not."""
     from samsum_tuner.launch import Launch
     from samsum_tuner.model import apply_adapters, quantize_linears
-    from samsum_tuner.resolve import training_arguments
+    from samsum_tuner.resolve import model_load, training_arguments
 
     monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "")  # TrainingArguments writes it; restored afterwards
     overrides = [f"train.output_dir={tmp_path}"] + ([f"model.gradient_checkpointing={setting}"] if setting else [])
@@ -689,8 +690,9 @@ def test_planner_and_training_checkpoint_the_same_runs(name, setting, tmp_path, 
     by_peft = False
     if r.quantization.bits:
         model = _tiny(2)
-        quantize_linears(model, r, torch.float32, fsdp=fsdp)
-        by_peft = apply_adapters(r, model).is_gradient_checkpointing
+        load = model_load(r, fsdp=fsdp)
+        quantize_linears(model, load.quantization)
+        by_peft = apply_adapters(model, load).is_gradient_checkpointing
     assert planned == expected
     assert [args.gradient_checkpointing, by_peft].count(True) == int(expected) and not by_fsdp  # one way, or none
 
@@ -763,7 +765,8 @@ import json, sys, torch
 from samsum_tuner.recipe import build_recipe
 from samsum_tuner.memory import HostPeakSampler
 from samsum_tuner.model import load_model
-model = load_model(build_recipe(sys.argv[1], ["data.max_length=256"]), fsdp=False)
+from samsum_tuner.resolve import model_load
+model = load_model(model_load(build_recipe(sys.argv[1], ["data.max_length=256"])))
 model.train()
 weights = sum(q.numel() * q.element_size() for q in model.parameters())
 ids = torch.randint(10, 40000, (1, 1024), generator=torch.Generator().manual_seed(0))

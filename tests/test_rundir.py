@@ -54,12 +54,13 @@ def _snapshot(root: Path) -> dict[str, str]:
 def no_model(monkeypatch):
     """Refusals come before any model (or tokenizer) loads."""
     import samsum_tuner.model
+    import samsum_tuner.model_source
 
     def refuse(*a, **k):
         raise AssertionError("a model was loaded")
 
     monkeypatch.setattr(samsum_tuner.model, "load_model", refuse)
-    monkeypatch.setattr(samsum_tuner.model, "load_tokenizer", refuse)
+    monkeypatch.setattr(samsum_tuner.model_source, "load_tokenizer", refuse)
 
 
 # ---------------------------------------------------------------- 1, 5: resume=auto and overwrite

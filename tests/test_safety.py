@@ -62,8 +62,9 @@ def test_checkpoints_hold_safetensors_and_plain_tensors_and_a_tampered_one_is_re
     with pytest.raises(st.ConfigError, match=r"checkpoint-2 has an unreadable optimizer.pt \(UnpicklingError: Weights "
                                              r"only load failed"):
         st.prepare(_recipe(tiny_model_dir, tiny_data, out, "train.max_steps=4", f"resume={ckpt}"))
-    trainer = st.build_trainer(_recipe(tiny_model_dir, tiny_data, out, "train.max_steps=4", "resume=auto"))
-    st.train(trainer.recipe, trainer=trainer)
+    resumed = _recipe(tiny_model_dir, tiny_data, out, "train.max_steps=4", "resume=auto")
+    trainer = st.build_trainer(resumed)
+    st.train(resumed, trainer=trainer)
     assert trainer.state.global_step == 4 and not marker.exists()
     assert (out / ".overwritten").is_dir() and not ckpt.exists()  # the tampered checkpoint kept aside, not resumed
 
@@ -89,16 +90,18 @@ def remote_code_model_dir(tmp_path, tokenizer):
 
 
 def test_remote_code_runs_only_when_the_recipe_asks(remote_code_model_dir, tiny_data, tmp_path):
-    from samsum_tuner.model import load_model, load_tokenizer
+    from samsum_tuner.model import load_model
+    from samsum_tuner.model_source import load_tokenizer
+    from samsum_tuner.resolve import model_load
 
     d, marker = remote_code_model_dir
     r = _recipe(d, tiny_data, tmp_path / "run")
     assert r.model.trust_remote_code is False
-    load_tokenizer(r)
-    load_model(r)
+    load_tokenizer(r.model)
+    load_model(model_load(r))
     assert not marker.exists()
     r.model.trust_remote_code = True
-    load_model(r)
+    load_model(model_load(r))
     assert marker.read_text() == "ran"  # the same folder does run code once the recipe says so
 
 
