@@ -113,3 +113,8 @@ def model_load(recipe: Recipe, *, fsdp: bool = False) -> ModelLoad:
                       bias=lo.bias, task_type="CAUSAL_LM") if lo.enabled else None
     return ModelLoad(recipe.model, cdtype if q.bits else DTYPES[recipe.model.dtype], bnb, lora, fsdp,
                      recipe.memory.gpu_limit_gib)
+
+
+def lora_targets(recipe: Recipe) -> list[str] | None:
+    """The modules LoRA adapts, which the model must have; None: no LoRA."""
+    return recipe.lora.target_modules if recipe.lora.enabled else None
