@@ -1,9 +1,9 @@
 """Checkpoints that are either complete or invisible, and the one rule for "the last complete checkpoint".
 
-The Trainer writes `checkpoint-N` in place (transformers 5.24 `_save_checkpoint`), so a save killed halfway
-leaves a folder that `get_last_checkpoint` picks up. Here every rank writes into `.partial/checkpoint-N`,
-and rank 0 renames it into the run directory once all ranks are done: a rename is atomic on one filesystem.
-`SamsumTrainer` saves through it; so does the plain FSDP2 loop of the tests (tests/sharded.py).
+The Trainer's `_save_checkpoint` writes `checkpoint-N` in place, so a save killed halfway leaves a folder that
+`get_last_checkpoint` picks up. Here every rank writes into `.partial/checkpoint-N`, and rank 0 renames it into
+the run directory once all ranks are done: a rename is atomic on one filesystem. `SamsumTrainer` saves through
+it; so does the plain FSDP2 loop of the tests (tests/sharded.py).
 """
 from __future__ import annotations
 
@@ -251,8 +251,8 @@ def _read_by_resume(name: str) -> bool:
 
 
 def _unreadable(file: Path) -> str | None:
-    """Why one file of training state cannot be read, or None. Tensors are mapped, not read: a 7B optimizer state
-    costs its zip directory and pickle, not 56 GB."""
+    """Why one file of training state cannot be read, or None. Tensors are mapped, not read: a large optimizer
+    state costs its zip directory and pickle, not its size in memory (docs/notes.md)."""
     from transformers.trainer_pt_utils import safe_globals  # numpy arrays and dtypes of the RNG state: data, not code
 
     try:

@@ -128,9 +128,9 @@ def _train(opts: argparse.Namespace, recipe, prepared) -> int:
 
 
 def _close_process_group() -> None:
-    """A launched run left with its process group open could hang after its last line: on an H200, 1-process FSDP
-    runs printed "done", then NCCL's heartbeat thread kept calling the launcher's store, gone by then, and the
-    process never exited. Closed on success only: after an error another rank may still wait in a collective."""
+    """A launched run left with its process group open can hang after its last line (NCCL's heartbeat thread keeps
+    calling the launcher's store, gone by then; docs/notes.md). Closed on success only: after an error another rank
+    may still wait in a collective."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
