@@ -488,7 +488,13 @@ def ours_fsdp_adamw_big(a) -> dict:
 def trl_default(a) -> dict:
     """TRL's SFTTrainer with its defaults (batch 8, gradient checkpointing) on prompt/completion messages."""
     from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
+
+    try:
+        from trl import SFTConfig, SFTTrainer
+    except ModuleNotFoundError as e:
+        if e.name != "trl":
+            raise
+        raise SystemExit("trl_default needs TRL, an optional dependency: pip install -e '.[bench]'") from None
 
     from samsum_tuner.data import load_clean_split
     from samsum_tuner.smollm2 import embedded_model_dir

@@ -1,9 +1,9 @@
 """Checkpoints that are either complete or invisible, and the one rule for "the last complete checkpoint".
 
-The Trainer writes `checkpoint-N` in place (transformers 5.24 `_save_checkpoint`), so a save killed halfway
-leaves a folder that `get_last_checkpoint` picks up. Here every rank writes into `.partial/checkpoint-N`,
-and rank 0 renames it into the run directory once all ranks are done: a rename is atomic on one filesystem.
-The Trainer path (`SamsumTrainer`) and the plain FSDP2 path (`save_sharded`/`load_sharded`) share it.
+The Trainer's `_save_checkpoint` writes `checkpoint-N` in place, so a save killed halfway leaves a folder that
+`get_last_checkpoint` picks up. Here every rank writes into `.partial/checkpoint-N`, and rank 0 renames it into
+the run directory once all ranks are done: a rename is atomic on one filesystem. `SamsumTrainer` saves through
+it; so does the plain FSDP2 loop of the tests (tests/sharded.py).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import yaml
 
@@ -24,7 +24,7 @@ from .errors import ConfigError, DiskFull
 PREFIX = "checkpoint"
 STAGING = ".partial"  # not `checkpoint-*`: neither the Trainer's glob nor ours ever sees a half-written save
 TRASH = ".trash"
-STATE_FILE = "trainer_state.json"  # the Trainer writes it last; our FSDP2 path does the same
+STATE_FILE = "trainer_state.json"  # the Trainer writes it last; tests/sharded.py does the same
 MANIFEST = "manifest.json"  # every file of a published checkpoint and its size, written at publication
 RECIPE_FILE = "recipe.yaml"  # the resolved recipe: in the run directory, and in every checkpoint we save
 SUMMARY = "run_summary.json"
@@ -212,7 +212,7 @@ def rotate(run_dir: str | os.PathLike, keep: int | None, protect: tuple[str | os
 # ---------------------------------------------------------------- what resume needs, and which checkpoint
 # The Trainer's checkpoint: weights (LoRA adapter, full safetensors, or FSDP's sharded folder), optimizer (a file,
 # FSDP's full optimizer.bin or its sharded folder), scheduler, RNG (one file, or one per process), trainer state.
-# Our plain FSDP2 layout (save_sharded) holds `sharded/` (model and optimizer) and RNG per process.
+# A plain FSDP2 loop's layout (tests/sharded.py) holds `sharded/` (model and optimizer) and RNG per process.
 FSDP_WEIGHTS, FSDP_OPTIMIZER = "pytorch_model_fsdp", "optimizer_"
 
 
@@ -224,7 +224,7 @@ def _missing(path: Path, lora: bool | None) -> str | None:
     """The first piece of state resume needs that the checkpoint lacks (lora: the run kind; None: either)."""
     names = _names(path)
     fsdp = any(n.startswith(FSDP_WEIGHTS) for n in names)
-    if "sharded" in names:  # save_sharded's layout: model and optimizer shards in one DCP folder
+    if "sharded" in names:  # a plain FSDP2 loop's layout: model and optimizer shards in one DCP folder
         return None if any(n.startswith("rng_state") for n in names) else "rng_state_<rank>.pth"
     adapter = {"adapter_model.safetensors", "adapter_config.json"} <= names
     full = bool(names & {"model.safetensors", "model.safetensors.index.json"})
@@ -251,8 +251,8 @@ def _read_by_resume(name: str) -> bool:
 
 
 def _unreadable(file: Path) -> str | None:
-    """Why one file of training state cannot be read, or None. Tensors are mapped, not read: a 7B optimizer state
-    costs its zip directory and pickle, not 56 GB."""
+    """Why one file of training state cannot be read, or None. Tensors are mapped, not read: a large optimizer
+    state costs its zip directory and pickle, not its size in memory (docs/notes.md)."""
     from transformers.trainer_pt_utils import safe_globals  # numpy arrays and dtypes of the RNG state: data, not code
 
     try:
@@ -437,68 +437,3 @@ def resolve_resume(value: str | None, run_dir: str | os.PathLike, recipe=None,
         hint = f"; the last complete one is {usable[0]}" if usable else ""
         raise ConfigError(f"train.resume_from_checkpoint: {path} {why}{hint}")
     return path
-
-
-# ---------------------------------------------------------------- sharded (FSDP2) checkpoints
-def save_sharded(run_dir: str | os.PathLike, step: int, model, optimizer, *, extra: dict[str, Any] | None = None,
-                 keep: int | None = None) -> Path:
-    """Model and optimizer shards through torch.distributed.checkpoint, RNG per rank, atomically published.
-
-    Collective: every rank calls it. Nothing is pickled: DCP writes tensors and plain containers, RNG
-    states are tensors (`torch.save` of tensors, read back with `weights_only=True`).
-    """
-    import torch
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    barrier = dist.barrier if dist.is_initialized() else (lambda: None)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    with atomic_checkpoint(run_dir, step, is_main=rank == 0, worst=worst_over_processes) as stage:
-        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(stage / "sharded"))
-        torch.save(_rng_state(), stage / f"rng_state_{rank}.pth")
-        if rank == 0:
-            (stage / STATE_FILE).write_text(json.dumps({"global_step": step, **(extra or {})}))
-    final = Path(run_dir) / f"{PREFIX}-{step}"
-    if rank == 0:
-        rotate(run_dir, keep)
-    barrier()
-    return final
-
-
-def load_sharded(checkpoint: str | os.PathLike, model, optimizer) -> dict[str, Any]:
-    """The inverse of `save_sharded`; returns the state file's contents (global_step and extras)."""
-    import torch
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    path = Path(checkpoint)
-    why = unusable(path)
-    if why:
-        raise ConfigError(f"{path} {why}")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optimizer": optim_sd}
-    dcp.load(state, checkpoint_id=str(path / "sharded"))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    _set_rng_state(torch.load(path / f"rng_state_{rank}.pth", weights_only=True))
-    return json.loads((path / STATE_FILE).read_text())
-
-
-def _rng_state() -> dict[str, Any]:
-    import torch
-
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    import torch
-
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])

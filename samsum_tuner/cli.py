@@ -128,9 +128,9 @@ def _train(opts: argparse.Namespace, recipe, prepared) -> int:
 
 
 def _close_process_group() -> None:
-    """A launched run left with its process group open could hang after its last line: on an H200, 1-process FSDP
-    runs printed "done", then NCCL's heartbeat thread kept calling the launcher's store, gone by then, and the
-    process never exited. Closed on success only: after an error another rank may still wait in a collective."""
+    """A launched run left with its process group open can hang after its last line (NCCL's heartbeat thread keeps
+    calling the launcher's store, gone by then; docs/notes.md). Closed on success only: after an error another rank
+    may still wait in a collective."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -188,9 +188,8 @@ Exit codes: 0 fits (or nothing to check against), 3 will not fit (naming the nea
 
 def main_plan(argv: list[str], prog: str = "samsum-tuner plan") -> int:
     def run() -> int:
-        from . import api
+        from . import api, planning
         from .errors import ConfigError
-        from .planner import plan
 
         parsed = _parse_with_recipe(argv, prog, "Predict peak GPU memory per rank and host memory per node before "
                                     "anything loads.", _plan_options, PLAN_EPILOG)
@@ -206,18 +205,18 @@ def main_plan(argv: list[str], prog: str = "samsum-tuner plan") -> int:
                 print(f"samsum-tuner: note: {said}", file=sys.stderr, flush=True)
         path, overrides = _split_recipe(rest)
         recipe = api.load_recipe(path, overrides)
-        lengths = supervised = None
-        if opts.lengths == "default":  # "data" checks the model on the way to its tokenizer
-            api.check_for_plan(recipe)
-        else:
-            try:
-                lengths, supervised = api.train_lengths(recipe)
-            except api.HubUnreachable as e:
-                print(f"samsum-tuner: note: {e}; planning with the built-in SAMSum lengths (--lengths default)",
-                      file=sys.stderr, flush=True)
-        result = plan(recipe, gpus=opts.gpus, gpu_memory_gib=sizes["--gpu-memory"],
-                      host_memory_gib=sizes["--host-memory"], token_lengths=lengths, supervised_lengths=supervised,
-                      device="cpu" if opts.cpu else "cuda")
+        machine = dict(gpus=opts.gpus, gpu_memory_gib=sizes["--gpu-memory"], host_memory_gib=sizes["--host-memory"],
+                       device="cpu" if opts.cpu else "cuda")
+        try:
+            result = planning.plan(recipe, lengths=opts.lengths, **machine)
+        except planning.HubUnreachable as e:  # only lengths="data" reads the hub
+            print(f"samsum-tuner: note: {e}; planning with the built-in SAMSum lengths (--lengths default)",
+                  file=sys.stderr, flush=True)
+            # The planner itself, not planning.plan(lengths="default"): that would check the model a second time (and
+            # repeat check_model's trust_remote_code note), which train_lengths already did on the way here.
+            from .planner import plan
+
+            result = plan(recipe, token_lengths=None, supervised_lengths=None, **machine)
         print(result.table())
         print(result.verdict)
         return EXIT_WONT_FIT if result.fits is False else EXIT_OK

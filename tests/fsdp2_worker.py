@@ -1,6 +1,6 @@
 """Run under `torchrun --nproc_per_node 2` (gloo, CPU): FSDP2 (`fully_shard`) over our LoRA'd tiny Llama, trained
-N steps with sharded, atomic checkpoints through samsum_tuner.checkpoint; optionally SIGKILLs itself after a step
-and optionally resumes from the last complete checkpoint. Used by tests/test_resume.py.
+N steps with sharded, atomic checkpoints (tests/sharded.py, through samsum_tuner.checkpoint); optionally SIGKILLs
+itself after a step and optionally resumes from the last complete checkpoint. Used by tests/test_resume.py.
 
     worker.py MODEL_DIR RUN_DIR STEPS [--kill-after K] [--resume] [--dropout P] [--compile]
 """
@@ -21,6 +21,7 @@ from samsum_tuner import checkpoint as ck
 from samsum_tuner.recipe import build_recipe
 from samsum_tuner.model import load_model
 from samsum_tuner.resolve import model_load
+from tests.sharded import load_sharded, save_sharded
 
 SAVE_EVERY, BATCH, SEQ = 2, 2, 24
 
@@ -54,7 +55,7 @@ def main() -> None:
     start = 0
     latest = ck.latest_checkpoint(a.run_dir) if a.resume else None
     if latest is not None:
-        start = ck.load_sharded(latest, model, opt)["global_step"]
+        start = load_sharded(latest, model, opt)["global_step"]
     else:
         torch.manual_seed(1 + rank)  # per-rank dropout streams, restored from rng_state_{rank}.pth on resume
     vocab = model.config.vocab_size
@@ -73,7 +74,7 @@ def main() -> None:
             with log.open("a") as fh:
                 fh.write(json.dumps({"step": step, "loss": mean.item() / dist.get_world_size()}) + "\n")
         if step % SAVE_EVERY == 0:
-            ck.save_sharded(a.run_dir, step, model, opt, keep=2)
+            save_sharded(a.run_dir, step, model, opt, keep=2)
         if a.kill_after is not None and step == a.kill_after:
             dist.barrier()
             os.kill(os.getpid(), signal.SIGKILL)
