@@ -79,7 +79,8 @@ def _check_output_dir(recipe: Recipe) -> None:
     from .rundir import check_output_dir
 
     t = recipe.train
-    check_output_dir(t.output_dir, overwrite=t.overwrite_output_dir, resume=t.resume_from_checkpoint, recipe=recipe)
+    check_output_dir(t.output_dir, overwrite=t.overwrite_output_dir, resume=t.resume_from_checkpoint,
+                     settings=recipe.to_dict())
     check_output_location(t.output_dir)
 
 
@@ -343,7 +344,7 @@ def _resume_point(trainer, recipe: Recipe) -> str | None:
     def decide() -> str | None:
         notes: list[str] = []
         resume = check_output_dir(t.output_dir, overwrite=t.overwrite_output_dir, resume=t.resume_from_checkpoint,
-                                  recipe=recipe, notes=notes)
+                                  settings=recipe.to_dict(), notes=notes)
         for note in notes:
             print(f"samsum_tuner: note: {note}", flush=True)
         if resume is not None:

@@ -21,8 +21,8 @@ import weakref
 from pathlib import Path
 from typing import Any, Callable
 
-from .checkpoint import (STAGING, SUMMARY, TRASH, checkpoint_step, complete_checkpoints, resolve_resume, step_of,
-                         unusable)
+from .checkpoint import STAGING, SUMMARY, TRASH, complete_checkpoints, step_of
+from .resume import checkpoint_step, resolve_resume, unusable
 from .errors import ConfigError, SamsumTunerError
 
 LOCK = ".lock"
@@ -168,7 +168,7 @@ def describe(run_dir: str | os.PathLike) -> str:
     return f"{what} ({', '.join(names[:6])}{', ...' if len(names) > 6 else ''})"
 
 
-def check_output_dir(run_dir: str | os.PathLike, *, overwrite: bool, resume: str | None, recipe=None,
+def check_output_dir(run_dir: str | os.PathLike, *, overwrite: bool, resume: str | None, settings: dict | None = None,
                      notes: list[str] | None = None) -> Path | None:
     """A run directory is written into only when asked: by resuming it, or by overwrite_output_dir. Returns the
     checkpoint to resume from, if any; notes say which checkpoints auto skipped and why."""
@@ -180,7 +180,7 @@ def check_output_dir(run_dir: str | os.PathLike, *, overwrite: bool, resume: str
     if holder:
         raise ConfigError(f"train.output_dir: {out} is in use by another run ({holder}); wait for it to end, or "
                           "choose another folder")
-    found = resolve_resume(resume, out, recipe, notes)
+    found = resolve_resume(resume, out, settings, notes)
     if found is not None or not run_content(out) or overwrite or resume not in (None, "auto"):
         return found
     if resume == "auto":
@@ -188,7 +188,8 @@ def check_output_dir(run_dir: str | os.PathLike, *, overwrite: bool, resume: str
         raise ConfigError(f"train.output_dir: resume=auto has nothing to resume in {out}: it holds {describe(out)} "
                           f"and no checkpoint resume can use{why}; set train.overwrite_output_dir=true to start again "
                           f"(the old run moves to {out / ASIDE}/), or choose another folder")
-    resumable = any(unusable(p, recipe.lora.enabled if recipe else None) is None for p in complete_checkpoints(out))
+    lora = settings["lora"]["enabled"] if settings else None
+    resumable = any(unusable(p, lora) is None for p in complete_checkpoints(out))
     hint = " or resume=auto to continue it" if resumable else ""
     raise ConfigError(f"train.output_dir: {out} already holds a run; choose another folder, set "
                       f"train.overwrite_output_dir=true{hint}")

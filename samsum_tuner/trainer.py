@@ -19,7 +19,8 @@ from transformers.trainer_utils import speed_metrics
 from .batching import (PACKED_MASKS, BatchingSpec, LongestFirstSampler, TokenBudgetBatchSampler,
                        WithSupervisedPositions, non_padding_tokens, packed_attention_mask, supervised_positions)
 from .callbacks import BatchSamplerEpoch
-from .checkpoint import RECIPE_FILE, atomic_checkpoint, rotate, saved_recipe, worst_over_processes
+from .checkpoint import RECIPE_FILE, atomic_checkpoint, rotate, worst_over_processes
+from .resume import saved_recipe
 from .guards import NonFiniteGuard
 from .memory import MemoryCallback
 

@@ -2,7 +2,7 @@
 
 Used by tests/fsdp2_worker.py: it shows that `atomic_checkpoint`, `rotate` and `unusable` serve a loop without the
 Trainer too. The layout (`sharded/` for model and optimizer, `rng_state_<rank>.pth`, trainer_state.json) is the one
-`checkpoint._missing` recognizes.
+`resume._missing` recognizes.
 """
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from samsum_tuner.checkpoint import PREFIX, STATE_FILE, atomic_checkpoint, rotate, unusable, worst_over_processes
+from samsum_tuner.checkpoint import PREFIX, STATE_FILE, atomic_checkpoint, rotate, worst_over_processes
+from samsum_tuner.resume import unusable
 from samsum_tuner.errors import ConfigError
 
 

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 import samsum_tuner as st
 from samsum_tuner import checkpoint as ck
+from samsum_tuner import resume as rs
 from samsum_tuner.rundir import check_output_dir, retire_run
 
 from .conftest import QUIET_RUN, ROOT, synthetic_rows, torchrun_two, varied_rows, write_jsonl, write_small_checkpoint
@@ -222,12 +223,12 @@ def test_a_save_killed_halfway_is_never_resumed_from(tmp_path):
     from transformers.trainer_utils import get_last_checkpoint
 
     assert get_last_checkpoint(str(run)).endswith("checkpoint-6")  # what Trainer's own resume would pick
-    assert ck.latest_checkpoint(run) == good == ck.resolve_resume("auto", run)
+    assert ck.latest_checkpoint(run) == good == rs.resolve_resume("auto", run)
     with pytest.raises(st.ConfigError, match=r"checkpoint-6 is not a complete checkpoint .*the last complete one is "
                                              r".*checkpoint-2$"):
-        ck.resolve_resume(str(run / "checkpoint-6"), run)
+        rs.resolve_resume(str(run / "checkpoint-6"), run)
     with pytest.raises(st.ConfigError, match="does not exist"):
-        ck.resolve_resume(str(run / "checkpoint-9"), run)
+        rs.resolve_resume(str(run / "checkpoint-9"), run)
     assert _complete(run, 4).is_dir() and not (run / ck.STAGING).exists()  # the next save clears the debris
     assert ck.latest_checkpoint(run) == run / "checkpoint-4"
 
@@ -258,7 +259,7 @@ def test_run_directory_rules(tmp_path):
     check_output_dir(run, overwrite=True, resume=None)
     with pytest.raises(st.ConfigError, match="is not a folder"):
         check_output_dir(run / "checkpoint-3" / ck.STATE_FILE, overwrite=True, resume=None)
-    assert ck.resolve_resume("auto", tmp_path / "fresh") is None  # auto with nothing to resume: a fresh start
+    assert rs.resolve_resume("auto", tmp_path / "fresh") is None  # auto with nothing to resume: a fresh start
     (run / "memory.jsonl").write_text('{"event": "epoch"}\n')
     aside = retire_run(run)
     assert aside.parent == run / ".overwritten" and (aside / "checkpoint-3" / ck.STATE_FILE).is_file()

@@ -19,6 +19,7 @@ import torch
 
 import samsum_tuner as st
 from samsum_tuner import checkpoint as ck
+from samsum_tuner import resume as rs
 from samsum_tuner import cli
 from samsum_tuner.errors import DiskFull
 from samsum_tuner.rundir import RunLock, check_output_dir, decided_by_main
@@ -100,7 +101,7 @@ def test_every_overwrite_keeps_the_runs_before_it(tiny_model_dir, tiny_data, tmp
     assert len(asides) == 2
     for aside, adapter in zip(asides, adapters):
         assert (aside / "adapter_model.safetensors").read_bytes() == adapter
-        assert ck.unusable(aside / "checkpoint-1") is None and (aside / "run_summary.json").is_file()
+        assert rs.unusable(aside / "checkpoint-1") is None and (aside / "run_summary.json").is_file()
 
 
 # ---------------------------------------------------------------- 2: one run per run directory
@@ -330,7 +331,8 @@ def test_a_damaged_checkpoint_file_is_named_and_never_resumed(name, how, manifes
     assert err.endswith(f"; the last complete one is {out / 'checkpoint-1'}"), err
 
     notes: list[str] = []
-    assert check_output_dir(out, overwrite=False, resume="auto", recipe=r, notes=notes) == out / "checkpoint-1"
+    assert check_output_dir(out, overwrite=False, resume="auto", settings=r.to_dict(),
+                            notes=notes) == out / "checkpoint-1"
     assert len(notes) == 1 and notes[0].startswith(f"skipping {bad}: it ") and name in notes[0], notes
 
     shutil.rmtree(out / "checkpoint-1")
@@ -443,7 +445,7 @@ def test_disk_full_while_saving_stops_cleanly_and_the_run_resumes_once_space_is_
     assert message.endswith(f"the last complete checkpoint is {out / 'checkpoint-1'}; free some space and run again "
                             "with resume=auto"), message
     assert not (out / ck.STAGING).exists() and not (out / "checkpoint-2").exists() and not (out / ".lock").exists()
-    assert ck.unusable(out / "checkpoint-1", lora=True) is None
+    assert rs.unusable(out / "checkpoint-1", lora=True) is None
 
     fill.filler.unlink()  # space is back
     r = st.load_recipe(None, _args(tiny_model_dir, tiny_data, out, "train.max_steps=3", "train.save_strategy=steps",

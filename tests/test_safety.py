@@ -11,6 +11,7 @@ import torch
 
 import samsum_tuner as st
 from samsum_tuner import checkpoint as ck
+from samsum_tuner import resume as rs
 
 from .conftest import tiny_llama
 
@@ -152,5 +153,5 @@ def test_overwrite_moves_the_old_checkpoints_aside_and_resume_never_mixes_runs(t
     [aside] = (out / ".overwritten").iterdir()
     assert (aside / "checkpoint-3" / "adapter_model.safetensors").read_bytes() == before
     assert [p.name for p in ck.complete_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
-    assert ck.resolve_resume("auto", out) == out / "checkpoint-2"
+    assert rs.resolve_resume("auto", out) == out / "checkpoint-2"
     shutil.rmtree(out)
