@@ -43,7 +43,7 @@ NOTES = {
                    "train loss fell to 0.88 in epoch 3: the recipe now trains 2 epochs)",
     "2026-11-29b-h200/parity_padded": "stopped by its device call's deadline",
     "parity_padded": "the packed/padded pair: 2,000 train rows, 16 rows per step, one epoch, sdpa, bf16: eval_loss "
-                     "1.6470 padded vs 1.6456 packed (0.09% apart), train_loss 1.8194 both (docs/parity.md)",
+                     "1.6470 padded vs 1.6456 packed (0.09% apart), train_loss 1.8194 both (docs/parity.png)",
     "parity_packed": "see parity_padded; the planner misses this one (ratio 0.65). Likely cause, not verified: "
                      "sdpa over a packed row takes a block-diagonal mask, and the planner's activation model assumes "
                      "kernels that keep no scores",

@@ -378,7 +378,3 @@ def read_splits(cfg: DataConfig) -> dict[str, tuple[list[dict[str, str]], CleanR
 def tokenize_splits(cfg: DataConfig, tokenizer, raw) -> dict[str, PreparedSplit]:
     return {name: tokenize_split(cfg, tokenizer, name, rows, report, origin)
             for name, (rows, report, origin) in raw.items()}
-
-
-def prepare_splits(cfg: DataConfig, tokenizer) -> dict[str, PreparedSplit]:
-    return tokenize_splits(cfg, tokenizer, read_splits(cfg))

@@ -376,14 +376,10 @@ def build_recipe(path: str | os.PathLike | None = None, overrides: list[str] | N
 
 
 def _fast_path(recipe: Recipe) -> None:
-    """`fast_path=true`: the recipe's samples per optimizer step, packed padding-free into one row per step
-    (attention confined to each sample through the position ids) instead of micro-batches accumulated one by
-    one. The step's loss is the same mean over its supervised tokens; what goes is the padding and the
-    accumulation loop. A recipe that already batches by tokens keeps its budget. Attention is sdpa on every
-    device: these rows change length every step, and flex_attention compiles again whenever the number of
-    128-token blocks changes (on 2 H200s a 7B full_sgd fast path trained 12 steps, then spent its last two
-    minutes compiling for a 64-row evaluation); flex_attention pays off with fixed shapes
-    (`data.pad_to_multiple_of` = `data.max_tokens_per_batch`, as the fast recipes do)."""
+    """`fast_path=true`: the recipe's samples per optimizer step packed padding-free into one row per step instead
+    of micro-batches accumulated one by one: the same loss, without the padding and the accumulation loop. A recipe
+    that batches by tokens keeps its budget. Attention is sdpa: these rows change length every step, and
+    flex_attention compiles again at every new shape (it pays off with fixed shapes, docs/notes.md)."""
     d, t = recipe.data, recipe.train
     d.packing = True
     recipe.model.attn_implementation = "sdpa"

@@ -57,7 +57,7 @@ class TokenCounting:
             self.state.num_input_tokens_seen = self._tokens_base + int(total)
         return self.state.num_input_tokens_seen
 
-    def _save_checkpoint(self, model, trial) -> None:
+    def _save_checkpoint(self, model, trial) -> None:  # private: no public hook runs before a checkpoint's state
         self.tokens_seen()  # into the checkpoint's trainer_state.json, which a resumed run's count starts from
         super()._save_checkpoint(model, trial)
 
@@ -103,6 +103,8 @@ class SamsumTrainer(TokenCounting, Trainer):
             inputs = {k: v for k, v in inputs.items() if k != "logits_to_keep"}
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
+    # Private overrides (no public hook does this; CI runs them on the lowest and newest transformers pinned):
+    # where a checkpoint is written, so that _save_checkpoint can stage it.
     def _get_output_dir(self, trial) -> str:
         return self._staging or super()._get_output_dir(trial)
 
@@ -141,6 +143,7 @@ class SamsumTrainer(TokenCounting, Trainer):
             metrics.update(scores)
         return metrics
 
+    # Private: the one point after a resume loads the checkpoint's optimizer, before the first step.
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if checkpoint is not None and self.is_fsdp_enabled:
             prime_optimizer_state(self.optimizer)
@@ -161,6 +164,7 @@ class SamsumTrainer(TokenCounting, Trainer):
             self.guard.observe(loss)
         return loss
 
+    # Private: the one point where the step's gradient norm exists before the optimizer applies it.
     def _get_grad_norm(self, model, grad_norm=None):
         # The Trainer's gradient norm of every optimizer step (clipped or not), before the optimizer applies it.
         grad_norm = super()._get_grad_norm(model, grad_norm)
