@@ -2,9 +2,9 @@
 # The device calls of the GPU sessions (nvidia-h200; s3* to s6* on nvidia-h200-x2, s6* in session 2026-11-30;
 # s7* in session 2026-11-30b; s9* is the plan for the next session with two GPUs, not yet run:
 # sessions 2026-12-04 and 2026-12-04b had one H200 only; the first's calls are in
-# benchmarks/results/2026-12-04-h200/commands.md, the second's are s10*; s11call1 and s11call2 are ready and not yet
-# run: in session 2026-12-05 no one-GPU machine could be started; file their results under
-# benchmarks/results/<date>-h200/), each started as
+# benchmarks/results/2026-12-04-h200/commands.md, the second's are s10*; s11call1 and s11ab ran in session
+# 2026-12-06 on an H100 (benchmarks/results/2026-12-06-h100/; s11call1's full_sgd runs need an H200: they were
+# refused there as planned); s11call2 is ready and not yet run), each started as
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
 #     && export PYTHONPATH=/tmp/site:$PWD || exit; export SAMSUM_TUNER_CACHE=$PWD/.gpudata/cache \
 #     SAMSUM_DATA_DIR=$PWD/.gpudata HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false; \
