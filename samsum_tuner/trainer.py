@@ -121,6 +121,7 @@ class SamsumTrainer(TokenCounting, Trainer):
                 super()._save_checkpoint(model, trial)
                 if self.args.should_save:  # what a resume checks its recipe against
                     (stage / RECIPE_FILE).write_text(self.recipe_yaml, encoding="utf-8")
+                    write_adapter_config(self.model, stage)
             finally:
                 self._staging = None
         if self.args.should_save:
@@ -228,6 +229,14 @@ class SamsumTrainer(TokenCounting, Trainer):
             if loss_key in logs:
                 logs[ppl_key] = math.exp(min(logs[loss_key], 50.0))
         super().log(logs, start_time)
+
+
+def write_adapter_config(model, folder: Path) -> None:
+    """peft's adapter_config.json beside a checkpoint's weights where the Trainer wrote none: a sharded FSDP
+    checkpoint holds the adapter's weights in its DCP folder only, and resume and `eval` read the config."""
+    configs = getattr(model, "peft_config", None)
+    if configs and not (folder / "adapter_config.json").exists():
+        configs[getattr(model, "active_adapter", "default")].save_pretrained(str(folder))
 
 
 def supervised_loss(outputs, targets: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:

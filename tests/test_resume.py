@@ -365,3 +365,28 @@ def test_fsdp_resume_primes_an_fp16_optimizer_before_the_sharded_state_loads(opt
     else:
         assert len(opt.state) == 2 and all(p.grad is None for p in layer.parameters())
     assert all(torch.equal(a, b) for a, b in zip(before, layer.parameters()))
+
+
+def test_a_sharded_fsdp_lora_checkpoint_gets_its_adapter_config(tmp_path):
+    """The Trainer's sharded FSDP checkpoint keeps the adapter's weights in its DCP folder and writes no
+    adapter_config.json, which resume requires of a LoRA checkpoint: SamsumTrainer writes peft's config beside it."""
+    from peft import LoraConfig, PeftConfig, get_peft_model
+
+    from samsum_tuner.trainer import write_adapter_config
+
+    from .conftest import tiny_llama
+
+    ckpt = tmp_path / "checkpoint-2"
+    for folder in ("pytorch_model_fsdp_0", "optimizer_0"):  # the layout of a sharded FSDP save
+        (ckpt / folder).mkdir(parents=True)
+    for name in ("scheduler.pt", "rng_state.pth"):
+        torch.save({}, ckpt / name)
+    (ckpt / ck.STATE_FILE).write_text(json.dumps({"global_step": 2, "log_history": []}))
+    assert rs.unusable(ckpt, lora=True) == "misses adapter_config.json"
+    model = get_peft_model(tiny_llama(vocab_size=256), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    write_adapter_config(model, ckpt)
+    assert rs.unusable(ckpt, lora=True) is None
+    saved = PeftConfig.from_pretrained(str(ckpt))
+    assert (saved.r, saved.lora_alpha, sorted(saved.target_modules)) == (4, 8, ["q_proj"])
+    write_adapter_config(tiny_llama(vocab_size=256), tmp_path)  # not a PEFT model: nothing to write
+    assert not (tmp_path / "adapter_config.json").exists()
