@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from .config import DataConfig, Recipe
-from .recipe import build_recipe, split_overrides
+from .config import SECTIONS, DataConfig, Recipe
+from .recipe import _read_yaml as read_yaml, build_recipe, split_overrides
 from .data import load_clean_split
 from .errors import ConfigError
 
@@ -266,6 +266,11 @@ def run_recipe(folder: Path, overrides: list[str] | None = None) -> Recipe:
         recipe = build_recipe(file)
     except ConfigError as e:
         raise ConfigError(e if str(e).startswith(str(file)) else f"{file}: {e}") from None
+    # A saved recipe holds every section: one cut short can still parse, into defaults the run never had.
+    missing = [s for s in SECTIONS if s not in read_yaml(file)]
+    if missing:
+        raise ConfigError(f"{file}: incomplete (no {', '.join(missing)}: every saved recipe holds each section): a "
+                          "damaged file?")
     return build_recipe(file, overrides) if overrides else recipe
 
 
