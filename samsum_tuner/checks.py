@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import functools
 import math
 import os
 import tempfile
@@ -251,6 +252,11 @@ OURS_NOT_HFS = {"lr_scheduler_type": "steplr", "optim": None}  # names SamsumTra
 _DEFAULTS = TrainConfig()
 
 
+@functools.cache
+def _train_hints() -> dict:
+    return typing.get_type_hints(TrainConfig)
+
+
 def _check_training_arguments(t: TrainConfig) -> None:
     """What TrainingArguments would refuse only when the run starts, said now: its fields that samsum_tuner decides
     from another knob, and the choices of every Enum-typed field."""
@@ -259,7 +265,7 @@ def _check_training_arguments(t: TrainConfig) -> None:
             raise ConfigError(f"train.{name} is decided by {where}; set it there")
     if t.optim == "sgd" and "momentum" in (t.optim_args or ""):
         raise ConfigError("train.optim_args: SGD's momentum is train.momentum; set it there")
-    hints = typing.get_type_hints(TrainConfig)
+    hints = _train_hints()
     for f in dataclasses.fields(t):
         value = getattr(t, f.name)
         choices = [a for a in typing.get_args(hints[f.name]) or (hints[f.name],)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import functools
 import os
 import types
 import typing
@@ -129,6 +130,7 @@ ALIASES: dict[str, tuple[str | None, Any]] = {
 }
 
 
+@functools.cache
 def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
