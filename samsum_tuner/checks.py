@@ -4,14 +4,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
-import functools
 import math
 import os
 import tempfile
 import typing
 from pathlib import Path
 
-from .config import SECTIONS, ModelConfig, Recipe, TrainConfig
+from .config import SECTIONS, TRAIN_DEFAULTS, ModelConfig, Recipe, TrainConfig, field_types
 from .errors import ConfigError, brief as _brief
 from .launch import Launch
 
@@ -248,33 +247,26 @@ DECIDED_ELSEWHERE = {
     "gradient_checkpointing_kwargs": "model.gradient_checkpointing (non-reentrant)",
     "activation_checkpointing_kwargs": "model.gradient_checkpointing (non-reentrant)",
 }
-OURS_NOT_HFS = {"lr_scheduler_type": "steplr", "optim": None}  # names SamsumTrainer adds to transformers' own
-_DEFAULTS = TrainConfig()
-
-
-@functools.cache
-def _train_hints() -> dict:
-    return typing.get_type_hints(TrainConfig)
 
 
 def _check_training_arguments(t: TrainConfig) -> None:
     """What TrainingArguments would refuse only when the run starts, said now: its fields that samsum_tuner decides
     from another knob, and the choices of every Enum-typed field."""
     for name, where in DECIDED_ELSEWHERE.items():
-        if hasattr(t, name) and getattr(t, name) != getattr(_DEFAULTS, name):
+        if hasattr(t, name) and getattr(t, name) != getattr(TRAIN_DEFAULTS, name):
             raise ConfigError(f"train.{name} is decided by {where}; set it there")
     if t.optim == "sgd" and "momentum" in (t.optim_args or ""):
         raise ConfigError("train.optim_args: SGD's momentum is train.momentum; set it there")
-    hints = _train_hints()
-    for f in dataclasses.fields(t):
-        value = getattr(t, f.name)
-        choices = [a for a in typing.get_args(hints[f.name]) or (hints[f.name],)
-                   if isinstance(a, type) and issubclass(a, enum.Enum)]
-        if f.name in OURS_NOT_HFS or not choices or not isinstance(value, str):
+    # Only TrainingArguments' own Enum-typed fields: ours (optim, lr_scheduler_type, the strategies) are plain str,
+    # checked above and by _check_library_names.
+    for name, typ in field_types(TrainConfig).items():
+        value = getattr(t, name)
+        choices = [a for a in typing.get_args(typ) or (typ,) if isinstance(a, type) and issubclass(a, enum.Enum)]
+        if not choices or not isinstance(value, str):
             continue
         valid = [str(m.value) for m in choices[0]]
         if value not in valid:
-            _one_of(value, valid, f"train.{f.name}", "choice")
+            _one_of(value, valid, f"train.{name}", "choice")
 
 
 def check_environment(recipe: Recipe, launch: Launch) -> None:

@@ -6,6 +6,7 @@ YAML and overrides is `recipe.py`, refusing impossible recipes `checks.py`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -224,14 +225,22 @@ class Recipe:
 
 SECTIONS = [f.name for f in dataclasses.fields(Recipe)
             if dataclasses.is_dataclass(f.default_factory)]  # type: ignore[arg-type]
-_TA_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainingArguments) if f.init}
+TRAIN_DEFAULTS = TrainConfig()  # TrainingArguments' defaults, ours where we set them (values only: cheap)
+
+
+@functools.cache
+def field_types(cls: type) -> dict[str, Any]:
+    """A section's field types, resolved once (a TrainingArguments has ~120 string annotations)."""
+    return typing.get_type_hints(cls)
 
 
 def _section_dict(section: Any) -> dict[str, Any]:
+    """A section's fields; of `train`, ours and the TrainingArguments fields set away from their defaults."""
     out = {}
     for f in dataclasses.fields(section):
         value = getattr(section, f.name)
-        if f.init and (not isinstance(section, TrainConfig) or f.name in OURS or value != _TA_DEFAULTS.get(f.name)):
+        inherited = isinstance(section, TrainConfig) and f.name not in OURS
+        if f.init and not (inherited and value == getattr(TRAIN_DEFAULTS, f.name)):
             out[f.name] = _plain(value)
     return out
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
-import functools
 import os
 import types
 import typing
@@ -14,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from .config import SECTIONS, Recipe, TrainConfig
+from .config import SECTIONS, Recipe, TrainConfig, field_types
 from .checks import validate
 from .errors import ConfigError, brief as _brief
 
@@ -130,11 +129,6 @@ ALIASES: dict[str, tuple[str | None, Any]] = {
 }
 
 
-@functools.cache
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig) if f.init}
 
 
@@ -156,6 +150,15 @@ def _unknown_key(key: str, where: str) -> ConfigError:
     return ConfigError(f"{where}unknown key '{key}'{hint}")
 
 
+def _has_type(value: Any, typ: Any) -> bool:
+    """Whether `value` already is a `typ`: a class, a generic such as list[str], or one of a Literal's values."""
+    origin = typing.get_origin(typ)
+    if origin is typing.Literal:
+        return value in typing.get_args(typ)
+    cls = origin or typ
+    return isinstance(cls, type) and isinstance(value, cls)
+
+
 def _coerce(value: Any, typ: Any, key: str) -> Any:
     origin = typing.get_origin(typ)
     args = typing.get_args(typ)
@@ -168,8 +171,7 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
             return _coerce(value, inner[0], key)
         # TrainingArguments' unions (SchedulerType | str, dict | str, str | bool): the type the value has, else
         # the first that takes it
-        same = [a for a in inner if isinstance(value, typing.get_origin(a) or a) and isinstance(a, type) or
-                typing.get_origin(a) in (list, dict) and isinstance(value, typing.get_origin(a))]
+        same = [a for a in inner if _has_type(value, a)]
         for a in same + [a for a in inner if a not in same]:
             try:
                 return _coerce(value, a, key)
@@ -228,10 +230,10 @@ def _set(recipe: Recipe, path: str, raw: Any, where: str = "") -> None:
     if section not in SECTIONS or not leaf:
         raise _unknown_key(path, where)
     obj = getattr(recipe, section)
-    types = _field_types(type(obj))
-    if leaf not in types:
+    hints = field_types(type(obj))
+    if leaf not in hints:
         raise _unknown_key(path, where)
-    setattr(obj, leaf, _coerce(raw, types[leaf], f"{where}{path}"))
+    setattr(obj, leaf, _coerce(raw, hints[leaf], f"{where}{path}"))
 
 
 def _parse_scalar(text: str) -> Any:

@@ -310,3 +310,18 @@ def test_training_arguments_refusals_at_completion_are_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"^train: .*load_best_model_at_end") as e:
         training_arguments(r, Launch("python", 1, 0, 0, False, False), ["LlamaDecoderLayer"], has_eval=True)
     assert "\n" not in str(e.value)
+
+
+def test_training_arguments_unions_with_a_literal_take_a_value_as_it_is():
+    """TrainingArguments' `str | None | Literal[False]` (trackio_static_space_id): a text stays text, false stays
+    False, and nothing reaches isinstance() with a Literal (a TypeError traceback before)."""
+    assert build_recipe(None, ["train.trackio_static_space_id=abc"]).train.trackio_static_space_id == "abc"
+    assert build_recipe(None, ["train.trackio_static_space_id=false"]).train.trackio_static_space_id is False
+
+
+def test_the_saved_train_section_holds_ours_and_what_was_set():
+    """recipe.yaml's train: our keys, and a TrainingArguments field only when set away from its default (fields
+    whose default is a factory included)."""
+    train = build_recipe(None, ["train.adam_beta2=0.98"]).to_dict()["train"]
+    assert train["adam_beta2"] == 0.98 and "include_for_metrics" not in train and "adam_beta1" not in train
+    assert {"gamma", "momentum", "learning_rate", "report_to"} <= set(train)
