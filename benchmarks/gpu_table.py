@@ -176,7 +176,7 @@ def _args(command: str) -> tuple[str | None, list[str]]:
 
 def _predict(command: str, cache: dict, extra: list[str]) -> dict:
     """The planner's GPU peak for the run's own recipe and the real token lengths of its train split."""
-    from samsum_tuner.api import train_lengths
+    from samsum_tuner.planning import train_lengths
     from samsum_tuner.recipe import build_recipe
     from samsum_tuner.planner import plan
 

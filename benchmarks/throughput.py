@@ -437,7 +437,7 @@ def _ours_fsdp(a, optim: str, budget: int | None = None, extra: tuple[str, ...] 
     summary token is predicted (train.supervised_logits_only, on by default)."""
     recipe = _recipe(None, [f"model.name={MODEL}"])
     if budget is None:
-        from samsum_tuner.api import train_lengths
+        from samsum_tuner.planning import train_lengths
 
         lengths = train_lengths(_recipe(None, [f"model.name={MODEL}", f"data.split_slice=[:{a.rows}]"]))[0]
         budget = _matching_budget(lengths, recipe.train.seed)

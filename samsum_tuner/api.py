@@ -24,7 +24,6 @@ from .errors import (ConfigError, DiskFull, TrainingDiverged, TrainingInterrupte
                      WontFitError)
 from .checks import check_environment
 from .launch import Launch, detect_launch
-from .planning import HubUnreachable, check_for_plan, train_lengths  # noqa: F401 (for the CLI's plan)
 from .resolve import lora_targets
 
 

@@ -159,7 +159,7 @@ def test_torchrun_two_processes_on_cpu(tiny_model_dir, tiny_data, tmp_path):
     assert summary["metrics"]["epoch"] == pytest.approx(16 / 40)
     # tokens summed over both ranks: one rank's 8 samples could not make this many
     from samsum_tuner import load_recipe
-    from samsum_tuner.api import train_lengths
+    from samsum_tuner.planning import train_lengths
 
     lengths = train_lengths(load_recipe(out / "recipe.yaml"))[0]
     assert 8 * max(lengths) < 16 * min(lengths) <= summary["metrics"]["num_input_tokens_seen"] <= 16 * max(lengths)

@@ -378,7 +378,7 @@ LOG_RECIPES = {"qlora_4bit_fp16": (1, "fits"), "lora_fp16": (1, "gpu"), "lora_fp
 def samsum_lengths(real_samsum, tokenizer):
     """Per-sample train lengths of real SAMSum as random:llama2-7b tokenizes them (SmolLM2's tokenizer: the Llama-2
     tokenizer is gated), with the original prompt and max_length, as every recipe of the log has them."""
-    from samsum_tuner.api import train_lengths
+    from samsum_tuner.planning import train_lengths
 
     return train_lengths(build_recipe(None, ["model.name=random:llama2-7b", f"data.source={real_samsum}"]))
 
