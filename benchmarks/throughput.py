@@ -13,14 +13,17 @@ CONFIG once first, outside the comparison (a fresh machine's first GPU process i
            recipes/lora_fast.yaml as committed (model.compile: auto, so each decoder layer is compiled on a GPU) /
            ours_lora_eager: the same with model.compile=false / ours_lora_2k: the recipe at 2,048 tokens per step
            (memory at about the naive run's real tokens per step) / naive_lora_v32k: naive_lora with Llama-2's own
-           32,000-token vocabulary (below)
+           32,000-token vocabulary (below) / ours_lora_liger: eager with Liger's kernels (train.use_liger_kernel) /
+           ours_lora_liger_compiled: both / ours_lora_bf16_adapters: lora.autocast_adapter_dtype=false
   qlora    the same shape in NF4 (bf16 compute): naive_qlora: the baseline below with the base quantized and
            prepare_model_for_kbit_training(model, use_gradient_checkpointing=False) / naive_qlora_ckpt: the same
            with that call's default, gradient checkpointing on, as the peft and bitsandbytes docs write it /
-           ours_qlora: recipes/qlora_fast.yaml as committed (compiled on a GPU) / ours_qlora_eager: uncompiled
+           ours_qlora: recipes/qlora_fast.yaml as committed (compiled on a GPU) / ours_qlora_eager: uncompiled /
+           ours_qlora_2k: the recipe at 2,048 tokens per step (the peak at the naive run's tokens per step)
   smollm2  the embedded SmolLM2-135M, full fine-tune (6·N): TRL SFTTrainer defaults / a plain loop over the
            flattening collator with flex attention and a 16k-token budget / samsum_tuner recipes/smollm2_gpu.yaml
-           as committed (compiled on a GPU), uncompiled, and at 32,768 tokens per step
+           as committed (compiled on a GPU), uncompiled, at 32,768 and 65,536 tokens per step, with CUDA graphs
+           (model.compile_mode=reduce-overhead) and eager with Liger's kernels
   fsdp     full fine-tune of the random 7B shape (--model random:llama2-13b for 13B; 6·N FLOPs per token) on
            --nproc GPUs, each configuration under `accelerate launch --config_file accelerate_configs/fsdp4.yaml`
            (FSDP2 full shard of each LlamaDecoderLayer), fp32 weights + bf16 mixed precision, lr 1e-5:
@@ -94,11 +97,13 @@ def _sync() -> None:
 
 
 SUITES = {
-    "7b": ["naive_lora", "flex_lora_b16", "ours_lora", "ours_lora_eager", "ours_lora_2k", "naive_lora_v32k"],
-    "qlora": ["naive_qlora", "ours_qlora", "ours_qlora_eager", "naive_qlora_ckpt"],
+    "7b": ["naive_lora", "flex_lora_b16", "ours_lora", "ours_lora_eager", "ours_lora_2k", "naive_lora_v32k",
+           "ours_lora_liger", "ours_lora_liger_compiled", "ours_lora_bf16_adapters"],
+    "qlora": ["naive_qlora", "ours_qlora", "ours_qlora_eager", "naive_qlora_ckpt", "ours_qlora_2k"],
     # The flex loop last: first on a cold GPU machine it took 194 s (session 2026-11-30), most of it its first
     # flex_attention compilations, and it can take a call's whole deadline.
-    "smollm2": ["trl_default", "ours_smollm2", "ours_smollm2_eager", "ours_smollm2_32k", "flex_loop_16k"],
+    "smollm2": ["trl_default", "ours_smollm2", "ours_smollm2_eager", "ours_smollm2_32k", "flex_loop_16k",
+                "ours_smollm2_64k", "ours_smollm2_cudagraphs", "ours_smollm2_liger"],
     # Pairs first: a run cut short by its deadline still has something to compare.
     "fsdp": ["naive_fsdp_adamw", "ours_fsdp_adamw", "naive_fsdp_sgd", "ours_fsdp_sgd", "ours_fsdp_adamw_big",
              "ours_fsdp_sgd_compiled", "ours_fsdp_adamw_compiled", "ours_fsdp_sgd_compiled_sdpa"],
@@ -363,8 +368,29 @@ def ours_lora_2k(a) -> dict:
                                                "data.pad_to_multiple_of=2048"])
 
 
+def ours_lora_liger(a) -> dict:
+    """Liger's Triton kernels (RMSNorm, SwiGLU, RoPE; transformers' use_liger_kernel) instead of compiling."""
+    return _ours(a, "recipes/lora_fast.yaml", [f"model.name={MODEL}", "model.compile=false",
+                                               "train.use_liger_kernel=true"])
+
+
+def ours_lora_liger_compiled(a) -> dict:
+    return _ours(a, "recipes/lora_fast.yaml", [f"model.name={MODEL}", "train.use_liger_kernel=true"])
+
+
+def ours_lora_bf16_adapters(a) -> dict:
+    """The adapters in the weights' bf16 (peft's autocast_adapter_dtype=False): no fp32 casts around them."""
+    return _ours(a, "recipes/lora_fast.yaml", [f"model.name={MODEL}", "lora.autocast_adapter_dtype=false"])
+
+
 def ours_qlora(a) -> dict:
     return _ours(a, "recipes/qlora_fast.yaml", [f"model.name={MODEL}"])
+
+
+def ours_qlora_2k(a) -> dict:
+    """The QLoRA peak target is set at the naive run's real tokens per step: the recipe at 2,048 tokens."""
+    return _ours(a, "recipes/qlora_fast.yaml", [f"model.name={MODEL}", "data.max_tokens_per_batch=2048",
+                                                "data.pad_to_multiple_of=2048"])
 
 
 def ours_qlora_eager(a) -> dict:
@@ -382,6 +408,19 @@ def ours_smollm2_eager(a) -> dict:
 def ours_smollm2_32k(a) -> dict:
     """Twice the tokens per step: the per-step launch overhead of a narrow model spread over more tokens."""
     return _ours(a, "recipes/smollm2_gpu.yaml", ["data.max_tokens_per_batch=32768", "data.pad_to_multiple_of=32768"])
+
+
+def ours_smollm2_64k(a) -> dict:
+    return _ours(a, "recipes/smollm2_gpu.yaml", ["data.max_tokens_per_batch=65536", "data.pad_to_multiple_of=65536"])
+
+
+def ours_smollm2_cudagraphs(a) -> dict:
+    """Each compiled layer replayed as CUDA graphs (torch.compile's reduce-overhead): the step is launch-bound."""
+    return _ours(a, "recipes/smollm2_gpu.yaml", ["model.compile_mode=reduce-overhead"])
+
+
+def ours_smollm2_liger(a) -> dict:
+    return _ours(a, "recipes/smollm2_gpu.yaml", ["model.compile=false", "train.use_liger_kernel=true"])
 
 
 # The multi-GPU issue's anchor: full fine-tune, fp32 weights + bf16 mixed precision, lr 1e-5, 4 padded rows per GPU.

@@ -189,6 +189,10 @@ def validate(recipe: Recipe) -> None:
         raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {m.dtype!r}")
     if m.compile != "auto" and not isinstance(m.compile, bool):
         raise ConfigError(f"model.compile: expected true, false or auto, got {m.compile!r}")
+    if m.compile_mode is not None:
+        _one_of(m.compile_mode, COMPILE_MODES, "model.compile_mode", "mode")
+        if m.compile is False:
+            raise ConfigError("model.compile_mode applies to compiled layers: set model.compile=true or auto")
     if q.bits not in (None, 4, 8):
         raise ConfigError(f"quantization.bits must be 4, 8 or null, got {q.bits!r}")
     if q.quant_type not in ("nf4", "fp4"):
@@ -246,7 +250,12 @@ DECIDED_ELSEWHERE = {
     "activation_checkpointing": "model.gradient_checkpointing",
     "gradient_checkpointing_kwargs": "model.gradient_checkpointing (non-reentrant)",
     "activation_checkpointing_kwargs": "model.gradient_checkpointing (non-reentrant)",
+    # The Trainer would compile the whole model on top of model.compile's decoder layers.
+    "torch_compile": "model.compile (each decoder layer compiled in place)",
+    "torch_compile_backend": "model.compile (inductor)",
+    "torch_compile_mode": "model.compile_mode",
 }
+COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
 def _check_training_arguments(t: TrainConfig) -> None:
@@ -281,6 +290,9 @@ def check_environment(recipe: Recipe, launch: Launch) -> None:
         raise ConfigError("refused: model.attn_implementation=flex_attention trains on a CUDA GPU only (torch's "
                           "FlexAttention has no backward on CPU): use model.attn_implementation=sdpa, which "
                           "keeps packed samples apart too")
+    if recipe.train.use_liger_kernel and not _liger_available():
+        raise ConfigError("refused: train.use_liger_kernel needs liger-kernel (pip install liger-kernel), which "
+                          "runs its Triton kernels on a CUDA GPU")
     if launch.fsdp and not cuda:
         raise ConfigError("refused: FSDP needs CUDA GPUs (accelerate does not engage FSDP on CPU); drop "
                           "fsdp.enabled / --enable_fsdp to train on CPU")
@@ -291,3 +303,12 @@ def check_environment(recipe: Recipe, launch: Launch) -> None:
     if launch.fsdp and launch.launcher == "python":
         raise ConfigError("refused: fsdp.enabled needs a distributed launch: torchrun --nproc_per_node N -m "
                           "samsum_tuner.train ... or accelerate launch --config_file accelerate_configs/fsdp4.yaml")
+
+
+def _liger_available() -> bool:
+    """liger-kernel imports (it needs Triton, which a CPU-only torch lacks)."""
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -40,6 +40,8 @@ class ModelConfig:
     compile: typing.Literal["auto"] | bool = _knob(
         False, "torch.compile each decoder layer in place: true, false, or auto (compiled where CUDA is available, "
         "eager elsewhere)")
+    compile_mode: str | None = _knob(None, "torch.compile's mode for those layers: null (its default), "
+                                     "reduce-overhead (CUDA graphs), max-autotune or max-autotune-no-cudagraphs")
     trust_remote_code: bool = _knob(False, "run the model repository's own Python code")
     revision: str | None = _knob(None, "hub branch, tag or commit of the model (null: main)")
 
@@ -60,6 +62,8 @@ class LoraConfig:
     dropout: float = _knob(0.05, "dropout on the adapters' input, in [0, 1)")
     target_modules: list[str] = _knob(["q_proj", "v_proj"], "linear layers that get adapters (comma-separated)")
     bias: str = _knob("none", "which biases train: none, all or lora_only")
+    autocast_adapter_dtype: bool = _knob(True, "peft's default: adapters in fp32 over bf16/fp16 weights (false: "
+                                         "in the weights' dtype, no casts around each adapter)")
 
 
 @dataclass

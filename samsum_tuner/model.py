@@ -72,6 +72,7 @@ class ModelLoad:
     dtype: torch.dtype  # of the weights as built or loaded (the compute dtype when quantized)
     quantization: Any = None  # transformers.BitsAndBytesConfig, or None
     lora: Any = None  # peft.LoraConfig, or None: full fine-tuning
+    autocast_adapter_dtype: bool = True  # peft's get_peft_model argument: fp32 adapters over 16-bit weights
     fsdp: bool = False  # sharded by FSDP: no device_map, rank 0 loads
     gpu_limit_gib: float | None = None  # memory.gpu_limit_gib, which random weights are drawn under
 
@@ -88,7 +89,7 @@ def load_model(load: ModelLoad):
     if torch.cuda.is_available():
         use_compile_cache()
     if compiles(load.model):
-        n = compile_layers(model, layers_to_wrap(load.model))
+        n = compile_layers(model, layers_to_wrap(load.model), load.model.compile_mode)
         print(f"samsum_tuner: {n} decoder layers compiled in place (model.compile={load.model.compile}; they "
               "compile at the first step, once per input shape)", flush=True)
     return model
@@ -106,14 +107,14 @@ def use_compile_cache() -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "torch_compile"))
 
 
-def compile_layers(model, layer_classes: list[str]) -> int:
+def compile_layers(model, layer_classes: list[str], mode: str | None = None) -> int:
     """Regional compilation, as accelerate's compile_regions_fsdp2 and torchtitan do it: Module.compile() in
     place keeps each layer's identity, so PEFT's wrappers, gradient checkpointing and FSDP's per-layer hooks
     (installed later) still see the same modules; the lm_head and the loss stay eager, so the supervised
     positions (a different count every step) never reach a compiled graph as a dynamic shape."""
     layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
     for layer in layers:
-        layer.compile()
+        layer.compile(mode=mode)
     return len(layers)
 
 
@@ -225,7 +226,9 @@ def apply_adapters(model, load: ModelLoad):
     if load.quantization is not None:
         # Checkpointing is the Trainer's to switch on (resolve.training_arguments), as for every other model.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return model if load.lora is None else get_peft_model(model, load.lora)
+    if load.lora is None:
+        return model
+    return get_peft_model(model, load.lora, autocast_adapter_dtype=load.autocast_adapter_dtype)
 
 
 def parameter_counts(model) -> tuple[int, int]:

@@ -49,6 +49,7 @@ class Setup:
     stream: int  # bytes of the residual stream and norm outputs
     full: bool  # full fine-tuning (no LoRA)
     lora_n: int  # LoRA adapter parameters
+    adapter_b: int  # bytes per adapter element (peft's autocast_adapter_dtype: fp32)
     trainable: int
     state_b: int  # bytes per gradient and optimizer state element
     checkpointed: bool  # activation checkpointing, as training decides it (config.py)
@@ -82,12 +83,15 @@ def setup(recipe: Recipe, gpus: int, s: ModelShape) -> Setup:
     wb = _weights_bytes(recipe)
     full = not lo.enabled
     lora_n = s.lora_params(lo.target_modules, lo.r) if lo.enabled else 0
+    # Without peft's autocast_adapter_dtype, adapters take the dtype of their (unquantized) base layer.
+    adapter_b = wb if not lo.autocast_adapter_dtype and not q.bits else 4
     return Setup(
         recipe=recipe, s=s, gpus=gpus, fsdp=fsdp, offload=f.enabled and f.cpu_offload,
         n=gpus if fsdp and f.sharding_strategy != "NO_SHARD" else 1, half_train=half_train, mp=mp, wb=wb,
         c=2 if half_train or wb == 2 else 4, stream=2 if mp or (not q.bits and wb == 2) else 4, full=full,
-        lora_n=lora_n, trainable=s.n_params if full else lora_n,
-        state_b=wb if full and not q.bits else 4,  # pure half params keep half grads and states; adapters fp32
+        lora_n=lora_n, adapter_b=adapter_b, trainable=s.n_params if full else lora_n,
+        # pure half params keep half grads and states, adapters those of their dtype
+        state_b=(wb if not q.bits else 4) if full else adapter_b,
         checkpointed=recipe.checkpoints_activations,
     )
 
@@ -111,7 +115,8 @@ def weight_rows(su: Setup, weights: float) -> list[tuple[str, float, bool]]:
         return []
     rows = [(f"weights ({su.label}{su.shard})", weights / su.n, True)]
     if su.lora_n:
-        rows.append(("LoRA adapters (fp32)", su.lora_n * 4 / su.n, True))
+        rows.append((f"LoRA adapters ({'fp32' if su.adapter_b == 4 else su.recipe.model.dtype})",
+                     su.lora_n * su.adapter_b / su.n, True))
     return rows
 
 

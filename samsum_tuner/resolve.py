@@ -111,8 +111,8 @@ def model_load(recipe: Recipe, *, fsdp: bool = False) -> ModelLoad:
             bnb_4bit_quant_storage=cdtype if fsdp else torch.uint8)
     lora = LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=list(lo.target_modules),
                       bias=lo.bias, task_type="CAUSAL_LM") if lo.enabled else None
-    return ModelLoad(recipe.model, cdtype if q.bits else DTYPES[recipe.model.dtype], bnb, lora, fsdp,
-                     recipe.memory.gpu_limit_gib)
+    return ModelLoad(recipe.model, cdtype if q.bits else DTYPES[recipe.model.dtype], bnb, lora,
+                     lo.autocast_adapter_dtype, fsdp, recipe.memory.gpu_limit_gib)
 
 
 def lora_targets(recipe: Recipe) -> list[str] | None:

@@ -182,6 +182,19 @@ def test_flex_attention_training_without_cuda_is_refused_before_loading(capsys, 
     assert "refused: model.attn_implementation=flex_attention trains on a CUDA GPU only" in err
 
 
+def test_liger_kernels_without_liger_kernel_installed_are_one_line(capsys, tmp_path, tiny_data):
+    from samsum_tuner.checks import _liger_available
+
+    if _liger_available():
+        pytest.skip("needs a machine without liger-kernel (a CPU-only torch has no Triton for it)")
+    code = cli.main(["train", str(ROOT / "recipes" / "demo_cpu.yaml"), f"data.source={tiny_data}",
+                     f"train.output_dir={tmp_path / 'o'}", "train.use_liger_kernel=true"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "refused: train.use_liger_kernel needs liger-kernel (pip install liger-kernel)" in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_fast_path_packs_the_step_and_keeps_a_token_budget():
     # sdpa on every device: its packed rows change length every step, which flex_attention would recompile for.
     r = build_recipe(ROOT / "recipes" / "full_sgd.yaml", ["fast_path=true"])

@@ -30,6 +30,33 @@ def test_any_other_model_compile_is_refused_in_one_line(value):
         build_recipe(None, [f"model.compile={value}"])
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["model.compile=true", "model.compile_mode=reduce-overhed"],
+     "model.compile_mode: unknown mode 'reduce-overhed'; did you mean reduce-overhead?"),
+    (["model.compile_mode=reduce-overhead"],
+     "model.compile_mode applies to compiled layers: set model.compile=true or auto"),
+    (["train.torch_compile=true"], "train.torch_compile is decided by model.compile (each decoder layer compiled "
+                                   "in place); set it there"),
+    (["train.torch_compile_mode=max-autotune"], "train.torch_compile_mode is decided by model.compile_mode; set it "
+                                                "there")])
+def test_compilation_is_decided_by_the_model_section_only(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        build_recipe(None, overrides)
+    assert str(e.value) == message
+
+
+def test_compile_mode_reaches_every_decoder_layer(monkeypatch):
+    from samsum_tuner.model import compile_layers
+
+    from .conftest import tiny_llama
+
+    seen, real = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or real(fn, **kw))
+    r = build_recipe(None, ["model.compile=true", "model.compile_mode=max-autotune-no-cudagraphs"])
+    assert compile_layers(tiny_llama(vocab_size=256), ["LlamaDecoderLayer"], r.model.compile_mode) == 2
+    assert seen == [{"mode": "max-autotune-no-cudagraphs"}] * 2
+
+
 def test_the_fast_recipes_compile_on_cuda_and_the_cpu_demo_never():
     for name in FAST_RECIPES:
         recipe = build_recipe(ROOT / "recipes" / name)

@@ -172,6 +172,21 @@ def test_qlora_on_cpu_trains_only_the_adapter():
     assert 0 < t < total
 
 
+@pytest.mark.parametrize("autocast", [True, False])
+def test_adapter_dtype_is_pefts_autocast_adapter_dtype_and_the_planner_counts_it(autocast):
+    from samsum_tuner.planner_terms import setup, weight_rows
+    from samsum_tuner.shapes import shape_for_model_name
+
+    r = build_recipe(None, ["--use_peft", "model.dtype=bfloat16", f"lora.autocast_adapter_dtype={autocast}"])
+    model = apply_adapters(tiny_llama(vocab_size=256).to(torch.bfloat16), model_load(r))
+    adapters = {p.dtype for n, p in model.named_parameters() if "lora_" in n}
+    assert adapters == {torch.float32 if autocast else torch.bfloat16}
+    su = setup(r, 1, shape_for_model_name("random:llama2-7b"))
+    (label, size, _), = [row for row in weight_rows(su, 0.0) if row[0].startswith("LoRA")]
+    assert label == f"LoRA adapters ({'fp32' if autocast else 'bfloat16'})"
+    assert size == su.lora_n * (4 if autocast else 2) and su.state_b == (4 if autocast else 2)
+
+
 def test_fsdp_random_model_is_real_on_rank_0_and_shapes_only_elsewhere(monkeypatch):
     """Under FSDP rank 0 holds the weights that accelerate broadcasts; the other ranks build shapes only,
     but with real buffers (accelerate re-registers the rotary inv_freq from each rank's own copy)."""
