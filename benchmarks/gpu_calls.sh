@@ -57,26 +57,30 @@ s12call1)  # cold, carry .whl .gpudata, needs_h200: session 2026-12-06b (a call 
   python benchmarks/gpu_matrix.py --out "$OUT" --deadline $(($(left) - 20)) --timeout 200 --steps 12 --rows 64 \
     --only h200_full_sgd_fsdp1,h200_full_sgd_fsdp1_no_ckpt
   ;;
-s12call2)  # warm, carry .sm/part-aa (/tmp/site and /tmp/gpudata from s12call1): the first half of the GGUF waits in
-           # /tmp. Issue 33, 7B: in ONE benchmark invocation, after an unmeasured naive_lora (a fresh machine's first
+s12call2)  # warm (/tmp/site and /tmp/gpudata from s12call1) or cold, carry .whl .gpudata. Issue 33, 7B: in ONE benchmark invocation, after an unmeasured naive_lora (a fresh machine's first
            # GPU process ran it at half speed), the honest naive 7B LoRA (a plain Trainer + peft), lora_fast as
-           # committed (compiled; profiled), the QLoRA pair and qlora_fast at the naive run's tokens per step (the
+           # committed (compiled; profiled), the off-the-shelf flattening + flex setup, the QLoRA pair and qlora_fast at the naive run's tokens per step (the
            # peak target), then the levers: Liger eager, Liger compiled, bf16 adapters; then, as time allows, the
            # naive run on Llama-2's 32,000 vocabulary, lora_fast eager and the naive QLoRA with the docs' gradient
            # checkpointing
-  mkdir -p /tmp/gg && cp .sm/part-aa /tmp/gg/
+  [ -d .gpudata ] && [ ! -d /tmp/gpudata ] && cp -r .gpudata /tmp/gpudata  # cold: carried here instead
   env_txt
   python benchmarks/throughput.py --suite 7b,qlora --warmup 5 --steps 20 --profile ours_lora --warm naive_lora \
-    --only naive_lora,ours_lora,naive_qlora,ours_qlora,ours_qlora_2k,ours_lora_liger,ours_lora_liger_compiled,\
-ours_lora_bf16_adapters,naive_lora_v32k,ours_lora_eager,naive_qlora_ckpt \
+    --only naive_lora,ours_lora,flex_lora_b16,naive_qlora,ours_qlora,ours_qlora_2k,ours_lora_bf16_adapters,\
+ours_lora_liger_compiled,ours_lora_liger,naive_lora_v32k,ours_lora_eager,naive_qlora_ckpt \
     --out /tmp/s12c --timeout 150 --deadline $(($(left) - 15)) > "$OUT/bench.log" 2>&1
   cp /tmp/s12c/throughput.json "$OUT/throughput_7b.json"; cp /tmp/s12c/profile_*.txt "$OUT/" 2>/dev/null
+  ;;
+s12tests)  # warm, carry .sm/part-aa: the first half of the GGUF waits in /tmp; the GPU tests, the 1-process FSDP LoRA
+           # resume among them (adapter_config.json now written into sharded checkpoints)
+  mkdir -p /tmp/gg && cp .sm/part-aa /tmp/gg/
+  timeout $(($(left) - 5)) python -m pytest -q -m gpu tests/ > "$OUT/gpu_tests.txt" 2>&1
   ;;
 s12call3)  # warm, carry .sm/part-ab (issue 33, SmolLM2): the second half of the GGUF joins the first; smollm2_gpu.yaml
            # as committed, the first run on this machine to compile SmolLM2's shapes (its wait for the first
            # optimizer step), 2 epochs, then its ROUGE on the whole test split; then, in one benchmark invocation,
            # the off-the-shelf flex loop against the recipe and its levers: CUDA graphs, 64k and 32k tokens per
-           # step, Liger's kernels eager
+           # step, Liger's kernels eager, TRL's defaults (the naive anchor), 32k tokens per step
   gguf
   env_txt
   mkdir -p "$OUT/eval"
@@ -84,7 +88,8 @@ s12call3)  # warm, carry .sm/part-ab (issue 33, SmolLM2): the second half of the
   timeout 90 python -m samsum_tuner eval /tmp/samsum_runs/smollm2_gpu --split test --batch-size 128 \
     --out "$OUT/eval" > "$OUT/eval.log" 2>&1
   python benchmarks/throughput.py --suite smollm2 --warmup 5 --steps 20 --profile none --only \
-    flex_loop_16k,ours_smollm2,ours_smollm2_cudagraphs,ours_smollm2_64k,ours_smollm2_liger,ours_smollm2_32k \
+    flex_loop_16k,ours_smollm2,ours_smollm2_cudagraphs,ours_smollm2_64k,ours_smollm2_liger,trl_default,\
+ours_smollm2_32k \
     --out /tmp/s12b --timeout 100 --deadline $(($(left) - 10)) > "$OUT/bench.log" 2>&1
   cp /tmp/s12b/throughput.json "$OUT/throughput_smollm2.json"
   ;;
@@ -404,7 +409,7 @@ s3call3)  # warm or cold, carry .whl .gpudata: two processes, one per GPU (issue
   python benchmarks/gpu_matrix.py --out "$OUT" --deadline "$(left)" --timeout 200 --steps 6 --rows 32 --only "$2"
   ;;
 call1)
-  mkdir -p /tmp/gg && cp .sm/part-aa /tmp/gg/
+  [ -d .gpudata ] && [ ! -d /tmp/gpudata ] && cp -r .gpudata /tmp/gpudata  # cold: carried here instead
   env_txt
   python benchmarks/throughput.py --suite 7b,qlora --out /tmp/bench --timeout 150 --deadline 300 > "$OUT/bench.log" 2>&1
   cp /tmp/bench/throughput.json "$OUT/throughput_7b.json"; cp /tmp/bench/profile_*.txt "$OUT/" 2>/dev/null
