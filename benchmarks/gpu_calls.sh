@@ -48,12 +48,12 @@ case $1 in
 s12call1)  # cold, carry .whl .gpudata, needs_h200: session 2026-12-06b (a call carries at most 64 MiB: the wheels, now
            # with transformers 5.18, the pin's lower bound (the image has 5.17), and liger-kernel, leave no room for a
            # GGUF half, so .whl and .gpudata are copied to /tmp/site and /tmp/gpudata for the later calls of this warm
-           # machine). The GPU tests, the 1-process FSDP LoRA resume among them (adapter_config.json now written into
-           # sharded checkpoints); then s11call1's question on an H200: the mission's full_sgd.yaml as one FSDP
+           # machine; device time was short after failed starts). The 1-process FSDP LoRA resume GPU test
+           # (adapter_config.json now written into sharded checkpoints); then s11call1's question on an H200: the mission's full_sgd.yaml as one FSDP
            # process, checkpointed as committed and not
   cp -r .gpudata /tmp/gpudata
   env_txt
-  timeout 240 python -m pytest -q -m gpu tests/ > "$OUT/gpu_tests.txt" 2>&1
+  timeout 120 python -m pytest -q -m gpu tests/test_gpu_resume.py -k 1proc > "$OUT/gpu_tests.txt" 2>&1
   python benchmarks/gpu_matrix.py --out "$OUT" --deadline $(($(left) - 20)) --timeout 200 --steps 12 --rows 64 \
     --only h200_full_sgd_fsdp1,h200_full_sgd_fsdp1_no_ckpt
   ;;
