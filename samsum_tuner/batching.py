@@ -158,8 +158,14 @@ def _sample_ids(position_ids: torch.Tensor) -> torch.Tensor:
     return (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
 
 
+FLEX_BLOCK = 128  # create_block_mask's default block size
+
+
 def _flex_packed_mask(position_ids: torch.Tensor):
-    from torch.nn.attention.flex_attention import create_block_mask
+    """flex_attention's BlockMask of packed rows, its blocks found from each block's first and last sample id
+    (ids never decrease along a row) by a few tensor ops: the same mask create_block_mask gives, without
+    compiling it at the first step (it stalled SmolLM2's cold start) nor materializing (q, kv) on the side."""
+    from torch.nn.attention.flex_attention import BlockMask
 
     sample = _sample_ids(position_ids)
 
@@ -167,7 +173,22 @@ def _flex_packed_mask(position_ids: torch.Tensor):
         return (q >= kv) & (sample[b, q] == sample[b, kv])
 
     rows, length = sample.shape
-    return create_block_mask(causal_within_sample, rows, None, length, length, device=sample.device, _compile=True)
+    n, tail = -(-length // FLEX_BLOCK), -length % FLEX_BLOCK
+    ids = torch.cat([sample, sample[:, -1:].expand(rows, tail)], dim=1).view(rows, n, FLEX_BLOCK)
+    first, last = ids[..., 0], ids[..., -1]
+    i = torch.arange(n, device=sample.device)
+    below = i[None, :, None] > i[None, None, :]  # kv block j before q block i
+    # Before the diagonal a block is partial where the kv block's last sample reaches the q block's first, and
+    # full where one sample spans both blocks (not in a q block that runs past the row's end).
+    full = below & (first[:, None, :] == last[:, :, None]) & ~((i == n - 1) & (tail > 0))[None, :, None]
+    partial = (below & (last[:, None, :] >= first[:, :, None]) & ~full) | (i[:, None] == i[None, :])[None]
+
+    def ordered(blocks):  # create_block_mask's layout: counts, then the block indices with the used ones first
+        blocks = blocks.to(torch.int32)[:, None]
+        return blocks.sum(-1, dtype=torch.int32), blocks.argsort(dim=-1, descending=True, stable=True).to(torch.int32)
+
+    return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=FLEX_BLOCK,
+                                    mask_mod=causal_within_sample, seq_lengths=(length, length))
 
 
 def _sdpa_packed_mask(position_ids: torch.Tensor) -> torch.Tensor:

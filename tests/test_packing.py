@@ -311,3 +311,36 @@ def test_compiled_layers_train_like_eager_ones(tiny_model_dir, tmp_path):
     assert graphs[False] == 0 and graphs[True] > 0  # compiled graphs really ran (no silent eager fallback)
     assert curves[True] == pytest.approx(curves[False], rel=1e-4)
     assert curves[True][-2] < curves[True][0]
+
+
+@pytest.mark.parametrize("length, rows", [(384, 1), (300, 2), (1000, 1), (2048, 2)])
+def test_flex_block_mask_of_packed_rows_is_create_block_masks_without_compiling(length, rows):
+    """The packed rows' BlockMask, built from each block's first and last sample, is the one torch's
+    create_block_mask computes from the mask function (every block count and index, partial and full, both
+    directions), and building it compiles nothing: no first-step compilation of the mask."""
+    import random
+
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from samsum_tuner.batching import _sample_ids, packed_attention_mask
+
+    rng = random.Random(length + rows)
+    positions = []
+    for _ in range(rows):
+        row = []
+        while len(row) < length:  # samples shorter, as long as, and longer than a block
+            row += range(rng.choice([1, 3, 50, 127, 128, 129, 200, 400, 900]))
+        positions.append(row[:length])
+    positions = torch.tensor(positions)
+    torch._dynamo.utils.counters.clear()
+    mine = packed_attention_mask(positions, "flex_attention")
+    assert not torch._dynamo.utils.counters["stats"]["calls_captured"]
+    sample = _sample_ids(positions)
+    reference = create_block_mask(lambda b, h, q, kv: (q >= kv) & (sample[b, q] == sample[b, kv]), rows, None,
+                                  length, length, device="cpu", _compile=False)
+    assert reference.full_kv_num_blocks.sum() > 0 and mine.seq_lengths == reference.seq_lengths
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
+                 "q_indices", "full_q_num_blocks", "full_q_indices"):
+        a, b = getattr(mine, name), getattr(reference, name)
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert torch.equal(mine.to_dense(), reference.to_dense())
