@@ -4,7 +4,9 @@
 # sessions 2026-12-04 and 2026-12-04b had one H200 only; the first's calls are in
 # benchmarks/results/2026-12-04-h200/commands.md, the second's are s10*; s11call1 and s11ab ran in session
 # 2026-12-06 on an H100 (benchmarks/results/2026-12-06-h100/; s11call1's full_sgd runs need an H200: they were
-# refused there as planned); s11call2 is ready and not yet run), each started as
+# refused there as planned); s11call2 never ran: session 2026-12-06b ran s12call2, then a stash call and the
+# SmolLM2 suite by hand on one H100 (benchmarks/results/2026-12-06b-h100/commands.md; no H200 started, so
+# s12call1 and s12call3 are ready and not yet run), each started as
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
 #     && export PYTHONPATH=/tmp/site:$PWD || exit; export SAMSUM_TUNER_CACHE=$PWD/.gpudata/cache \
 #     SAMSUM_DATA_DIR=$PWD/.gpudata HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false; \
