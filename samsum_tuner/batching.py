@@ -163,8 +163,8 @@ FLEX_BLOCK = 128  # create_block_mask's default block size
 
 def _flex_packed_mask(position_ids: torch.Tensor):
     """flex_attention's BlockMask of packed rows, its blocks found from each block's first and last sample id
-    (ids never decrease along a row) by a few tensor ops: the same mask create_block_mask gives, without
-    compiling it at the first step (it stalled SmolLM2's cold start) nor materializing (q, kv) on the side."""
+    (ids never decrease along a row) by a few tensor ops: the same mask create_block_mask gives, with neither
+    its compilation (at the first step and at every new shape) nor a dense (q, kv) mask."""
     from torch.nn.attention.flex_attention import BlockMask
 
     sample = _sample_ids(position_ids)
