@@ -228,6 +228,11 @@ def validate(recipe: Recipe) -> None:
             "refused: full fine-tuning with pure float16 weights underflows the updates; use train.fp16=true "
             "(fp32 master weights) or model.dtype=bfloat16"
         )
+    if lo.enabled and not lo.autocast_adapter_dtype and m.dtype == "float16" and q.bits is None:
+        # The adapters would be fp16 parameters: train.fp16's gradient scaler refuses to unscale them.
+        raise ConfigError("refused: lora.autocast_adapter_dtype=false with model.dtype=float16 makes fp16 adapters, "
+                          "whose updates underflow (and fp16 mixed precision refuses them); keep it true or use "
+                          "model.dtype=bfloat16")
     if t.eval_strategy == "steps" and not t.eval_steps:
         raise ConfigError("train.eval_strategy=steps needs train.eval_steps")
     if t.save_strategy == "steps" and not t.save_steps:

@@ -187,6 +187,13 @@ def test_adapter_dtype_is_pefts_autocast_adapter_dtype_and_the_planner_counts_it
     assert size == su.lora_n * (4 if autocast else 2) and su.state_b == (4 if autocast else 2)
 
 
+def test_fp16_adapters_are_refused_in_one_line():
+    with pytest.raises(ConfigError, match=r"^refused: lora.autocast_adapter_dtype=false with model.dtype=float16 "):
+        build_recipe(None, ["--use_peft", "model.dtype=float16", "train.fp16=true",
+                            "lora.autocast_adapter_dtype=false"])
+    build_recipe(None, ["--use_peft", "model.dtype=float16", "train.fp16=true"])  # peft's fp32 adapters: fine
+
+
 def test_fsdp_random_model_is_real_on_rank_0_and_shapes_only_elsewhere(monkeypatch):
     """Under FSDP rank 0 holds the weights that accelerate broadcasts; the other ranks build shapes only,
     but with real buffers (accelerate re-registers the rotary inv_freq from each rank's own copy)."""
