@@ -205,18 +205,14 @@ def main_plan(argv: list[str], prog: str = "samsum-tuner plan") -> int:
                 print(f"samsum-tuner: note: {said}", file=sys.stderr, flush=True)
         path, overrides = _split_recipe(rest)
         recipe = api.load_recipe(path, overrides)
-        machine = dict(gpus=opts.gpus, gpu_memory_gib=sizes["--gpu-memory"], host_memory_gib=sizes["--host-memory"],
-                       device="cpu" if opts.cpu else "cuda")
-        try:
-            result = planning.plan(recipe, lengths=opts.lengths, **machine)
-        except planning.HubUnreachable as e:  # only lengths="data" reads the hub
-            print(f"samsum-tuner: note: {e}; planning with the built-in SAMSum lengths (--lengths default)",
-                  file=sys.stderr, flush=True)
-            # The planner itself, not planning.plan(lengths="default"): that would check the model a second time (and
-            # repeat check_model's trust_remote_code note), which train_lengths already did on the way here.
-            from .planner import plan
 
-            result = plan(recipe, token_lengths=None, supervised_lengths=None, **machine)
+        def unreachable(why: str) -> None:
+            print(f"samsum-tuner: note: {why}; planning with the built-in SAMSum lengths (--lengths default)",
+                  file=sys.stderr, flush=True)
+
+        result = planning.plan(recipe, gpus=opts.gpus, gpu_memory_gib=sizes["--gpu-memory"],
+                               host_memory_gib=sizes["--host-memory"], device="cpu" if opts.cpu else "cuda",
+                               lengths=opts.lengths, on_unreachable=unreachable)
         print(result.table())
         print(result.verdict)
         return EXIT_WONT_FIT if result.fits is False else EXIT_OK

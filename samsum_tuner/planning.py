@@ -3,6 +3,7 @@ never the weights), or with built-in SAMSum statistics, working offline."""
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Callable
 
 from .config import Recipe
 from .data import read_splits, tokenize_splits
@@ -72,18 +73,27 @@ def train_lengths(recipe: Recipe) -> tuple[list[int], list[int]]:
 
 
 def plan(recipe: Recipe, *, gpus: int = 1, gpu_memory_gib: float | None = None, host_memory_gib: float | None = None,
-         device: str = "cuda", lengths: str = "data"):
+         device: str = "cuda", lengths: str = "data", on_unreachable: Callable[[str], None] | None = None):
     """`samsum-tuner plan` as a call: the memory planner's `Plan` (`.table()`, `.verdict`, `.fits`) for `gpus`
     processes, with no weights loaded. lengths="data" takes the worst batch from the recipe's tokenized train split
-    (data and tokenizer), "default" from built-in SAMSum length statistics; device="cpu" plans a run without CUDA."""
+    (data and tokenizer), "default" from built-in SAMSum length statistics; device="cpu" plans a run without CUDA.
+    With `on_unreachable`, a tokenizer or data the hub cannot serve now is told to it (HubUnreachable's message)
+    and the plan takes the built-in lengths instead of raising."""
     from .planner import plan as plan_memory
 
     if gpus <= 0:
         raise ConfigError(f"gpus must be positive, got {gpus}")
     if lengths not in ("data", "default"):
         raise ConfigError(f"lengths: expected 'data' or 'default', got {lengths!r}")
+    token_lengths = supervised = None
     if lengths == "default":
         check_for_plan(recipe)
-    token_lengths, supervised = train_lengths(recipe) if lengths == "data" else (None, None)
+    else:
+        try:
+            token_lengths, supervised = train_lengths(recipe)
+        except HubUnreachable as e:  # train_lengths checked the model (check_for_plan) before it found this
+            if on_unreachable is None:
+                raise
+            on_unreachable(str(e))
     return plan_memory(recipe, gpus=gpus, gpu_memory_gib=gpu_memory_gib, host_memory_gib=host_memory_gib,
                        token_lengths=token_lengths, supervised_lengths=supervised, device=device)
