@@ -47,6 +47,37 @@ gguf() {  # the second half joins the first; the SmolLM2 safetensors folder is w
 
 reap
 case $1 in
+s13a)  # cold, carry .whl .gpudata, needs_h200 (session 2026-12-06c): the wheels and data go to /tmp for the later calls;
+       # the varlen_attn kernel against sdpa on packed rows (GPU test); then issue 30's last point on an H200: the
+       # mission's full_sgd.yaml as one FSDP process, checkpointed as committed and not
+  cp -r .gpudata /tmp/gpudata
+  env_txt
+  timeout 60 python -m pytest -q -m gpu tests/test_packing.py -k varlen > "$OUT/gpu_tests.txt" 2>&1
+  python benchmarks/gpu_matrix.py --out "$OUT" --deadline $(($(left) - 20)) --timeout 200 --steps 12 --rows 64 \
+    --only h200_full_sgd_fsdp1,h200_full_sgd_fsdp1_no_ckpt
+  ;;
+s13b)  # warm, carry .sm/part-aa: the first GGUF half waits in /tmp; issue 33's variable-length attention lever, 7B:
+       # lora_fast and qlora_fast as committed (flex_attention) against the same with model.attn_implementation=
+       # varlen_attn, each pair in one benchmark invocation, the varlen run profiled; the naive pair last
+  mkdir -p /tmp/gg && cp .sm/part-aa /tmp/gg/
+  python benchmarks/throughput.py --suite 7b,qlora --warmup 5 --steps 20 --profile ours_lora_varlen \
+    --only ours_lora,ours_lora_varlen,ours_qlora_varlen,ours_qlora,naive_lora \
+    --out /tmp/s13b --timeout 120 --deadline $(($(left) - 10)) > "$OUT/bench.log" 2>&1
+  cp /tmp/s13b/throughput.json "$OUT/throughput_7b_varlen.json"; cp /tmp/s13b/profile_*.txt "$OUT/" 2>/dev/null
+  ;;
+s13c)  # warm, carry .sm/part-ab (issue 33, SmolLM2): as s12call3, the throughput configurations in the order of the
+       # targets (the recipe, the flex loop, TRL's defaults), then the levers (varlen_attn, CUDA graphs, 64k, Liger)
+  gguf
+  env_txt
+  mkdir -p "$OUT/eval"
+  python benchmarks/gpu_matrix.py --out "$OUT" --deadline $(($(left) - 150)) --timeout 330 --only smollm2_gpu
+  timeout 90 python -m samsum_tuner eval /tmp/samsum_runs/smollm2_gpu --split test --batch-size 128 \
+    --out "$OUT/eval" > "$OUT/eval.log" 2>&1
+  python benchmarks/throughput.py --suite smollm2 --warmup 5 --steps 20 --profile none --only \
+    ours_smollm2,flex_loop_16k,trl_default,ours_smollm2_varlen,ours_smollm2_cudagraphs,ours_smollm2_64k,\
+ours_smollm2_liger --out /tmp/s13c --timeout 150 --deadline $(($(left) - 10)) > "$OUT/bench.log" 2>&1
+  cp /tmp/s13c/throughput.json "$OUT/throughput_smollm2.json"
+  ;;
 s12call1)  # cold, carry .whl .gpudata, needs_h200: session 2026-12-06b (a call carries at most 64 MiB: the wheels, now
            # with transformers 5.18, the pin's lower bound (the image has 5.17), and liger-kernel, leave no room for a
            # GGUF half, so .whl and .gpudata are copied to /tmp/site and /tmp/gpudata for the later calls of this warm

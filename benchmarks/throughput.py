@@ -14,16 +14,18 @@ CONFIG once first, outside the comparison (a fresh machine's first GPU process i
            ours_lora_eager: the same with model.compile=false / ours_lora_2k: the recipe at 2,048 tokens per step
            (memory at about the naive run's real tokens per step) / naive_lora_v32k: naive_lora with Llama-2's own
            32,000-token vocabulary (below) / ours_lora_liger: eager with Liger's kernels (train.use_liger_kernel) /
-           ours_lora_liger_compiled: both / ours_lora_bf16_adapters: lora.autocast_adapter_dtype=false
+           ours_lora_liger_compiled: both / ours_lora_bf16_adapters: lora.autocast_adapter_dtype=false /
+           ours_lora_varlen: torch's variable-length FlashAttention (model.attn_implementation=varlen_attn)
   qlora    the same shape in NF4 (bf16 compute): naive_qlora: the baseline below with the base quantized and
            prepare_model_for_kbit_training(model, use_gradient_checkpointing=False) / naive_qlora_ckpt: the same
            with that call's default, gradient checkpointing on, as the peft and bitsandbytes docs write it /
            ours_qlora: recipes/qlora_fast.yaml as committed (compiled on a GPU) / ours_qlora_eager: uncompiled /
-           ours_qlora_2k: the recipe at 2,048 tokens per step (the peak at the naive run's tokens per step)
+           ours_qlora_2k: the recipe at 2,048 tokens per step (the peak at the naive run's tokens per step) /
+           ours_qlora_varlen: with varlen_attn
   smollm2  the embedded SmolLM2-135M, full fine-tune (6·N): TRL SFTTrainer defaults / a plain loop over the
            flattening collator with flex attention and a 16k-token budget / samsum_tuner recipes/smollm2_gpu.yaml
            as committed (compiled on a GPU), uncompiled, at 32,768 and 65,536 tokens per step, with CUDA graphs
-           (model.compile_mode=reduce-overhead) and eager with Liger's kernels
+           (model.compile_mode=reduce-overhead), eager with Liger's kernels and with varlen_attn
   fsdp     full fine-tune of the random 7B shape (--model random:llama2-13b for 13B; 6·N FLOPs per token) on
            --nproc GPUs, each configuration under `accelerate launch --config_file accelerate_configs/fsdp4.yaml`
            (FSDP2 full shard of each LlamaDecoderLayer), fp32 weights + bf16 mixed precision, lr 1e-5:
@@ -98,12 +100,14 @@ def _sync() -> None:
 
 SUITES = {
     "7b": ["naive_lora", "flex_lora_b16", "ours_lora", "ours_lora_eager", "ours_lora_2k", "naive_lora_v32k",
-           "ours_lora_liger", "ours_lora_liger_compiled", "ours_lora_bf16_adapters"],
-    "qlora": ["naive_qlora", "ours_qlora", "ours_qlora_eager", "naive_qlora_ckpt", "ours_qlora_2k"],
+           "ours_lora_liger", "ours_lora_liger_compiled", "ours_lora_bf16_adapters", "ours_lora_varlen"],
+    "qlora": ["naive_qlora", "ours_qlora", "ours_qlora_eager", "naive_qlora_ckpt", "ours_qlora_2k",
+              "ours_qlora_varlen"],
     # The flex loop last: first on a cold GPU machine it took 194 s (session 2026-11-30), most of it its first
     # flex_attention compilations, and it can take a call's whole deadline.
     "smollm2": ["trl_default", "ours_smollm2", "ours_smollm2_eager", "ours_smollm2_32k", "flex_loop_16k",
-                "ours_smollm2_64k", "ours_smollm2_cudagraphs", "ours_smollm2_liger"],
+                "ours_smollm2_64k", "ours_smollm2_cudagraphs", "ours_smollm2_liger",
+                "ours_smollm2_varlen"],
     # Pairs first: a run cut short by its deadline still has something to compare.
     "fsdp": ["naive_fsdp_adamw", "ours_fsdp_adamw", "naive_fsdp_sgd", "ours_fsdp_sgd", "ours_fsdp_adamw_big",
              "ours_fsdp_sgd_compiled", "ours_fsdp_adamw_compiled", "ours_fsdp_sgd_compiled_sdpa"],
@@ -383,6 +387,12 @@ def ours_lora_bf16_adapters(a) -> dict:
     return _ours(a, "recipes/lora_fast.yaml", [f"model.name={MODEL}", "lora.autocast_adapter_dtype=false"])
 
 
+def ours_lora_varlen(a) -> dict:
+    """torch's variable-length FlashAttention over the packed rows' sample boundaries instead of flex_attention's
+    block mask (CPU_OVERRIDES swap it for sdpa in the script's CPU check)."""
+    return _ours(a, "recipes/lora_fast.yaml", [f"model.name={MODEL}", "model.attn_implementation=varlen_attn"])
+
+
 def ours_qlora(a) -> dict:
     return _ours(a, "recipes/qlora_fast.yaml", [f"model.name={MODEL}"])
 
@@ -391,6 +401,10 @@ def ours_qlora_2k(a) -> dict:
     """The QLoRA peak target is set at the naive run's real tokens per step: the recipe at 2,048 tokens."""
     return _ours(a, "recipes/qlora_fast.yaml", [f"model.name={MODEL}", "data.max_tokens_per_batch=2048",
                                                 "data.pad_to_multiple_of=2048"])
+
+
+def ours_qlora_varlen(a) -> dict:
+    return _ours(a, "recipes/qlora_fast.yaml", [f"model.name={MODEL}", "model.attn_implementation=varlen_attn"])
 
 
 def ours_qlora_eager(a) -> dict:
@@ -421,6 +435,10 @@ def ours_smollm2_cudagraphs(a) -> dict:
 
 def ours_smollm2_liger(a) -> dict:
     return _ours(a, "recipes/smollm2_gpu.yaml", ["model.compile=false", "train.use_liger_kernel=true"])
+
+
+def ours_smollm2_varlen(a) -> dict:
+    return _ours(a, "recipes/smollm2_gpu.yaml", ["model.attn_implementation=varlen_attn"])
 
 
 # The multi-GPU issue's anchor: full fine-tune, fp32 weights + bf16 mixed precision, lr 1e-5, 4 padded rows per GPU.

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .data import IGNORE_INDEX
+from .varlen import VARLEN
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,8 @@ def build_collator(spec: BatchingSpec, tokenizer):
         # Padding-free: one row, position ids restart per sample; attention stays per sample only
         # because load_model sets use_cache=False.
         flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
-        return PackedCollator(flatten, tokenizer.pad_token_id, multiple) if multiple else flatten
+        collator = PackedCollator(flatten, tokenizer.pad_token_id, multiple) if multiple else flatten
+        return WithSampleBoundaries(collator) if spec.attn_implementation == VARLEN else collator
     # Pads labels with -100 by position, so EOS stays supervised even when pad == eos.
     return DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX, return_tensors="pt",
                                   pad_to_multiple_of=multiple)
@@ -144,6 +146,30 @@ class WithSupervisedPositions:
         if "labels" in batch:
             batch["logits_to_keep"] = supervised_positions(batch["labels"])
         return batch
+
+
+class WithSampleBoundaries:
+    """A packed row's sample boundaries as transformers' variable-length attention takes them (cu_seq_lens_q/k,
+    max_length_q/k), found on the host: on the GPU, max_length would be read back at every step."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        return {**batch, **sample_boundaries(batch["position_ids"])}
+
+
+def sample_boundaries(position_ids: torch.Tensor) -> dict:
+    """cu_seq_lens (each sample's first token, then the row's end) and the longest sample of one packed row."""
+    if position_ids.shape[0] != 1:
+        raise ValueError("sample boundaries are those of one packed row")
+    positions = position_ids[0]
+    new = torch.ones_like(positions, dtype=torch.bool)
+    new[1:] = positions.diff() != 1  # transformers' rule (_sample_ids): a sample starts where positions jump
+    cu = torch.cat([new.nonzero().squeeze(1), torch.tensor([len(positions)])]).to(torch.int32)
+    longest = int(cu.diff().max())
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
 def supervised_positions(labels: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from pathlib import Path
 from .config import SECTIONS, TRAIN_DEFAULTS, ModelConfig, Recipe, TrainConfig, field_types
 from .errors import ConfigError, brief as _brief
 from .launch import Launch
+from .varlen import VARLEN, available as varlen_available
 
 
 MAX_WORKERS = 256  # data loader workers or tokenizing processes: far more than any machine puts to use
@@ -32,7 +33,7 @@ def _one_of(value: str, valid: list[str], key: str, what: str) -> None:
 # whose modules import peft and bitsandbytes: seconds, on a recipe that a later check may refuse anyway.
 COMMON_NAMES = {"scheduler": {"steplr", "linear", "cosine", "constant"},
                 "optimizer": {"sgd", "adamw_torch", "adamw_torch_fused"},
-                "integration": {"tensorboard"}, "attention implementation": {"eager", "sdpa", "flex_attention"}}
+                "integration": {"tensorboard"}, "attention implementation": {"eager", "sdpa", "flex_attention", VARLEN}}
 
 
 def _library_names(what: str) -> list[str]:
@@ -134,6 +135,11 @@ def validate(recipe: Recipe) -> None:
         raise ConfigError(f"train.eval_rouge_rows must be 0 (off) or positive, got {t.eval_rouge_rows}")
     if t.eval_rouge_rows and not d.eval_split:
         raise ConfigError("train.eval_rouge_rows needs an evaluation split (data.eval_split)")
+    if m.attn_implementation == VARLEN and not d.packing:
+        raise ConfigError(f"model.attn_implementation={VARLEN} attends within packed rows: set data.packing=true")
+    if m.attn_implementation == VARLEN and t.eval_rouge_rows:
+        raise ConfigError(f"train.eval_rouge_rows generates with a KV cache, which {VARLEN} (packed rows only) "
+                          "cannot serve: set it to 0 and score the saved run with samsum-tuner eval")
     for key, value in {
         "memory.gpu_limit_gib": recipe.memory.gpu_limit_gib,
         "memory.gpu_memory_gib": recipe.memory.gpu_memory_gib,
@@ -295,6 +301,9 @@ def check_environment(recipe: Recipe, launch: Launch) -> None:
         raise ConfigError("refused: model.attn_implementation=flex_attention trains on a CUDA GPU only (torch's "
                           "FlexAttention has no backward on CPU): use model.attn_implementation=sdpa, which "
                           "keeps packed samples apart too")
+    if recipe.model.attn_implementation == VARLEN and cuda and not varlen_available():
+        raise ConfigError(f"refused: model.attn_implementation={VARLEN} needs torch >= 2.9 (its variable-length "
+                          "FlashAttention): use flex_attention or sdpa")
     if recipe.train.use_liger_kernel and not _liger_available():
         raise ConfigError("refused: train.use_liger_kernel needs liger-kernel (pip install liger-kernel), which "
                           "runs its Triton kernels on a CUDA GPU")

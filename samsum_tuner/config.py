@@ -30,7 +30,7 @@ class ModelConfig:
                       "random:llama2-7b|13b|70b (real shapes, random weights)")
     dtype: str | None = _knob(None, "storage dtype of the weights: null = float32, as the original loaded them; "
                               "bfloat16/float16 = pure half-precision weights (an explicit choice)")
-    attn_implementation: str = _knob("sdpa", "attention kernel: sdpa, eager or flex_attention (CUDA only)")
+    attn_implementation: str = _knob("sdpa", "attention: sdpa, eager, flex_attention (CUDA) or varlen_attn (packed)")
     # Read only through Recipe.checkpoints_activations.
     gradient_checkpointing: bool | None = _knob(
         None, "recompute each decoder layer in backward from its saved input; null: on under FSDP (as "

@@ -15,6 +15,7 @@ from .hub import cache_dir
 from .model_source import load_model_config
 from .shapes import random_shape_name, shape_from_config
 from .smollm2 import EMBEDDED, embedded_model_dir
+from .varlen import VARLEN, register as register_varlen
 
 
 # ---------------------------------------------------------------- precision
@@ -79,6 +80,8 @@ class ModelLoad:
 
 def load_model(load: ModelLoad):
     """The model ready for the Trainer: dtype, quantization, checkpointing and LoRA applied."""
+    if load.model.attn_implementation == VARLEN:  # ours: transformers accepts the name once registered
+        register_varlen()
     if random_shape_name(load.model.name) is not None:
         model = _build_random(load)
     else:

@@ -182,6 +182,19 @@ def test_flex_attention_training_without_cuda_is_refused_before_loading(capsys, 
     assert "refused: model.attn_implementation=flex_attention trains on a CUDA GPU only" in err
 
 
+def test_varlen_attention_is_refused_in_one_line_where_it_cannot_serve(capsys, tmp_path, tiny_data):
+    """varlen_attn: packed rows only, no in-training generation (a KV cache): each one line, exit 2."""
+    base = ["train", str(ROOT / "recipes" / "lora_fast.yaml"), f"data.source={tiny_data}",
+            f"train.output_dir={tmp_path / 'o'}", "model.name=/does/not/exist", "model.attn_implementation=varlen_attn"]
+    cases = [(["data.packing=false", "data.max_tokens_per_batch=null", "data.pad_to_multiple_of=null"],
+              "model.attn_implementation=varlen_attn attends within packed rows: set data.packing=true"),
+             (["train.eval_rouge_rows=4"], "train.eval_rouge_rows generates with a KV cache, which varlen_attn")]
+    for extra, message in cases:
+        code = cli.main(base + extra)
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err and message in err, (extra, err)
+
+
 def test_liger_kernels_without_liger_kernel_installed_are_one_line(capsys, tmp_path, tiny_data):
     from samsum_tuner.checks import _liger_available
 

@@ -278,6 +278,79 @@ def test_the_packed_mask_built_beforehand_gives_the_models_own_logits(attn, toke
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("multiple", [None, 128], ids=["unpadded", "tail"])
+def test_varlen_rows_carry_transformers_own_sample_boundaries(multiple, tokenizer):
+    """model.attn_implementation=varlen_attn: each packed row carries its samples' cu_seq_lens and longest
+    length, found on the host: those transformers' flattening collator computes itself, plus the tail."""
+    from transformers import DataCollatorWithFlattening
+
+    extra = [f"data.pad_to_multiple_of={multiple}"] if multiple else []
+    spec = batching_spec(build_recipe(None, ["data.packing=true", "model.attn_implementation=varlen_attn", *extra]))
+    batch = build_collator(spec, tokenizer)(_samples())
+    theirs = DataCollatorWithFlattening(return_flash_attn_kwargs=True, separator_id=IGNORE_INDEX)(_samples())
+    cu, n = batch["cu_seq_lens_q"], theirs["input_ids"].shape[1]
+    assert cu.dtype == torch.int32 and torch.equal(batch["cu_seq_lens_k"], cu)
+    if multiple:  # the unsupervised tail is one more sample
+        assert cu[:-1].tolist() == theirs["cu_seq_lens_q"].tolist() and cu[-1] == 128
+        assert batch["max_length_q"] == max(theirs["max_length_q"], 128 - n)
+    else:
+        assert cu.tolist() == theirs["cu_seq_lens_q"].tolist()
+        assert batch["max_length_q"] == batch["max_length_k"] == theirs["max_length_q"]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="torch's varlen FlashAttention runs on CUDA only")])])
+def test_varlen_attention_gives_sdpas_logits_and_gradients_on_packed_rows(device, tokenizer):
+    """The registered varlen_attn (grouped-query heads, as SmolLM2's) against sdpa with the packed row's mask:
+    the same logits and gradients, tail included; torch's FlashAttention kernel on CUDA (bf16), per-sample sdpa
+    on a CPU."""
+    from samsum_tuner.batching import packed_attention_mask
+    from samsum_tuner.varlen import register
+
+    register()
+    dtype, tol = (torch.bfloat16, 2e-2) if device == "cuda" else (torch.float32, 1e-5)
+    batch = build_collator(batching_spec(build_recipe(None, ["data.packing=true", "data.pad_to_multiple_of=128",
+                                                             "model.attn_implementation=varlen_attn"])),
+                           tokenizer)(_samples())
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    results = {}
+    for attn in ("sdpa", "varlen_attn"):
+        model = tiny_llama(vocab_size=256).to(device, dtype)
+        model.config.use_cache = False
+        model.set_attn_implementation(attn)
+        extra = ({"attention_mask": packed_attention_mask(batch["position_ids"], "sdpa")} if attn == "sdpa" else
+                 {k: batch[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")})
+        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"], **extra)
+        out.loss.backward()
+        results[attn] = out.logits.float(), [p.grad.float() for p in model.parameters()]
+    torch.testing.assert_close(results["varlen_attn"][0], results["sdpa"][0], atol=tol, rtol=tol)
+    for got, want in zip(results["varlen_attn"][1], results["sdpa"][1]):
+        torch.testing.assert_close(got, want, atol=tol, rtol=2.5 * tol)
+
+
+def test_a_varlen_run_logs_the_losses_of_an_sdpa_run(tiny_model_dir, tmp_path):
+    """Through build_trainer: the collator's sample boundaries reach the attention function (no mask is built),
+    training and evaluation log the packed sdpa run's losses."""
+    import samsum_tuner as st
+
+    rows = varied_rows(16)
+    write_jsonl(tmp_path / "d", "train", rows)
+    write_jsonl(tmp_path / "d", "validation", rows[:4])
+    curves = {}
+    for attn in ("sdpa", "varlen_attn"):
+        r = st.load_recipe(None, [f"model.name={tiny_model_dir}", f"data.source={tmp_path / 'd'}", "--use_peft",
+                                  f"train.output_dir={tmp_path / attn}", f"model.attn_implementation={attn}",
+                                  "data.packing=true", "data.max_tokens_per_batch=256", "data.pad_to_multiple_of=256",
+                                  "data.max_length=128", "train.max_steps=4", "lora.dropout=0",
+                                  "train.learning_rate=1e-3", *QUIET_RUN])
+        trainer = st.build_trainer(r)
+        assert trainer.model.config._attn_implementation == attn
+        assert ("cu_seq_lens_q" in next(iter(trainer.get_train_dataloader()))) == (attn == "varlen_attn")
+        metrics = st.train(r, trainer=trainer)
+        curves[attn] = [h["loss"] for h in trainer.state.log_history if "loss" in h] + [metrics["eval_loss"]]
+    assert curves["varlen_attn"] == pytest.approx(curves["sdpa"], rel=1e-4)
+
+
 def test_padded_batches_round_up_to_the_multiple(tokenizer):
     batch = build_collator(batching_spec(build_recipe(None, ["data.pad_to_multiple_of=64"])), tokenizer)(_samples())
     assert batch["input_ids"].shape == (4, 64)
