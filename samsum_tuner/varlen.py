@@ -7,6 +7,8 @@ from __future__ import annotations
 import inspect
 import math
 
+import torch
+
 
 VARLEN = "varlen_attn"
 
@@ -46,6 +48,9 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         return _per_sample_sdpa(query, key, value, cu_seq_lens_q.tolist(), scaling), None
     fn, causal, params = _KERNEL
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, dim): FlashAttention's layout
+    if q.dtype == torch.float32 and torch.is_autocast_enabled("cuda"):  # fp32 weights under bf16/fp16 autocast:
+        half = torch.get_autocast_dtype("cuda")  # RoPE left q, k in fp32; FlashAttention takes 16-bit only
+        q, k, v = q.to(half), k.to(half), v.to(half)
     extra = dict(causal)
     if k.shape[1] != q.shape[1]:  # grouped-query attention (SmolLM2): torch's own where it has it
         if "enable_gqa" in params:
@@ -62,14 +67,13 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
 
 
 def _per_sample_sdpa(query, key, value, cu: list[int], scaling: float | None):
-    from torch import cat
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
     groups = query.shape[1] // key.shape[1]
     key, value = (t.repeat_interleave(groups, dim=1) for t in (key, value))
     parts = [sdpa(query[..., a:b, :], key[..., a:b, :], value[..., a:b, :], is_causal=True, scale=scaling)
              for a, b in zip(cu, cu[1:])]
-    return cat(parts, dim=2).transpose(1, 2)
+    return torch.cat(parts, dim=2).transpose(1, 2)
 
 
 _KERNEL: tuple = (None, {}, set())  # set by register()

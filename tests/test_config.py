@@ -184,11 +184,15 @@ def test_flex_attention_training_without_cuda_is_refused_before_loading(capsys, 
 
 def test_varlen_attention_is_refused_in_one_line_where_it_cannot_serve(capsys, tmp_path, tiny_data):
     """varlen_attn: packed rows only, no in-training generation (a KV cache): each one line, exit 2."""
+    import torch
+
     base = ["train", str(ROOT / "recipes" / "lora_fast.yaml"), f"data.source={tiny_data}",
             f"train.output_dir={tmp_path / 'o'}", "model.name=/does/not/exist", "model.attn_implementation=varlen_attn"]
     cases = [(["data.packing=false", "data.max_tokens_per_batch=null", "data.pad_to_multiple_of=null"],
               "model.attn_implementation=varlen_attn attends within packed rows: set data.packing=true"),
              (["train.eval_rouge_rows=4"], "train.eval_rouge_rows generates with a KV cache, which varlen_attn")]
+    if torch.cuda.is_available():  # FlashAttention's 16-bit inputs
+        cases.append((["train.bf16=false", "model.dtype=null"], "computes in bf16 or fp16"))
     for extra, message in cases:
         code = cli.main(base + extra)
         err = capsys.readouterr().err

@@ -326,6 +326,15 @@ def test_varlen_attention_gives_sdpas_logits_and_gradients_on_packed_rows(device
     torch.testing.assert_close(results["varlen_attn"][0], results["sdpa"][0], atol=tol, rtol=tol)
     for got, want in zip(results["varlen_attn"][1], results["sdpa"][1]):
         torch.testing.assert_close(got, want, atol=tol, rtol=2.5 * tol)
+    if device == "cuda":  # fp32 weights under bf16 autocast (SmolLM2's recipe, QLoRA's unquantized parts)
+        model = tiny_llama(vocab_size=256).to(device)
+        model.config.use_cache = False
+        model.set_attn_implementation("varlen_attn")
+        with torch.autocast("cuda", torch.bfloat16):
+            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                           **{k: batch[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+                                                    "max_length_k")}).logits
+        torch.testing.assert_close(logits.float(), results["sdpa"][0], atol=5e-2, rtol=5e-2)
 
 
 def test_a_varlen_run_logs_the_losses_of_an_sdpa_run(tiny_model_dir, tmp_path):
