@@ -85,7 +85,7 @@ def plan(recipe: Recipe, *, gpus: int = 1, gpu_memory_gib: float | None = None,
     device="cpu": a run without CUDA, where all of it is host memory. `supervised_lengths` (per sample, aligned
     with `token_lengths`: the tokens with a label) size the logits when train.supervised_logits_only is on."""
     shape = shape or _shape_or_config(recipe.model.name)
-    e = _estimate(recipe, gpus, token_lengths, shape, supervised_lengths)
+    e = _estimate(recipe, gpus, token_lengths, shape, supervised_lengths, device)
     if device == "cpu":
         e, gpu_memory_gib = _on_the_cpu(e), None
     gpu_fits = None if gpu_memory_gib is None else e.gpu_peak <= gpu_memory_gib
@@ -157,9 +157,9 @@ def _logit_positions(recipe: Recipe, lengths: list[int] | None, supervised: list
 
 
 def _estimate(recipe: Recipe, gpus: int, token_lengths: list[int] | None, s: ModelShape,
-              supervised_lengths: list[int] | None = None) -> _Estimate:
+              supervised_lengths: list[int] | None = None, device: str = "cuda") -> _Estimate:
     """Every term, GPU then host, and the peaks they add up to."""
-    su = setup(recipe, gpus, s)
+    su = setup(recipe, gpus, s, device)
     notes: list[str] = []
     weights, layer_bytes = stored_weights(su)
     grads = gradient_bytes(su)
@@ -338,7 +338,7 @@ def _nearest_fit(recipe, gpus, gpu_gib, host_gib, token_lengths, shape, device="
             validate(r)
         except ConfigError:
             continue
-        e = _estimate(r, g, token_lengths, shape, supervised_lengths)
+        e = _estimate(r, g, token_lengths, shape, supervised_lengths, device)
         if device == "cpu":
             e = _on_the_cpu(e)
         if (gpu_gib is None or e.gpu_peak <= gpu_gib) and (host_gib is None or e.host_peak <= host_gib):

@@ -53,6 +53,7 @@ class Setup:
     trainable: int
     state_b: int  # bytes per gradient and optimizer state element
     checkpointed: bool  # activation checkpointing, as training decides it (config.py)
+    compiled: bool  # decoder layers compiled: model.compile true, or auto on CUDA
 
     @property
     def bits(self) -> int | None:
@@ -74,8 +75,8 @@ def _weights_bytes(recipe: Recipe) -> int:
     return 2 if recipe.model.dtype in ("bfloat16", "float16") else 4
 
 
-def setup(recipe: Recipe, gpus: int, s: ModelShape) -> Setup:
-    """The Setup of `recipe` on `gpus` processes for shape `s`."""
+def setup(recipe: Recipe, gpus: int, s: ModelShape, device: str = "cuda") -> Setup:
+    """The Setup of `recipe` on `gpus` processes for shape `s`, on CUDA GPUs or the CPU."""
     q, lo, t, f = recipe.quantization, recipe.lora, recipe.train, recipe.fsdp
     fsdp = f.enabled
     half_train = t.fp16 or t.bf16
@@ -93,6 +94,7 @@ def setup(recipe: Recipe, gpus: int, s: ModelShape) -> Setup:
         # pure half params keep half grads and states, adapters those of their dtype
         state_b=(wb if not q.bits else 4) if full else adapter_b,
         checkpointed=recipe.checkpoints_activations,
+        compiled=recipe.model.compile is True or (recipe.model.compile == "auto" and device == "cuda"),
     )
 
 
@@ -207,15 +209,19 @@ def fsdp_unsharded_rows(su: Setup, layer_bytes: float, logits: float) -> list[tu
 # ---------------------------------------------------------------- what grows with the batch
 def layer_activation_bytes(shape: ModelShape, *, full: bool, compute: int, stream: int, autocast: bool,
                            quant_bits: int | None = None, lora_targets=(), lora_r: int = 8, lora_dropout: float = 0.05,
-                           mask_bytes: int = DROPOUT_MASK_BYTES) -> float:
+                           mask_bytes: int = DROPOUT_MASK_BYTES, compiled: bool = False) -> float:
     """Bytes autograd saves per token in one decoder layer (transformers' LlamaDecoderLayer, sdpa).
 
     compute: bytes of matmul outputs (2 under autocast or half weights); stream: bytes of the residual stream
     and norm outputs (4 when weights are fp32, the norms' included). Checked tensor by tensor (docs/planner.md).
+    compiled: the layer compiled (model.compile), whose forward/backward split saves less (below).
     """
     h, i, kv = shape.hidden_size, shape.intermediate_size, shape.kv_dim
     q = shape.q_dim
     c = compute
+    if compiled:
+        return _compiled_layer_bytes(shape, full, c, stream, lora_targets if not full else (), lora_r,
+                                     lora_dropout, 4 if not autocast else c)
     # RMSNorm upcasts to fp32 and saves that copy (4h) for its backward, per norm; a trainable scale also
     # saves the normalized input in the stream dtype.
     total = 2 * (4 * h + (stream * h if full else 0))
@@ -239,6 +245,25 @@ def layer_activation_bytes(shape: ModelShape, *, full: bool, compute: int, strea
     return total
 
 
+def _compiled_layer_bytes(shape: ModelShape, full: bool, c: int, stream: int, lora_targets, lora_r: int,
+                          lora_dropout: float, adapter_in: int) -> float:
+    """What torch.compile's min-cut partition of a decoder layer saves per token: the layer's input and the
+    norms' 1/rms; q, k, v after RoPE, the attention output and its logsumexp; the MLP's gate and up outputs
+    (SiLU and its product are recomputed; 4-bit layers' outputs are saved in the compute dtype on CUDA); with
+    full fine-tuning the projections' inputs (each norm's output once, cast, for the projections it feeds; the
+    attention output reshaped for o_proj; the down_proj input), with LoRA o_proj's output (the second norm's
+    input is recomputed from it) and per adapter a 1-byte dropout mask, its input and lora_A's output."""
+    h, i, kv, q = shape.hidden_size, shape.intermediate_size, shape.kv_dim, shape.q_dim
+    total = stream * h + 2 * 4 + c * (q + 2 * kv) + c * q + 4 * shape.num_attention_heads + 2 * c * i
+    if full:
+        return total + c * q + 2 * c * h + c * i
+    total += c * h
+    for name in target_names(lora_targets):
+        d = shape.linear_dims()[name][0]
+        total += (d if lora_dropout > 0 else 0) + adapter_in * d + adapter_in * lora_r
+    return total
+
+
 def logits_bytes(su: Setup, positions: int, tokens: int) -> int:
     """Vocabulary-wide loss tensors at the positions whose logits are computed, plus the final norm and
     lm_head input at every position."""
@@ -250,7 +275,7 @@ def activation_row(su: Setup, tokens: int, logits: float) -> tuple[tuple[str, fl
     s, lo, L = su.s, su.recipe.lora, su.s.num_hidden_layers
     per_layer = layer_activation_bytes(s, full=su.full, compute=su.c, stream=su.stream, autocast=su.half_train,
                                        quant_bits=su.bits, lora_targets=lo.target_modules if lo.enabled else (),
-                                       lora_r=lo.r, lora_dropout=lo.dropout)
+                                       lora_r=lo.r, lora_dropout=lo.dropout, compiled=su.compiled)
     # Backward recomputes one layer at a time, after the loss is freed, beside the gradient flowing through its
     # MLP (one intermediate-wide tensor).
     recomputed = (per_layer + su.c * s.intermediate_size) * tokens
@@ -259,7 +284,8 @@ def activation_row(su: Setup, tokens: int, logits: float) -> tuple[tuple[str, fl
         label = f"activations, checkpointed ({L} layer inputs + 1 layer recomputed in backward; {tokens:,} tokens)"
     else:
         acts = L * per_layer * tokens
-        label = f"activations ({L} layers x {tokens:,} tokens, {per_layer / 1024:.0f} KiB/token/layer)"
+        label = (f"activations ({L} {'compiled ' if su.compiled else ''}layers x {tokens:,} tokens, "
+                 f"{per_layer / 1024:.0f} KiB/token/layer)")
     return (label, acts, False), recomputed
 
 

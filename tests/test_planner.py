@@ -12,6 +12,7 @@ from samsum_tuner.config import Recipe
 from samsum_tuner.recipe import build_recipe
 from samsum_tuner.errors import ConfigError
 from samsum_tuner.planner import plan
+from samsum_tuner.planning import plan as plan_run
 from samsum_tuner.planner_terms import CUDA_CONTEXT_GIB, FRAGMENTATION, GIB, layer_activation_bytes
 from samsum_tuner.shapes import LLAMA_SHAPES, ModelShape, shape_for_model_name, shape_from_config
 
@@ -150,6 +151,61 @@ def test_activation_formula_equals_what_autograd_saves(kwargs, autocast, formula
     lora = kwargs.get("lora", ())
     predicted = layer_activation_bytes(TINY, lora_targets=lora, **formula)
     assert abs(measured - predicted) <= 16, (measured, predicted)  # RoPE bookkeeping: 8 bytes per token
+
+
+def _min_cut(gm, inputs):
+    """torch.compile's forward/backward split as inductor makes it (the min-cut partition), without its code
+    generation: what a compiled layer saves for backward, on a CPU in seconds."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    return aot_module_simplified(gm, inputs, fw_compiler=lambda g, _: g.forward, bw_compiler=lambda g, _: g.forward,
+                                 partition_fn=min_cut_rematerialization_partition)
+
+
+def _compiled_tiny(layers: int, **kwargs):
+    torch._dynamo.reset()
+    model = _tiny(layers, **kwargs)
+    for layer in [m for m in model.modules() if type(m).__name__ == "LlamaDecoderLayer"]:
+        layer.compile(backend=_min_cut, dynamic=False)
+    return model
+
+
+# bitsandbytes' 4-bit layers return fp32 on a CPU where, compiled on CUDA, their output is saved in bf16 (the
+# planner's QLoRA figure is checked against GPU peaks below).
+COMPILED_CASES = [c for c in CPU_CASES if "qlora" not in c[0]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kwargs,autocast,formula", [c[1:] for c in COMPILED_CASES],
+                         ids=[c[0] for c in COMPILED_CASES])
+def test_compiled_activation_formula_equals_what_compiled_layers_save(kwargs, autocast, formula):
+    """model.compile: a compiled layer saves less (its elementwise chains are recomputed in backward; the
+    dropout mask is 1 byte): what autograd holds from layers compiled as training compiles them."""
+    measured = _saved_bytes_per_token_per_layer(lambda n: _compiled_tiny(n, **kwargs), autocast)
+    predicted = layer_activation_bytes(TINY, lora_targets=kwargs.get("lora", ()),
+                                       **{**formula, "mask_bytes": 1, "compiled": True})
+    assert measured == predicted
+    assert predicted < 0.8 * layer_activation_bytes(TINY, lora_targets=kwargs.get("lora", ()), **formula)
+
+
+# Peak allocated GiB of the compiled fast recipes as committed (benchmarks/throughput.py, 5 + 20 steps):
+# benchmarks/results/2026-12-06c-h200 (lora_fast, SmolLM2) and 2026-12-06b-h100 (qlora_fast: 36.76 on both cards).
+COMPILED_PEAKS = {("lora_fast.yaml", "random:llama2-7b"): 42.49, ("qlora_fast.yaml", "random:llama2-7b"): 36.76,
+                  ("smollm2_gpu.yaml", None): 12.11}
+
+
+@pytest.mark.parametrize("path,model", COMPILED_PEAKS)
+def test_the_planner_sizes_the_compiled_fast_recipes_within_ten_percent(path, model, real_samsum):
+    r = build_recipe(ROOT / "recipes" / path,
+                     [f"data.source={real_samsum}", *([f"model.name={model}"] if model else [])])
+    assert r.model.compile == "auto"  # compiled on the GPU the plan is for
+    # the worst batch from the data, as `samsum-tuner plan` takes it: the logits of its supervised positions
+    ratio = plan_run(r, gpu_memory_gib=139.8).gpu_allocated_gib / COMPILED_PEAKS[path, model]
+    assert 0.90 <= ratio <= 1.10, ratio
+    # auto: compiled on CUDA, eager (and sized so) on a CPU
+    assert any("compiled layers" in row[0] for row in plan_run(r).rows)
+    assert not any("compiled layers" in row[0] for row in plan_run(r, device="cpu").rows)
 
 
 # Saved-tensor bytes per token per layer measured on an H100 (Llama-2-7B dims, batch 1 x 1150 and 575 tokens,
