@@ -5,8 +5,9 @@
 # benchmarks/results/2026-12-04-h200/commands.md, the second's are s10*; s11call1 and s11ab ran in session
 # 2026-12-06 on an H100 (benchmarks/results/2026-12-06-h100/; s11call1's full_sgd runs need an H200: they were
 # refused there as planned); s11call2 never ran: session 2026-12-06b ran s12call2, then a stash call and the
-# SmolLM2 suite by hand on one H100 (benchmarks/results/2026-12-06b-h100/commands.md; no H200 started, so
-# s12call1 and s12call3 are ready and not yet run), each started as
+# SmolLM2 suite by hand on one H100 (benchmarks/results/2026-12-06b-h100/commands.md); s12call1 and s12call3, not
+# run then, became s13a and s13c of session 2026-12-06c (s13a-c on an H200, s13e-f on an H100:
+# benchmarks/results/2026-12-06c-h200/commands.md), each started as
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
 #     && export PYTHONPATH=/tmp/site:$PWD || exit; export SAMSUM_TUNER_CACHE=$PWD/.gpudata/cache \
 #     SAMSUM_DATA_DIR=$PWD/.gpudata HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false; \
@@ -97,18 +98,6 @@ s13c)  # warm, carry .sm/part-ab (issue 33, SmolLM2): as s12call3, the throughpu
 ours_smollm2_liger --out /tmp/s13c --timeout 150 --deadline $(($(left) - 10)) > "$OUT/bench.log" 2>&1
   cp /tmp/s13c/throughput.json "$OUT/throughput_smollm2.json"
   ;;
-s12call1)  # cold, carry .whl .gpudata, needs_h200: session 2026-12-06b (a call carries at most 64 MiB: the wheels, now
-           # with transformers 5.18, the pin's lower bound (the image has 5.17), and liger-kernel, leave no room for a
-           # GGUF half, so .whl and .gpudata are copied to /tmp/site and /tmp/gpudata for the later calls of this warm
-           # machine; device time was short after failed starts). The 1-process FSDP LoRA resume GPU test
-           # (adapter_config.json now written into sharded checkpoints); then s11call1's question on an H200: the mission's full_sgd.yaml as one FSDP
-           # process, checkpointed as committed and not
-  cp -r .gpudata /tmp/gpudata
-  env_txt
-  timeout 120 python -m pytest -q -m gpu tests/test_gpu_resume.py -k 1proc > "$OUT/gpu_tests.txt" 2>&1
-  python benchmarks/gpu_matrix.py --out "$OUT" --deadline $(($(left) - 20)) --timeout 200 --steps 12 --rows 64 \
-    --only h200_full_sgd_fsdp1,h200_full_sgd_fsdp1_no_ckpt
-  ;;
 s12call2)  # warm (/tmp/site and /tmp/gpudata from s12call1) or cold, carry .whl .gpudata. Issue 33, 7B: in ONE benchmark invocation, after an unmeasured naive_lora (a fresh machine's first
            # GPU process ran it at half speed), the honest naive 7B LoRA (a plain Trainer + peft), lora_fast as
            # committed (compiled; profiled), the off-the-shelf flattening + flex setup, the QLoRA pair and qlora_fast at the naive run's tokens per step (the
@@ -127,25 +116,6 @@ s12tests)  # warm, carry .sm/part-aa: the first half of the GGUF waits in /tmp; 
            # resume among them (adapter_config.json now written into sharded checkpoints)
   mkdir -p /tmp/gg && cp .sm/part-aa /tmp/gg/
   timeout $(($(left) - 5)) python -m pytest -q -m gpu tests/ > "$OUT/gpu_tests.txt" 2>&1
-  ;;
-s12call3)  # warm, carry .sm/part-ab (issue 33, SmolLM2): the second half of the GGUF joins the first; smollm2_gpu.yaml
-           # as committed, the first run on this machine to compile SmolLM2's shapes (its wait for the first
-           # optimizer step), 2 epochs, then its ROUGE on the whole test split; then, in one benchmark invocation,
-           # the off-the-shelf flex loop against the recipe and its levers: CUDA graphs, 64k and 32k tokens per
-           # step, Liger's kernels eager, TRL's defaults (the naive anchor), 32k tokens per step (150 s each: in
-           # session 2026-12-06b a cold SmolLM2 compile outlasted 110 s, inside the flex mask's compilation, which
-           # the code no longer does)
-  gguf
-  env_txt
-  mkdir -p "$OUT/eval"
-  python benchmarks/gpu_matrix.py --out "$OUT" --deadline $(($(left) - 150)) --timeout 330 --only smollm2_gpu
-  timeout 90 python -m samsum_tuner eval /tmp/samsum_runs/smollm2_gpu --split test --batch-size 128 \
-    --out "$OUT/eval" > "$OUT/eval.log" 2>&1
-  python benchmarks/throughput.py --suite smollm2 --warmup 5 --steps 20 --profile none --only \
-    flex_loop_16k,ours_smollm2,ours_smollm2_cudagraphs,ours_smollm2_64k,ours_smollm2_liger,trl_default,\
-ours_smollm2_32k \
-    --out /tmp/s12b --timeout 150 --deadline $(($(left) - 10)) > "$OUT/bench.log" 2>&1
-  cp /tmp/s12b/throughput.json "$OUT/throughput_smollm2.json"
   ;;
 s11ab)  # cold, carry .whl .gpudata .ab: one H200 (issue 31, the one-configuration redesign): recipes/lora_fast.yaml as
         # committed (compiled on a GPU) at 5a2ba77, before the redesign (.ab/old: git archive 5a2ba77 samsum_tuner
