@@ -304,6 +304,9 @@ def check_environment(recipe: Recipe, launch: Launch) -> None:
     if recipe.model.attn_implementation == VARLEN and cuda and not varlen_available():
         raise ConfigError(f"refused: model.attn_implementation={VARLEN} needs torch >= 2.9 (its variable-length "
                           "FlashAttention): use flex_attention or sdpa")
+    if recipe.model.attn_implementation == VARLEN and cuda and torch.cuda.get_device_capability() < (8, 0):
+        raise ConfigError(f"refused: model.attn_implementation={VARLEN} (FlashAttention) needs an Ampere or newer "
+                          f"GPU; this one is {torch.cuda.get_device_name()}: use flex_attention or sdpa")
     half = recipe.train.bf16 or recipe.train.fp16 or recipe.model.dtype in ("bfloat16", "float16")
     if recipe.model.attn_implementation == VARLEN and cuda and not half:
         raise ConfigError(f"refused: model.attn_implementation={VARLEN} (FlashAttention) computes in bf16 or fp16: "
@@ -311,6 +314,14 @@ def check_environment(recipe: Recipe, launch: Launch) -> None:
     if recipe.train.use_liger_kernel and not _liger_available():
         raise ConfigError("refused: train.use_liger_kernel needs liger-kernel (pip install liger-kernel), which "
                           "runs its Triton kernels on a CUDA GPU")
+    gpus = torch.cuda.device_count() if cuda else 0
+    if gpus > 1 and launch.world_size == 1 and (recipe.data.packing or recipe.train.supervised_logits_only):
+        # One process over several GPUs: the Trainer wraps the model in DataParallel, whose scatter splits every
+        # tensor of a batch on its first dimension, the packed row's boundaries and supervised positions included.
+        raise ConfigError(f"refused: one process sees {gpus} GPUs and the Trainer would split each batch over them "
+                          "(DataParallel), cutting packed rows and supervised positions apart: launch one process "
+                          f"per GPU (torchrun --nproc_per_node {gpus} -m samsum_tuner.train ...) or pick one GPU "
+                          "(CUDA_VISIBLE_DEVICES=0)")
     if launch.fsdp and not cuda:
         raise ConfigError("refused: FSDP needs CUDA GPUs (accelerate does not engage FSDP on CPU); drop "
                           "fsdp.enabled / --enable_fsdp to train on CPU")

@@ -41,7 +41,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     tokens, dim) of one packed row; returns (1, tokens, heads, dim), as sdpa's does, and no weights."""
     if cu_seq_lens_q is None or query.shape[0] != 1:
         raise ValueError("varlen_attn attends within packed rows only (one row whose sample boundaries come from "
-                         "samsum_tuner's collator); generate or evaluate with attn_implementation=sdpa")
+                         "samsum_tuner's collator); generate with attn_implementation=sdpa")
     if dropout:
         raise ValueError("varlen_attn has no attention dropout")
     if not query.is_cuda:  # FlashAttention is CUDA-only: elsewhere each sample through sdpa, causally

@@ -9,7 +9,7 @@ PACKAGE = ROOT / "samsum_tuner"
 # Modules that run what resolve.py builds: they take TrainingArguments, a ModelLoad, a BatchingSpec or their own
 # section of the recipe, never the whole Recipe.
 BELOW_RESOLVE = ("model", "model_source", "smollm2", "shapes", "batching", "data", "trainer", "callbacks", "memory",
-                 "guards", "checkpoint", "resume", "rundir", "launch", "hub", "errors")
+                 "guards", "checkpoint", "resume", "rundir", "launch", "hub", "errors", "varlen")
 MAX_LINES = 420
 
 

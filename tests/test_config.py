@@ -199,6 +199,24 @@ def test_varlen_attention_is_refused_in_one_line_where_it_cannot_serve(capsys, t
         assert code == 2 and err.count("\n") == 1 and "Traceback" not in err and message in err, (extra, err)
 
 
+def test_one_process_over_several_gpus_is_refused_before_dataparallel_splits_the_batch(monkeypatch):
+    """The Trainer's DataParallel would scatter a packed row's boundaries and the supervised positions along their
+    first dimension. The GPU count is the only thing faked here: this machine has none."""
+    import torch
+
+    from samsum_tuner.checks import check_environment
+    from samsum_tuner.launch import Launch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    one = Launch("python", 1, 0, 0, False, False)
+    with pytest.raises(ConfigError, match="one process sees 2 GPUs.*torchrun --nproc_per_node 2"):
+        check_environment(build_recipe(None, []), one)  # supervised_logits_only is on by default
+    padded_full_logits = build_recipe(None, ["train.supervised_logits_only=false"])
+    check_environment(padded_full_logits, one)  # plain padded batches: DataParallel splits them by rows, correctly
+    check_environment(build_recipe(None, []), Launch("torchrun", 2, 0, 0, False, False))
+
+
 def test_liger_kernels_without_liger_kernel_installed_are_one_line(capsys, tmp_path, tiny_data):
     from samsum_tuner.checks import _liger_available
 

@@ -153,21 +153,13 @@ def test_activation_formula_equals_what_autograd_saves(kwargs, autocast, formula
     assert abs(measured - predicted) <= 16, (measured, predicted)  # RoPE bookkeeping: 8 bytes per token
 
 
-def _min_cut(gm, inputs):
-    """torch.compile's forward/backward split as inductor makes it (the min-cut partition), without its code
-    generation: what a compiled layer saves for backward, on a CPU in seconds."""
-    from torch._functorch.aot_autograd import aot_module_simplified
-    from torch._functorch.partitioners import min_cut_rematerialization_partition
-
-    return aot_module_simplified(gm, inputs, fw_compiler=lambda g, _: g.forward, bw_compiler=lambda g, _: g.forward,
-                                 partition_fn=min_cut_rematerialization_partition)
-
-
 def _compiled_tiny(layers: int, **kwargs):
     torch._dynamo.reset()
     model = _tiny(layers, **kwargs)
     for layer in [m for m in model.modules() if type(m).__name__ == "LlamaDecoderLayer"]:
-        layer.compile(backend=_min_cut, dynamic=False)
+        # inductor's decompositions and its min-cut forward/backward split, without its code generation: what a
+        # compiled layer saves for backward, on a CPU in seconds
+        layer.compile(backend="aot_eager_decomp_partition", dynamic=False)
     return model
 
 
