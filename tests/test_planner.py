@@ -165,7 +165,8 @@ def _compiled_tiny(layers: int, **kwargs):
 
 # bitsandbytes' 4-bit layers return fp32 on a CPU where, compiled on CUDA, their output is saved in bf16 (the
 # planner's QLoRA figure is checked against GPU peaks below).
-COMPILED_CASES = [c for c in CPU_CASES if "qlora" not in c[0]]
+# fp32 compute without autocast is left out: the fast recipes compile over bf16 weights or under bf16 autocast.
+COMPILED_CASES = [c for c in CPU_CASES if "qlora" not in c[0] and c[0] not in ("full-fp32", "lora-fp32")]
 
 
 @pytest.mark.slow
