@@ -164,11 +164,9 @@ def sample_boundaries(position_ids: torch.Tensor) -> dict:
     """cu_seq_lens (each sample's first token, then the row's end) and the longest sample of one packed row."""
     if position_ids.shape[0] != 1:
         raise ValueError("sample boundaries are those of one packed row")
-    positions = position_ids[0]
-    new = torch.ones_like(positions, dtype=torch.bool)
-    new[1:] = positions.diff() != 1  # transformers' rule (_sample_ids): a sample starts where positions jump
-    cu = torch.cat([new.nonzero().squeeze(1), torch.tensor([len(positions)])]).to(torch.int32)
-    longest = int(cu.diff().max())
+    lengths = torch.unique_consecutive(_sample_ids(position_ids)[0], return_counts=True)[1]
+    cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
+    longest = int(lengths.max())
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 

@@ -301,16 +301,16 @@ def check_environment(recipe: Recipe, launch: Launch) -> None:
         raise ConfigError("refused: model.attn_implementation=flex_attention trains on a CUDA GPU only (torch's "
                           "FlexAttention has no backward on CPU): use model.attn_implementation=sdpa, which "
                           "keeps packed samples apart too")
-    if recipe.model.attn_implementation == VARLEN and cuda and not varlen_available():
-        raise ConfigError(f"refused: model.attn_implementation={VARLEN} needs torch >= 2.9 (its variable-length "
-                          "FlashAttention): use flex_attention or sdpa")
-    if recipe.model.attn_implementation == VARLEN and cuda and torch.cuda.get_device_capability() < (8, 0):
-        raise ConfigError(f"refused: model.attn_implementation={VARLEN} (FlashAttention) needs an Ampere or newer "
-                          f"GPU; this one is {torch.cuda.get_device_name()}: use flex_attention or sdpa")
-    half = recipe.train.bf16 or recipe.train.fp16 or recipe.model.dtype in ("bfloat16", "float16")
-    if recipe.model.attn_implementation == VARLEN and cuda and not half:
-        raise ConfigError(f"refused: model.attn_implementation={VARLEN} (FlashAttention) computes in bf16 or fp16: "
-                          "set train.bf16=true or model.dtype=bfloat16")
+    if recipe.model.attn_implementation == VARLEN and cuda:  # torch's FlashAttention (on a CPU: per-sample sdpa)
+        if not varlen_available():
+            raise ConfigError(f"refused: model.attn_implementation={VARLEN} needs torch >= 2.9 (its variable-length "
+                              "FlashAttention): use flex_attention or sdpa")
+        if torch.cuda.get_device_capability() < (8, 0):
+            raise ConfigError(f"refused: model.attn_implementation={VARLEN} (FlashAttention) needs an Ampere or "
+                              f"newer GPU; this one is {torch.cuda.get_device_name()}: use flex_attention or sdpa")
+        if not (recipe.train.bf16 or recipe.train.fp16 or recipe.model.dtype in ("bfloat16", "float16")):
+            raise ConfigError(f"refused: model.attn_implementation={VARLEN} (FlashAttention) computes in bf16 or "
+                              "fp16: set train.bf16=true or model.dtype=bfloat16")
     if recipe.train.use_liger_kernel and not _liger_available():
         raise ConfigError("refused: train.use_liger_kernel needs liger-kernel (pip install liger-kernel), which "
                           "runs its Triton kernels on a CUDA GPU")
