@@ -11,7 +11,7 @@ import re
 import sys
 from typing import Any, Callable
 
-from .errors import SamsumTunerError
+from .errors import ConfigError, SamsumTunerError
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_WONT_FIT, EXIT_INTERRUPTED = 0, 2, 3, 130
 RECIPE_HELP = "a recipe file (recipes/*.yaml); omit it for the original's defaults"
@@ -47,8 +47,6 @@ class _Parser(argparse.ArgumentParser):
     """argparse prints usage plus a message and exits; ours is one line through `_guard`, like every error."""
 
     def error(self, message: str):
-        from .errors import ConfigError
-
         raise ConfigError(f"{self.prog}: {message}")
 
 
@@ -67,7 +65,12 @@ def _parse_with_recipe(argv: list[str], prog: str, description: str, add_options
         return None
     options = _Parser(prog=prog, allow_abbrev=False, add_help=False)  # never take --lr for a prefix of ours
     add_options(options)
-    return options.parse_known_args(argv)
+    opts, rest = options.parse_known_args(argv)
+    for tok in rest:  # `--dry_run` would reach the recipe as an unknown key: name the option it misspells
+        flag = tok.split("=", 1)[0].replace("_", "-")
+        if tok.startswith("--") and flag != tok.split("=", 1)[0] and flag in options._option_string_actions:
+            raise ConfigError(f"{prog}: unknown option '{tok}'; did you mean {flag}?")
+    return opts, rest
 
 
 TRAIN_EPILOG = """examples:
@@ -76,8 +79,8 @@ TRAIN_EPILOG = """examples:
   python -m samsum_tuner.train --use_peft --peft_method lora --quantization True --use_fp16 --model_name DIR
 
 Overrides apply after the recipe, left to right. Exit codes: 0 done, 2 bad input, 3 will not fit (or CUDA out
-of memory), 4 diverged. Under torchrun or accelerate launch the same refusal reaches every process and local
-rank 0 prints it."""
+of memory), 4 diverged, 5 no space left while saving, 130 interrupted. Under torchrun or accelerate launch the
+same refusal reaches every process and local rank 0 prints it."""
 
 
 def _train_options(p: argparse.ArgumentParser) -> None:
@@ -146,8 +149,6 @@ SIZE_HELP = "32GiB, 32G or 32 mean 32 x 2^30 bytes; 32GB means 32 x 10^9 bytes (
 
 def parse_size_gib(text: str, flag: str) -> tuple[float, str | None]:
     """A size in GiB, and a line saying how an SI size (GB, TB, MB) was read, where one was."""
-    from .errors import ConfigError
-
     m = re.fullmatch(r"\s*(.*?)\s*([a-z]*)\s*", text.lower())
     number, unit = m.groups() if m and m.group(2) not in ("nan", "inf", "infinity") else (text, "")
     try:
@@ -189,7 +190,6 @@ Exit codes: 0 fits (or nothing to check against), 3 will not fit (naming the nea
 def main_plan(argv: list[str], prog: str = "samsum-tuner plan") -> int:
     def run() -> int:
         from . import api, planning
-        from .errors import ConfigError
 
         parsed = _parse_with_recipe(argv, prog, "Predict peak GPU memory per rank and host memory per node before "
                                     "anything loads.", _plan_options, PLAN_EPILOG)
@@ -234,7 +234,6 @@ def main_eval(argv: list[str], prog: str = "samsum-tuner eval") -> int:
     p.add_argument("--out", default=None, help="where predictions and metrics go (default: the run directory)")
 
     def run() -> int:
-        from .errors import ConfigError
         from .evaluation import GenerationConfig, evaluate
 
         opts, overrides = p.parse_known_args(argv)
@@ -381,7 +380,7 @@ def _overview() -> str:
              "loads whether it fits.", "", "commands:"]
     lines += [f"  {name:<{width}}  {text}" for name, text in SUMMARIES.items()]
     lines += ["", "Exit codes: 0 done, 2 bad input (one line naming the key or file:line), 3 will not fit, "
-              "4 diverged."]
+              "4 diverged, 5 no space left while saving, 130 interrupted."]
     return "\n".join(lines)
 
 

@@ -276,7 +276,9 @@ class MemoryCallback(TrainerCallback):
         gpu = (lambda k: NO_CUDA) if r["gpu_peak_allocated_gib"] is None else (lambda k: f"{r[k]:.2f} GiB")
         block = HUMAN_BLOCK.format(a=gpu("gpu_peak_allocated_gib"), r=gpu("gpu_peak_reserved_gib"),
                                    act=gpu("gpu_peak_active_gib"),
-                                   ret=NO_CUDA if r["gpu_malloc_retries"] is None else r["gpu_malloc_retries"],
+                                   ret=NO_CUDA if r["gpu_malloc_retries"] is None else
+                                   f"{r['gpu_malloc_retries']} in this epoch, "
+                                   f"{r['gpu_malloc_retries_total']} since the start",
                                    host=f"{r['host_peak_rss_gib']:.2f}")
         return (f"[memory] epoch {r['epoch']}, step {r['step']}, rank {r['rank']} of {r['world_size']}:\n{block}\n"
                 f"CPU peak of all ranks on this node: {r['host_peak_rss_node_gib']:.2f} GiB")

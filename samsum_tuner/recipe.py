@@ -349,7 +349,8 @@ def split_overrides(tokens: list[str]) -> list[tuple[str, str]]:
             key, _, val = tok.partition("=")
             pairs.append((key, val))
         else:
-            raise ConfigError(f"argument '{tok}': expected key=value or --key value")
+            recipe = f"; a recipe file is named first and ends in .yaml ({tok}.yaml?)" if "/" in tok else ""
+            raise ConfigError(f"argument '{tok}': expected key=value or --key value{recipe}")
         i += 1
     return pairs
 

@@ -45,6 +45,24 @@ def test_no_command_or_an_unknown_one_is_bad_input(capsys):
                            "plan, eval, merge, report, keys, help (samsum-tuner --help describes them)")
 
 
+@pytest.mark.parametrize("argv, line", [
+    # an option spelt with underscores, as the recipe's keys are, names the option rather than an unknown key
+    (["train", "recipes/demo_cpu.yaml", "--dry_run"],
+     "samsum-tuner train: unknown option '--dry_run'; did you mean --dry-run?"),
+    (["plan", "--gpu_memory=32GB"],
+     "samsum-tuner plan: unknown option '--gpu_memory=32GB'; did you mean --gpu-memory?"),
+    # a recipe path without its extension reads as an override: say how a recipe is named
+    (["train", "recipes/demo_cpu", "--dry-run"],
+     "argument 'recipes/demo_cpu': expected key=value or --key value; "
+     "a recipe file is named first and ends in .yaml (recipes/demo_cpu.yaml?)"),
+])
+def test_a_misspelt_option_or_recipe_path_gets_one_line_naming_the_fix(argv, line, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    code, out, err = _run(argv, capsys)
+    assert (code, out) == (2, "") and err.strip().endswith(line), err
+    assert len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("argv, shows", [
     (["train", "--help"], ["RECIPE.yaml", "OVERRIDE", "key.sub=value", "--use_peft", "--dry-run", "--force"]),
     (["help", "train"], ["RECIPE.yaml", "OVERRIDE", "key.sub=value"]),

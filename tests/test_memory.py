@@ -26,6 +26,20 @@ GPU_FIELDS = ["gpu_peak_allocated_gib", "gpu_peak_reserved_gib", "gpu_peak_activ
               "gpu_malloc_retries_total", "gpu_limit_gib"]
 
 
+def test_the_printed_block_gives_an_epochs_retries_beside_the_running_total():
+    # The original printed a cumulative count that read as per-epoch; ours says which is which.
+    record = {"epoch": 3, "step": 30, "rank": 0, "world_size": 1, "gpu_peak_allocated_gib": 20.5,
+              "gpu_peak_reserved_gib": 22.0, "gpu_peak_active_gib": 21.0, "gpu_malloc_retries": 2,
+              "gpu_malloc_retries_total": 5, "host_peak_rss_gib": 3.25, "host_peak_rss_node_gib": 3.5}
+    block = MemoryCallback._human(record).splitlines()
+    assert block[0] == "[memory] epoch 3, step 30, rank 0 of 1:"
+    assert block[1:5] == ["Max CUDA memory allocated was 20.50 GiB", "Max CUDA memory reserved was 22.00 GiB",
+                          "Peak active CUDA memory was 21.00 GiB",
+                          "Cuda Malloc retires : 2 in this epoch, 5 since the start"]
+    assert block[5:] == ["CPU Total Peak Memory consumed during the train (max): 3.25 GiB",
+                         "CPU peak of all ranks on this node: 3.50 GiB"]
+
+
 def _tiny_trainer(out: Path, callback: MemoryCallback, trainer_cls=None, extra_callbacks=(), **kw):
     from datasets import Dataset
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
@@ -236,6 +250,6 @@ def test_gpu_peaks_per_window_retries_not_cumulative_and_capped_oom(tmp_path, ca
     assert 0.6 <= e2["gpu_peak_allocated_gib"] <= 1.0 and snap["gpu_limit_gib"] == 1.0
     assert snap["gpu_peak_allocated_gib"] is not None and snap["gpu_peak_allocated_gib"] * GIB < 2 * GIB
     printed = capsys.readouterr().out
-    assert "Cuda Malloc retires : 1" in printed
+    assert f"Cuda Malloc retires : 1 in this epoch, {e2['gpu_malloc_retries_total']} since the start" in printed
     # Other tests of this process may still hold tensors: the printed peak is the record's, two decimals.
     assert f"Max CUDA memory allocated was {e1['gpu_peak_allocated_gib']:.2f} GiB" in printed
