@@ -141,7 +141,8 @@ class Timer:
     window's two ends only (a read every step would stall the host's queue of launches, costing a fast step more
     than a slow one): the clock after a sync there, and the tokens that `counting(collator)` added up on the host
     as the collator made each batch (the lengths of its samples). With one batch per optimizer step the n-th
-    batch made is the n-th step's, however far ahead the loader prefetches."""
+    batch made is the n-th step's, however far ahead the loader prefetches. Each step's own time comes from CUDA
+    events recorded in the queue and read after the closing sync."""
 
     def __init__(self, warmup: int):
         from transformers import TrainerCallback
@@ -154,6 +155,8 @@ class Timer:
                     raise ValueError("Timer counts one batch per optimizer step: gradient_accumulation_steps=1")
 
             def on_step_end(self, args, state, control, **kw):
+                if warmup <= state.global_step <= state.max_steps:
+                    timer.marks.append(_mark())
                 if state.global_step not in (warmup, state.max_steps):
                     return
                 _sync()
@@ -167,6 +170,7 @@ class Timer:
         self.batch_tokens: list[int] = []
         self.t0 = self.t1 = None
         self.steps = 0
+        self.marks: list = []  # one per timed step's end (and the warm-up's last): each step's own time
 
     def counting(self, collator):
         def collate(features):
@@ -178,8 +182,24 @@ class Timer:
     def result(self) -> dict:
         dt = self.t1 - self.t0
         tokens = _sum_over_ranks(sum(self.batch_tokens[self.warmup:self.warmup + self.steps]))
+        step_ms = [round(_ms_between(a, b), 1) for a, b in zip(self.marks, self.marks[1:])]
         return {"timed_steps": self.steps, "s_per_step": dt / self.steps, "real_tokens_per_s": tokens / dt,
-                "real_tokens_per_step": tokens / self.steps}
+                "real_tokens_per_step": tokens / self.steps, "step_ms": step_ms,
+                "median_step_ms": statistics.median(step_ms) if step_ms else None}
+
+
+def _mark():
+    """A point in the step stream: a CUDA event recorded in the queue (read after the window's closing sync, so
+    no step waits for it), else the host clock."""
+    if DEVICE != "cuda":
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def _ms_between(a, b) -> float:
+    return a.elapsed_time(b) if DEVICE == "cuda" else 1000 * (b - a)
 
 
 def _sum_over_ranks(n: int) -> int:
@@ -612,9 +632,10 @@ def flex_loop_16k(a) -> dict:
         current.append(row)
         size += len(row["input_ids"])
     t0 = tok = 0
+    step_ms: list[float] = []
     if current:
         batches.append(current)
-    started = time.perf_counter()
+    started = last = time.perf_counter()
     for step in range(a.warmup + a.steps):
         rows = batches[step % len(batches)]
         batch = {k: v.to(DEVICE) for k, v in collate(rows).items()}
@@ -626,13 +647,16 @@ def flex_loop_16k(a) -> dict:
         # first compilations took most of its 194 s (session 2026-11-30) and had outlasted earlier limits.
         print(f"flex_loop_16k: step {step + 1}, {batch['input_ids'].shape[1]} tokens, "
               f"{time.perf_counter() - started:.1f} s since start", file=sys.stderr, flush=True)
+        now = time.perf_counter()
         if step + 1 == a.warmup:
-            t0, tok = time.perf_counter(), 0
+            t0, tok = now, 0
         elif step + 1 > a.warmup:
             tok += batch["input_ids"].numel()
+            step_ms.append(round(1000 * (now - last), 1))
+        last = now
     dt = time.perf_counter() - t0
     return {"timed_steps": a.steps, "s_per_step": dt / a.steps, "real_tokens_per_s": tok / dt,
-            "real_tokens_per_step": tok / a.steps}
+            "real_tokens_per_step": tok / a.steps, "step_ms": step_ms, "median_step_ms": statistics.median(step_ms)}
 
 
 # Every configuration a suite names is the function of that name (one list to keep, not two).
@@ -776,6 +800,7 @@ def main() -> None:
         results.append(r)
         print(json.dumps({k: r.get(k) for k in ("suite", "config", "status", "real_tokens_per_s", "mfu_pct",
                                                 "peak_allocated_gib", "per_rank_peak_allocated_gib", "s_per_step",
+                                                "median_step_ms",
                                                 "real_tokens_per_step", "token_budget_per_gpu", "fsdp_units",
                                                 "compiled", "first_step_after_launch_s", "first_step_s", "wall_s",
                                                 "stderr_tail")}), flush=True)

@@ -210,6 +210,10 @@ def test_the_benchmark_counts_the_real_tokens_of_its_timed_steps_on_the_host(lay
                                      collator=collator)
     assert result["timed_steps"] == 3 and result["real_tokens_per_step"] == sum(lengths)
     assert result["real_tokens_per_s"] == pytest.approx(sum(lengths) / result["s_per_step"])
+    # each timed step's own time (a slow step, such as a recompilation, shows there), adding up to the window
+    assert len(result["step_ms"]) == 3 and min(result["step_ms"]) > 0
+    assert sum(result["step_ms"]) == pytest.approx(3000 * result["s_per_step"], rel=0.05, abs=1)
+    assert result["median_step_ms"] == sorted(result["step_ms"])[1]
 
 
 def test_a_warm_up_run_is_compared_but_is_no_baseline():
