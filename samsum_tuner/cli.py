@@ -9,6 +9,7 @@ import math
 import os
 import re
 import sys
+import time
 from typing import Any, Callable
 
 from .errors import ConfigError, SamsumTunerError
@@ -31,12 +32,18 @@ def _speaks_for_the_launch() -> bool:
     return os.environ.get("LOCAL_RANK", "0").strip() in ("0", "")
 
 
+# A launcher stops every worker once one exits: a silent rank that exits first can kill local rank 0 before it
+# prints. It waits this long instead; if rank 0 has not ended the launch by then, it prints its own line.
+SILENT_RANK_GRACE_S = 15.0
+
+
 def _guard(fn: Callable[[], int], say: bool = True) -> int:
     try:
         return fn()
     except SamsumTunerError as e:
-        if say:
-            print(f"samsum-tuner: error: {e}", file=sys.stderr, flush=True)
+        if not say:
+            time.sleep(SILENT_RANK_GRACE_S)
+        print(f"samsum-tuner: error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
     except KeyboardInterrupt as e:  # Ctrl-C: one line (training's names the last complete checkpoint), no traceback
         print(f"samsum-tuner: {str(e) or 'interrupted'}", file=sys.stderr, flush=True)

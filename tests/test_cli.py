@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -253,3 +254,15 @@ def test_keys_output_is_valid_for_overrides():
     from samsum_tuner import load_recipe
 
     assert json.dumps(load_recipe(None, overrides).to_dict()) == json.dumps(recipe.to_dict())
+
+
+def test_a_silent_rank_waits_for_rank_0_then_prints_its_refusal_itself(capsys, monkeypatch):
+    # Under a launcher rank 0 speaks and the launcher then stops the others; a rank still alive after the grace
+    # (rank 0 did not end the launch) says its refusal itself rather than exit with nothing printed.
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(cli, "SILENT_RANK_GRACE_S", 0.5)
+    started = time.monotonic()
+    code, out, err = _run(["train", "--lr", "-1"], capsys)
+    assert time.monotonic() - started >= 0.5
+    assert (code, out) == (2, "")
+    assert err.strip() == "samsum-tuner: error: train.learning_rate must be positive, got -1.0"
