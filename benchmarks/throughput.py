@@ -645,9 +645,9 @@ def flex_loop_16k(a) -> dict:
         _sync()
         # Each step's time and shape on stderr, which a timed-out configuration keeps: on a cold GPU machine its
         # first compilations took most of its 194 s (session 2026-11-30) and had outlasted earlier limits.
-        print(f"flex_loop_16k: step {step + 1}, {batch['input_ids'].shape[1]} tokens, "
-              f"{time.perf_counter() - started:.1f} s since start", file=sys.stderr, flush=True)
         now = time.perf_counter()
+        print(f"flex_loop_16k: step {step + 1}, {batch['input_ids'].shape[1]} tokens, "
+              f"{now - started:.1f} s since start", file=sys.stderr, flush=True)
         if step + 1 == a.warmup:
             t0, tok = now, 0
         elif step + 1 > a.warmup:

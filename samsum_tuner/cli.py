@@ -15,6 +15,9 @@ from typing import Any, Callable
 from .errors import ConfigError, SamsumTunerError
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_WONT_FIT, EXIT_INTERRUPTED = 0, 2, 3, 130
+# The exit codes every subcommand's help names (errors.py defines 5; EXIT_* above the others).
+EXIT_CODES = ("0 done, 2 bad input (one line naming the key or file:line), 3 will not fit (or CUDA out of memory),\n"
+              "4 diverged, 5 no space left while saving, 130 interrupted")
 RECIPE_HELP = "a recipe file (recipes/*.yaml); omit it for the original's defaults"
 OVERRIDE_HELP = ("key.sub=value (train.learning_rate=2e-5, lora.target_modules=q_proj,v_proj) or an original "
                  "llama-recipes flag (--use_peft, --lr 1e-4, --quantization True); `samsum-tuner keys` lists them all")
@@ -74,20 +77,20 @@ def _parse_with_recipe(argv: list[str], prog: str, description: str, add_options
     add_options(options)
     opts, rest = options.parse_known_args(argv)
     for tok in rest:  # `--dry_run` would reach the recipe as an unknown key: name the option it misspells
-        flag = tok.split("=", 1)[0].replace("_", "-")
-        if tok.startswith("--") and flag != tok.split("=", 1)[0] and flag in options._option_string_actions:
+        name = tok.split("=", 1)[0]
+        flag = name.replace("_", "-")
+        if name.startswith("--") and flag != name and flag in options._option_string_actions:
             raise ConfigError(f"{prog}: unknown option '{tok}'; did you mean {flag}?")
     return opts, rest
 
 
-TRAIN_EPILOG = """examples:
+TRAIN_EPILOG = f"""examples:
   samsum-tuner train recipes/demo_cpu.yaml train.max_steps=10 data.split_slice=1%
   samsum-tuner train recipes/full_sgd.yaml --dry-run
   python -m samsum_tuner.train --use_peft --peft_method lora --quantization True --use_fp16 --model_name DIR
 
-Overrides apply after the recipe, left to right. Exit codes: 0 done, 2 bad input, 3 will not fit (or CUDA out
-of memory), 4 diverged, 5 no space left while saving, 130 interrupted. Under torchrun or accelerate launch the
-same refusal reaches every process and local rank 0 prints it."""
+Overrides apply after the recipe, left to right. Exit codes: {EXIT_CODES}. Under torchrun or
+accelerate launch the same refusal reaches every process and local rank 0 prints it."""
 
 
 def _train_options(p: argparse.ArgumentParser) -> None:
@@ -386,8 +389,7 @@ def _overview() -> str:
              "Fine-tune Llama-family causal LMs on SAMSum with every memory strategy, and know before a model "
              "loads whether it fits.", "", "commands:"]
     lines += [f"  {name:<{width}}  {text}" for name, text in SUMMARIES.items()]
-    lines += ["", "Exit codes: 0 done, 2 bad input (one line naming the key or file:line), 3 will not fit, "
-              "4 diverged, 5 no space left while saving, 130 interrupted."]
+    lines += ["", f"Exit codes: {EXIT_CODES}."]
     return "\n".join(lines)
 
 
