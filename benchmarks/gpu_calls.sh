@@ -58,19 +58,30 @@ s14c)  # cold, carry as s14a: the wheels, the data and the GGUF's first half wai
   stash_sm2
   env_txt
   ;;
-s14e)  # warm after s14c, carry .sm2/part-ab. recipes/smollm2_gpu.yaml now steps with fused AdamW (06d: 58.5 ms a step
-       # against the flex loop's 131, 2.18x): train and evaluate it as committed (ROUGE-1 >= 47 on the whole test
-       # split), then, with that training as the machine's warm-up, the recipe against the flex loop and against
-       # its foreach-AdamW variant, unprofiled, interleaved, as many rounds as the limit allows
+s14f)  # cold, carry as s14c: the data and the GGUF's first half wait in /tmp for s14g; the 7B and QLoRA targets
+       # in one invocation (no GGUF needed: random Llama-2-7B shape), after an unmeasured naive_lora (a fresh
+       # machine's first GPU process ran it at half speed): the naive pair, the committed recipes, QLoRA at the
+       # naive run's tokens per step (the peak target), the off-the-shelf flex batch
+  stash_sm2
+  env_txt
+  python benchmarks/throughput.py --suite 7b,qlora --warmup 5 --steps 20 --profile none --warm naive_lora \
+    --only naive_lora,ours_lora,naive_qlora,ours_qlora,ours_qlora_2k,flex_lora_b16 \
+    --out /tmp/s14f --timeout 150 --deadline $(($(left) - 10)) > "$OUT/bench_7b.log" 2>&1
+  cp /tmp/s14f/throughput.json "$OUT/throughput_7b_qlora.json"
+  ;;
+s14g)  # warm after s14f, carry .sm2/part-ab. recipes/smollm2_gpu.yaml now steps with fused AdamW (06d: 58.5 ms a
+       # step against the flex loop's 131, 2.18x): train and evaluate it as committed (ROUGE-1 >= 47 on the whole
+       # test split), then, with that training as the warm-up, the recipe against the flex loop and against its
+       # foreach-AdamW variant, unprofiled, interleaved, as many rounds as the limit allows
   gguf .sm2/part-ab
   mkdir -p "$OUT/eval"
   python benchmarks/gpu_matrix.py --out "$OUT" --deadline $(($(left) - 150)) --timeout 200 --only smollm2_gpu
   timeout 100 python -m samsum_tuner eval /tmp/samsum_runs/smollm2_gpu --split test --batch-size 128 \
     --out "$OUT/eval" > "$OUT/eval.log" 2>&1
   python benchmarks/throughput.py --suite smollm2 --warmup 5 --steps 20 --profile none --repeat "${REPEAT:-2}" \
-    --only ours_smollm2,flex_loop_16k,ours_smollm2_foreach --out /tmp/s14e --timeout 250 \
-    --deadline $(($(left) - 10)) > "$OUT/bench.log" 2>&1
-  cp /tmp/s14e/throughput.json "$OUT/throughput_smollm2.json"
+    --only ours_smollm2,flex_loop_16k,ours_smollm2_foreach --out /tmp/s14g --timeout 250 \
+    --deadline $(($(left) - 10)) > "$OUT/bench_smollm2.log" 2>&1
+  cp /tmp/s14g/throughput.json "$OUT/throughput_smollm2.json"
   ;;
 s14d)  # warm, carry .sm2/part-ab. s14b profiled ours_smollm2 inside its timed steps (188k tokens/s against 270k for
        # the fused and cpp_wrapper variants): the recipe as committed against the flex loop again, with no profiler,
