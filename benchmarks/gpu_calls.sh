@@ -71,15 +71,15 @@ s14f)  # cold, carry as s14c: the data and the GGUF's first half wait in /tmp fo
   ;;
 s14g)  # warm after s14f, carry .sm2/part-ab. recipes/smollm2_gpu.yaml now steps with fused AdamW (06d: 58.5 ms a
        # step against the flex loop's 131, 2.18x): train and evaluate it as committed (ROUGE-1 >= 47 on the whole
-       # test split), then, with that training as the warm-up, the recipe against the flex loop and against its
-       # foreach-AdamW variant, unprofiled, interleaved, as many rounds as the limit allows
+       # test split), then, with that training as the warm-up, the recipe against the flex loop, its variant with
+       # two loader processes and its foreach-AdamW variant, unprofiled, interleaved, as many rounds as the limit allows
   gguf .sm2/part-ab
   mkdir -p "$OUT/eval"
   python benchmarks/gpu_matrix.py --out "$OUT" --deadline $(($(left) - 150)) --timeout 200 --only smollm2_gpu
   timeout 100 python -m samsum_tuner eval /tmp/samsum_runs/smollm2_gpu --split test --batch-size 128 \
     --out "$OUT/eval" > "$OUT/eval.log" 2>&1
   python benchmarks/throughput.py --suite smollm2 --warmup 5 --steps 20 --profile none --repeat "${REPEAT:-2}" \
-    --only ours_smollm2,flex_loop_16k,ours_smollm2_foreach --out /tmp/s14g --timeout 250 \
+    --only ours_smollm2,flex_loop_16k,ours_smollm2_workers,ours_smollm2_foreach --out /tmp/s14g --timeout 250 \
     --deadline $(($(left) - 10)) > "$OUT/bench_smollm2.log" 2>&1
   cp /tmp/s14g/throughput.json "$OUT/throughput_smollm2.json"
   ;;
