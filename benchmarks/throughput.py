@@ -136,10 +136,13 @@ def _stream(recipe, rows: int):
     return splits["train"].dataset, tokenizer
 
 
+TOKENS_KEY = "bench_real_tokens"  # a batch's real tokens, sent by a loader process (Timer.count)
+
+
 class Timer:
     """Times optimizer steps warmup+1 .. warmup+steps and counts their real tokens, reading the GPU at the
     window's two ends only (a read every step would stall the host's queue of launches, costing a fast step more
-    than a slow one): the clock after a sync there, and the tokens that `counting(collator)` added up on the host
+    than a slow one): the clock after a sync there, and the tokens that `count(trainer)` added up on the host
     as the collator made each batch (the lengths of its samples). With one batch per optimizer step the n-th
     batch made is the n-th step's, however far ahead the loader prefetches. Each step's own time comes from CUDA
     events recorded in the queue and read after the closing sync."""
@@ -172,12 +175,31 @@ class Timer:
         self.steps = 0
         self.marks: list = []  # one per timed step's end (and the warm-up's last): each step's own time
 
-    def counting(self, collator):
+    def count(self, trainer) -> None:
+        """Counts each batch's real tokens (the lengths of its samples) as the trainer's collator makes it (the
+        collator is read when train() builds its loader). A collator in loader processes cannot append here: there
+        each batch carries its count, taken off as the Trainer pulls the batch, before the model sees it."""
+        collator, pull = trainer.data_collator, trainer.get_batch_samples
+
+        def tokens(features):
+            return sum(len(f["input_ids"]) for f in features)
+
         def collate(features):
-            self.batch_tokens.append(sum(len(f["input_ids"]) for f in features))
+            self.batch_tokens.append(tokens(features))
             return collator(features)
 
-        return collate
+        def collate_in_worker(features):
+            return {**collator(features), TOKENS_KEY: tokens(features)}
+
+        def get_batch_samples(*args, **kwargs):
+            batches, num_items = pull(*args, **kwargs)
+            self.batch_tokens.extend(batch.pop(TOKENS_KEY) for batch in batches)
+            return batches, num_items
+
+        if trainer.args.dataloader_num_workers:
+            trainer.data_collator, trainer.get_batch_samples = collate_in_worker, get_batch_samples
+        else:
+            trainer.data_collator = collate
 
     def result(self) -> dict:
         dt = self.t1 - self.t0
@@ -256,8 +278,9 @@ def _trainer_run(model, tokenizer, dataset, batch: int, a, collator=None, **args
     collator = collator or DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100,
                                                   return_tensors="pt")
     trainer = Trainer(model=model, args=_hf_args("/tmp/bench_run", a.warmup + a.steps, batch, **args),
-                      train_dataset=dataset, data_collator=timer.counting(collator), processing_class=tokenizer,
+                      train_dataset=dataset, data_collator=collator, processing_class=tokenizer,
                       callbacks=[timer.callback])
+    timer.count(trainer)
     trainer.train()
     return {**timer.result(), "fsdp_units": _fsdp_units(trainer)}
 
@@ -340,7 +363,7 @@ def _ours(a, path: str, overrides: list[str]) -> dict:
                             *CPU_OVERRIDES])
     timer = Timer(a.warmup)
     trainer = build_trainer(recipe, callbacks=[timer.callback])
-    trainer.data_collator = timer.counting(trainer.data_collator)  # read when train() builds its loader
+    timer.count(trainer)
     if a.profile:
         _profile_last_steps(trainer, a)
     trainer.train()
@@ -607,7 +630,7 @@ def trl_default(a) -> dict:
                        **({} if DEVICE == "cuda" else {"use_cpu": True, "bf16": False}))
     trainer = SFTTrainer(model=str(embedded_model_dir()), args=config, train_dataset=dataset,
                          callbacks=[timer.callback])
-    trainer.data_collator = timer.counting(trainer.data_collator)
+    timer.count(trainer)
     trainer.train()
     out = timer.result()
     out["settings"] = {k: getattr(config, k) for k in ("per_device_train_batch_size", "gradient_checkpointing",

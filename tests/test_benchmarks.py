@@ -187,11 +187,11 @@ def test_the_gpu_table_reads_matrix_records_only():
             assert "summary" in json.loads(line), call
 
 
-@pytest.mark.parametrize("layout", ["padded", "packed"])
-def test_the_benchmark_counts_the_real_tokens_of_its_timed_steps_on_the_host(layout, tiny_model_dir):
+@pytest.mark.parametrize("layout,workers", [("padded", 0), ("packed", 0), ("packed", 2)])
+def test_the_benchmark_counts_the_real_tokens_of_its_timed_steps_on_the_host(layout, workers, tiny_model_dir):
     """A plain Trainer (nothing of samsum_tuner in its loop) whose tokens are the lengths of the samples each batch
     is made of: no pad of a padded batch, and every packed sample's EOS, which is SmolLM2's pad id too (a count of
-    the ids that are not the pad id leaves it out)."""
+    the ids that are not the pad id leaves it out). With loader processes the count travels with each batch."""
     import argparse
 
     from datasets import Dataset
@@ -207,7 +207,7 @@ def test_the_benchmark_counts_the_real_tokens_of_its_timed_steps_on_the_host(lay
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     # A batch of 4 rows: every optimizer step is the whole data set, in some order.
     result = throughput._trainer_run(model, tokenizer, data, 4, argparse.Namespace(warmup=1, steps=3),
-                                     collator=collator)
+                                     collator=collator, dataloader_num_workers=workers)
     assert result["timed_steps"] == 3 and result["real_tokens_per_step"] == sum(lengths)
     assert result["real_tokens_per_s"] == pytest.approx(sum(lengths) / result["s_per_step"])
     # each timed step's own time (a slow step, such as a recompilation, shows there), adding up to the window
