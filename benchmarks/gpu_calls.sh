@@ -58,6 +58,24 @@ s14c)  # cold, carry as s14a: the wheels, the data and the GGUF's first half wai
   stash_sm2
   env_txt
   ;;
+s15b)  # next session, warm after s14f (= s15a), carry .sm2/part-ab and the trl, rouge_score, nltk and evaluate wheels
+       # (.whl/{trl,rouge_score,nltk,evaluate}-*): the flex loop alone first, its cold compilations warming the
+       # machine's cache (they outlasted 250 s in session 2026-12-06f and 150 s in 2026-12-06c), then one round of
+       # the SmolLM2 comparison
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  gguf .sm2/part-ab
+  python benchmarks/throughput.py --suite smollm2 --warmup 5 --steps 20 --profile none \
+    --only flex_loop_16k,ours_smollm2,trl_default --out /tmp/s15b --timeout 450 \
+    --deadline $(($(left) - 10)) > "$OUT/bench_smollm2_cold.log" 2>&1
+  cp /tmp/s15b/throughput.json "$OUT/throughput_smollm2_cold.json"
+  ;;
+s15c)  # warm after s15b: the SmolLM2 rows of docs/throughput.md's table in one invocation, twice interleaved, on
+       # warm caches: the recipe as committed against the flex loop and TRL's defaults
+  python benchmarks/throughput.py --suite smollm2 --warmup 5 --steps 20 --profile none --repeat 2 \
+    --only ours_smollm2,flex_loop_16k,trl_default --out /tmp/s15c --timeout 250 \
+    --deadline $(($(left) - 10)) > "$OUT/bench_smollm2.log" 2>&1
+  cp /tmp/s15c/throughput.json "$OUT/throughput_smollm2.json"
+  ;;
 s14f)  # cold, carry as s14c: the data and the GGUF's first half wait in /tmp for s14g; the 7B and QLoRA targets
        # in one invocation (no GGUF needed: random Llama-2-7B shape), after an unmeasured naive_lora (a fresh
        # machine's first GPU process ran it at half speed): the naive pair, the committed recipes, QLoRA at the
