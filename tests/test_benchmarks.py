@@ -245,3 +245,15 @@ def test_the_gpu_table_plans_each_run_with_the_checkpointing_it_ran_with():
     recipes = [r["summary"]["recipe"] for r in now]
     assert [gpu_table._checkpointing_as_ran(r, recipes) for r in now] == [[], ["model.gradient_checkpointing=false"]]
     assert gpu_table._checkpointing_as_ran(no_recipe, recipes) == []  # the session's runs disagree: as it resolves
+
+
+def test_host_overhead_splits_a_steps_host_time_by_package(tiny_model_dir, real_samsum):
+    """benchmarks/host_overhead.py: the own time of every profiled function, by package, adds up to the step."""
+    env = {**os.environ, "SAMSUM_DATA_DIR": str(real_samsum)}
+    p = subprocess.run([sys.executable, str(BENCH / "host_overhead.py"), str(tiny_model_dir), "--steps", "6"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    result = json.loads(p.stdout.strip().splitlines()[-1])
+    own = result["own_ms_per_step"]
+    assert result["steps"] == 6 and {"samsum_tuner", "transformers", "torch", "C++ operators and builtins"} <= set(own)
+    assert 0.5 * result["ms_per_step"] <= sum(own.values()) <= 1.05 * result["ms_per_step"]
