@@ -7,7 +7,8 @@
 # refused there as planned); s11call2 never ran: session 2026-12-06b ran s12call2, then a stash call and the
 # SmolLM2 suite by hand on one H100 (benchmarks/results/2026-12-06b-h100/commands.md); s12call1 and s12call3, not
 # run then, became s13a and s13c of session 2026-12-06c (s13a-c on an H200, s13e-f on an H100:
-# benchmarks/results/2026-12-06c-h200/commands.md), each started as
+# benchmarks/results/2026-12-06c-h200/commands.md; s14c and s14g ran in session 2026-12-06f on an H100,
+# benchmarks/results/2026-12-06f-h100/; s14f, then s15b and s15c, are the next session's), each started as
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
 #     && export PYTHONPATH=/tmp/site:$PWD || exit; export SAMSUM_TUNER_CACHE=$PWD/.gpudata/cache \
 #     SAMSUM_DATA_DIR=$PWD/.gpudata HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false; \
