@@ -77,7 +77,8 @@ def _install() -> None:
         signal.signal(signal.SIGTERM, _on_sigterm)
 
 
-def run(cmd: list[str], timeout: float, first: int = signal.SIGKILL, **popen) -> tuple[int | None, str, str]:
+def run(cmd: list[str], timeout: float, first: int = signal.SIGKILL, grace: float = 15,
+        **popen) -> tuple[int | None, str, str]:
     """(exit status, or None when `cmd` itself was still running at the timeout; stdout; stderr). Whatever it
     started is stopped before this returns, also when `cmd` exited and left processes holding its pipes."""
     _install()
@@ -88,7 +89,7 @@ def run(cmd: list[str], timeout: float, first: int = signal.SIGKILL, **popen) ->
     except subprocess.TimeoutExpired:
         pass
     timed_out = out is None and proc.poll() is None
-    stop_all(first)  # also what an exited `cmd` left behind
+    stop_all(first, grace)  # also what an exited `cmd` left behind
     if out is None:
         out, err = proc.communicate(timeout=30)
     _reap_zombies()

@@ -1,6 +1,7 @@
 """Shared fixtures: the real SmolLM2 tokenizer, a tiny random Llama built in-process, the real SAMSum files."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -17,9 +18,45 @@ SHARED_SAMSUM = ROOT.parent / "shared" / "data" / "samsum"
 
 
 def torchrun_two(script, *args, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`script args` on two local ranks (gloo on the CPU) under torch's own launcher."""
+    """`script args` on two local ranks (gloo on the CPU) under torch's own launcher. A rank that aborts in C++
+    (CI saw one `terminate called without an active exception`) prints its Python stacks through faulthandler."""
+    env = {**(os.environ if env is None else env), "PYTHONFAULTHANDLER": "1"}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(script), *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# One interpreter imports the CLI once, then forks a child per command line: each child runs it as the console
+# script would (`sys.exit(main(argv))`, atexit handlers included) with its stdout/stderr in files of its own.
+FORKED_CLI = r"""
+import json, os, sys, tempfile, traceback
+from samsum_tuner.cli import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    sys.stdout.flush(); sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        os.dup2(out.fileno(), 1); os.dup2(err.fileno(), 2)
+        try:
+            code = main(argv)
+        except BaseException:
+            traceback.print_exc(); code = 1
+        sys.exit(code)
+    status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    results.append([status] + [(f.seek(0), f.read().decode())[1] for f in (out, err)])
+print(json.dumps(results))
+"""
+
+
+def cli_in_fresh_processes(argvs: list[list[str]], env: dict[str, str] | None = None,
+                           cwd: Path = ROOT) -> tuple[str, list[tuple[int, str, str]]]:
+    """(what importing the CLI printed, [(exit code, stdout, stderr) of each command line]): what a fresh
+    `samsum-tuner ...` process gives for each, for one interpreter start instead of one per command line."""
+    p = subprocess.run([sys.executable, "-c", FORKED_CLI, json.dumps([list(map(str, a)) for a in argvs])], cwd=cwd,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    *imported, results = p.stdout.splitlines()
+    return "\n".join(imported) + p.stderr, [tuple(r) for r in json.loads(results)]
 
 
 def samsum_dir() -> Path:

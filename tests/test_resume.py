@@ -304,7 +304,8 @@ def test_two_process_fsdp2_over_compiled_layers_trains_like_eager(tiny_model_dir
     for flag in ((), ("--compile",)):
         run = tmp_path / ("compiled" if flag else "eager")
         p = _torchrun(tiny_model_dir, run, 3, "--dropout", 0, *flag)
-        assert p.returncode == 0, p.stderr[-3000:]
+        losses = (run / "losses.jsonl").read_text() if (run / "losses.jsonl").exists() else "no steps"
+        assert p.returncode == 0, (flag, losses, p.stdout[-1000:], p.stderr[-3000:])  # where a rank stopped
         assert ("2 decoder layers compiled" in p.stdout) == bool(flag)
         runs[bool(flag)] = _loss_by_step(run)
     assert len(runs[True]) == 3 and runs[True] == pytest.approx(runs[False], rel=1e-4)
