@@ -1,14 +1,6 @@
 #!/usr/bin/env bash
-# The device calls of the GPU sessions (nvidia-h200; s3* to s6* on nvidia-h200-x2, s6* in session 2026-11-30;
-# s7* in session 2026-11-30b; s9* is the plan for the next session with two GPUs, not yet run:
-# sessions 2026-12-04 and 2026-12-04b had one H200 only; the first's calls are in
-# benchmarks/results/2026-12-04-h200/commands.md, the second's are s10*; s11call1 and s11ab ran in session
-# 2026-12-06 on an H100 (benchmarks/results/2026-12-06-h100/; s11call1's full_sgd runs need an H200: they were
-# refused there as planned); s11call2 never ran: session 2026-12-06b ran s12call2, then a stash call and the
-# SmolLM2 suite by hand on one H100 (benchmarks/results/2026-12-06b-h100/commands.md); s12call1 and s12call3, not
-# run then, became s13a and s13c of session 2026-12-06c (s13a-c on an H200, s13e-f on an H100:
-# benchmarks/results/2026-12-06c-h200/commands.md; s14c and s14g ran in session 2026-12-06f on an H100,
-# benchmarks/results/2026-12-06f-h100/; s14f, then s15b and s15c, are the next session's), each started as
+# The device calls of the GPU sessions, one case each (which session ran which: docs/throughput_history.md;
+# s14f, then s15b and s15c, are the next), each started as
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
 #     && export PYTHONPATH=/tmp/site:$PWD || exit; export SAMSUM_TUNER_CACHE=$PWD/.gpudata/cache \
 #     SAMSUM_DATA_DIR=$PWD/.gpudata HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false; \
