@@ -160,7 +160,8 @@ def validate(recipe: Recipe) -> None:
     for key, value in {"guard.max_nonfinite_steps": recipe.guard.max_nonfinite_steps,
                        "guard.max_skipped_steps": recipe.guard.max_skipped_steps,
                        "train.warmup_steps": t.warmup_steps,
-                       "train.dataloader_num_workers": t.dataloader_num_workers}.items():
+                       "train.dataloader_num_workers": t.dataloader_num_workers,
+                       "memory.log_every_steps": recipe.memory.log_every_steps}.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
     if t.resume_from_checkpoint is not None and not t.resume_from_checkpoint.strip():

@@ -309,7 +309,8 @@ ALIAS_NOTES = {
     "peft_method": "lora only",
     "dataset": "samsum_dataset only (checked; SAMSum is the only dataset)",
     "batch_size_training": "samples per optimizer step: train.gradient_accumulation_steps = N / micro_batch_size",
-    "fast_path": "true: packed padding-free rows, one per optimizer step, sdpa (README: the fast path)",
+    "fast_path": "true: packed padding-free rows, one per optimizer step, sdpa unless an override names an "
+                 "attention (README: the fast path)",
     "load_in_4bit": "bitsandbytes' name: true sets 4 (NF4)",
     "load_in_8bit": "bitsandbytes' name: true sets 8",
     "torch_dtype": "float32, bfloat16 or float16 (auto: null)",
@@ -395,12 +396,12 @@ def _overview() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["help"] and len(argv) > 1 and argv[1] in COMMANDS:
-        argv = [argv[1], "--help"]
-    if argv[:1] in (["-h"], ["--help"], ["help"]) or not argv:
+    if argv[:1] in (["-h"], ["--help"]) or argv == ["help"] or not argv:
         print(_overview(), file=sys.stdout if argv else sys.stderr)
         return EXIT_OK if argv else EXIT_BAD_INPUT
-    name = argv[0] if argv[0] != "help" else argv[1]
+    if argv[0] == "help":  # help COMMAND: that command's --help
+        argv = [argv[1], "--help"]
+    name = argv[0]
     if name not in COMMANDS:
         close = difflib.get_close_matches(name, list(SUMMARIES), n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""

@@ -130,6 +130,7 @@ ALIASES: dict[str, tuple[str | None, Any]] = {
 
 
 TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig) if f.init}
+OVERRIDE = "override "  # where a command-line entry comes from, as its messages name it
 
 
 def _all_keys() -> list[str]:
@@ -363,9 +364,12 @@ def build_recipe(path: str | os.PathLike | None = None, overrides: list[str] | N
     if path is not None:
         p = Path(path)
         entries += [(k, v, f"{p}: ") for k, v in _flatten(_read_yaml(p))]
-    entries += [(k, _parse_scalar(v), "override ") for k, v in split_overrides(list(overrides or []))]
+    entries += [(k, _parse_scalar(v), OVERRIDE) for k, v in split_overrides(list(overrides or []))]
+    overridden = set()  # the recipe keys the command line sets
     for key, value, where in entries:
-        apply_key(recipe, key, value, where, pending)
+        target = apply_key(recipe, key, value, where, pending)
+        if where == OVERRIDE:
+            overridden.add(target)
     if "_batch_size_training" in pending:
         bst = _coerce(pending["_batch_size_training"], int, "batch_size_training")
         micro = recipe.train.per_device_train_batch_size
@@ -375,35 +379,42 @@ def build_recipe(path: str | os.PathLike | None = None, overrides: list[str] | N
             )
         recipe.train.gradient_accumulation_steps = bst // micro
     if pending.get("_fast_path"):
-        _fast_path(recipe)
+        _fast_path(recipe, overridden)
     validate(recipe)
     return recipe
 
 
-def _fast_path(recipe: Recipe) -> None:
+def _fast_path(recipe: Recipe, overridden: set[str | None]) -> None:
     """`fast_path=true`: the recipe's samples per optimizer step packed padding-free into one row per step instead
     of micro-batches accumulated one by one: the same loss, without the padding and the accumulation loop. A recipe
-    that batches by tokens keeps its budget. Attention is sdpa: these rows change length every step, and
-    flex_attention compiles again at every new shape (it pays off with fixed shapes, docs/notes.md)."""
+    that batches by tokens keeps its budget. Attention is sdpa unless the command line names one: these rows change
+    length every step, and flex_attention compiles again at every new shape (it pays off with fixed shapes,
+    docs/notes.md). Applied after every override (it reads the final batch and accumulation)."""
     d, t = recipe.data, recipe.train
+    if "data.packing" in overridden and not d.packing:
+        raise ConfigError("fast_path=true packs each optimizer step's samples into one row; the override "
+                          "data.packing=false contradicts it: drop one of the two")
     d.packing = True
-    recipe.model.attn_implementation = "sdpa"
+    if "model.attn_implementation" not in overridden:
+        recipe.model.attn_implementation = "sdpa"
     if d.max_tokens_per_batch is None:
         t.per_device_train_batch_size *= t.gradient_accumulation_steps
         t.gradient_accumulation_steps = 1
 
 
-def apply_key(recipe: Recipe, key: str, value: Any, where: str, pending: dict[str, Any]) -> None:
+def apply_key(recipe: Recipe, key: str, value: Any, where: str, pending: dict[str, Any]) -> str | None:
+    """Set one entry; the recipe key it set (an alias resolved), or None where it set none (held in `pending`)."""
     if key in ALIASES:
         target, convert = ALIASES[key]
         if convert is not None:
             value = convert(value, f"{where}{key}")
         if target is None:
-            return
+            return None
         if target.startswith("_"):
             pending[target] = value
-            return
+            return None
         key = target
     elif "." not in key and key in TRAIN_KEYS:  # TRL's flat flags: --learning_rate, --per_device_train_batch_size
         key = f"train.{key}"
     _set(recipe, key, value, where)
+    return key

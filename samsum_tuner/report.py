@@ -144,7 +144,8 @@ def _plots(out: Path, history: list[dict[str, Any]], memory: list[dict[str, Any]
         fig, ax = _figure(f"Memory: peaks per {'logging window' if window == 'step' else 'epoch'}", "GiB")
         for rank in ranks:
             mine = [m for m in memory if m.get("rank") == rank and m.get("event") == window]
-            mine = [m for m in mine if m.get("host_peak_rss_gib") is not None]  # rows of older runs may lack it
+            # rows of older runs may lack the host peak; a damaged row its step
+            mine = [m for m in mine if m.get("host_peak_rss_gib") is not None and m.get("step") is not None]
             steps = [m.get("step") for m in mine]
             suffix = f" (rank {rank})" if len(ranks) > 1 else ""
             if any(m.get("gpu_peak_allocated_gib") is not None for m in mine):
@@ -159,7 +160,7 @@ def _plots(out: Path, history: list[dict[str, Any]], memory: list[dict[str, Any]
         _save(fig, ax, out / "memory.png")
         made.append("memory.png")
         epochs = [m for m in memory if m.get("event") == "epoch" and m.get("rank") == ranks[0]
-                  and m.get("gpu_malloc_retries") is not None]
+                  and m.get("gpu_malloc_retries") is not None and m.get("epoch") is not None]
         if epochs:
             fig, ax = _figure("CUDA malloc retries per epoch (rank %d)" % ranks[0], "retries")
             ax.bar([m["epoch"] for m in epochs], [m["gpu_malloc_retries"] for m in epochs], label="within the epoch")

@@ -47,7 +47,7 @@ def training_arguments(recipe: Recipe, launch: Launch, layer_cls: list[str], has
     try:
         return t.completed(**derived)
     except (ValueError, TypeError) as e:  # a TrainingArguments field that its own checks refuse
-        raise ConfigError(f"train: {str(e).strip().splitlines()[0]}") from None
+        raise ConfigError("train: " + " ".join(line.strip() for line in str(e).strip().splitlines())) from None
 
 
 def fsdp_arguments(f: FsdpConfig, launch: Launch, layer_cls: list[str]) -> dict:

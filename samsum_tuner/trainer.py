@@ -19,7 +19,7 @@ from transformers.trainer_utils import speed_metrics
 from .batching import (PACKED_MASKS, BatchingSpec, LongestFirstSampler, TokenBudgetBatchSampler,
                        WithSupervisedPositions, non_padding_tokens, packed_attention_mask, supervised_positions)
 from .callbacks import BatchSamplerEpoch
-from .checkpoint import RECIPE_FILE, atomic_checkpoint, rotate, worst_over_processes
+from .checkpoint import PREFIX, RECIPE_FILE, STATE_FILE, atomic_checkpoint, rotate, worst_over_processes
 from .resume import saved_recipe
 from .guards import NonFiniteGuard
 from .memory import MemoryCallback
@@ -119,6 +119,7 @@ class SamsumTrainer(TokenCounting, Trainer):
             self._staging = str(stage.parent)
             try:
                 super()._save_checkpoint(model, trial)
+                self._name_the_best_as_published(run_dir, stage)
                 if self.args.should_save:  # what a resume checks its recipe against
                     (stage / RECIPE_FILE).write_text(self.recipe_yaml, encoding="utf-8")
                     write_adapter_config(self.model, stage)
@@ -127,6 +128,16 @@ class SamsumTrainer(TokenCounting, Trainer):
         if self.args.should_save:
             rotate(run_dir, self.args.save_total_limit,
                    protect=(self.state.best_model_checkpoint,) if self.state.best_model_checkpoint else ())
+
+    def _name_the_best_as_published(self, run_dir: str, stage: Path) -> None:
+        """The Trainer names the best checkpoint inside the folder it writes into (staging, gone once published), and
+        only when it is the one being written: name it where it is published, also in the state saved with it."""
+        step = self.state.best_global_step
+        best = Path(run_dir) / f"{PREFIX}-{step}"
+        if step and (step == self.state.global_step or best.is_dir()):
+            self.state.best_model_checkpoint = str(best)
+            if self.args.should_save:
+                self.state.save_to_json(str(stage / STATE_FILE))
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)

@@ -40,10 +40,11 @@ def test_the_overview_lists_every_command_with_a_line(argv, capsys):
 def test_no_command_or_an_unknown_one_is_bad_input(capsys):
     code, out, err = _run([], capsys)
     assert code == 2 and "commands:" in err and out == ""
-    code, out, err = _run(["trian"], capsys)
-    assert code == 2 and out == ""
-    assert err.strip() == ("samsum-tuner: error: unknown command 'trian' (did you mean train?); the commands: train, "
-                           "plan, eval, merge, report, keys, help (samsum-tuner --help describes them)")
+    for argv in (["trian"], ["help", "trian"]):  # also when help is asked for it (exit 0 and the overview before)
+        code, out, err = _run(argv, capsys)
+        assert code == 2 and out == ""
+        assert err.strip() == ("samsum-tuner: error: unknown command 'trian' (did you mean train?); the commands: "
+                               "train, plan, eval, merge, report, keys, help (samsum-tuner --help describes them)")
 
 
 @pytest.mark.parametrize("argv, line", [

@@ -73,6 +73,7 @@ def test_split_overrides_forms():
     (["train.per_device_train_batch_size=0"], "train.per_device_train_batch_size must be positive, got 0"),
     (["train.learning_rate=-1"], "train.learning_rate must be positive, got -1.0"),
     (["data.max_length=0"], "data.max_length must be positive, got 0"),
+    (["memory.log_every_steps=-1"], "memory.log_every_steps must be >= 0, got -1"),  # step % -1 is always 0
     (["--batch_size_training", "3", "--micro_batch_size", "2"],
      "batch_size_training=3 must be a positive multiple of micro_batch_size=2"),
     (["train.learning_rat=1"], "unknown key 'train.learning_rat'; did you mean train.learning_rate"),
@@ -239,6 +240,15 @@ def test_fast_path_packs_the_step_and_keeps_a_token_budget():
     r = build_recipe(ROOT / "recipes" / "full_sgd.yaml", ["data.max_tokens_per_batch=2048", "fast_path=true"])
     assert (r.data.max_tokens_per_batch, r.train.gradient_accumulation_steps) == (2048, 4)
 
+    # What the command line names is kept, before or after fast_path (which reads the final batch); a recipe file's
+    # attention is not (lora_fast.yaml names flex_attention)
+    for overrides in (["fast_path=true", "model.attn_implementation=eager"], ["--attn_implementation", "eager",
+                                                                              "fast_path=true"]):
+        assert build_recipe(ROOT / "recipes" / "full_sgd.yaml", overrides).model.attn_implementation == "eager"
+    assert build_recipe(ROOT / "recipes" / "lora_fast.yaml", ["fast_path=true"]).model.attn_implementation == "sdpa"
+    with pytest.raises(ConfigError, match=r"^fast_path=true packs .* data.packing=false contradicts it"):
+        build_recipe(ROOT / "recipes" / "full_sgd.yaml", ["fast_path=true", "data.packing=false"])
+
 
 def test_missing_model_path_refused(capsys, tmp_path, tiny_data):
     code = cli.main(["train", f"data.source={tiny_data}", f"train.output_dir={tmp_path / 'o'}",
@@ -357,7 +367,20 @@ def test_training_arguments_refusals_at_completion_are_one_line(tmp_path):
                             "train.eval_strategy=steps", "train.eval_steps=3", "train.save_strategy=epoch"])
     with pytest.raises(ConfigError, match=r"^train: .*load_best_model_at_end") as e:
         training_arguments(r, Launch("python", 1, 0, 0, False, False), ["LlamaDecoderLayer"], has_eval=True)
-    assert "\n" not in str(e.value)
+    # transformers' message, every line of it (the strategies it found were cut off), on one line
+    assert "\n" not in str(e.value) and str(e.value).endswith("Save strategy: SaveStrategy.EPOCH")
+
+
+def test_a_dry_run_refuses_what_the_run_would_refuse(tiny_model_dir, tiny_data, tmp_path, capsys):
+    """TrainingArguments' own checks run in a dry run too (a real run meets them before loading the model)."""
+    from samsum_tuner import cli
+
+    code = cli.main(["train", f"model.name={tiny_model_dir}", f"data.source={tiny_data}", "--dry-run",
+                     f"train.output_dir={tmp_path / 'run'}", "train.load_best_model_at_end=true",
+                     "train.eval_strategy=steps", "train.eval_steps=2", "train.save_strategy=no",
+                     "memory.preflight=false"])
+    last = capsys.readouterr().err.splitlines()[-1]  # after the tokenizing progress bars
+    assert code == 2 and last.startswith("samsum-tuner: error: train: --load_best_model_at_end requires"), last
 
 
 def test_training_arguments_unions_with_a_literal_take_a_value_as_it_is():

@@ -25,6 +25,7 @@ NUMERIC = {  # key: (a valid value, an out-of-range value the message must name)
     "lora.dropout": 1.5, "train.gamma": 2.0, "train.max_steps": -7, "train.save_total_limit": 0,
     "train.eval_steps": -1, "train.weight_decay": -0.1, "memory.gpu_limit_gib": -3, "guard.max_nonfinite_steps": -1,
     "guard.max_skipped_steps": -4, "quantization.bits": 3, "fsdp.version": 5, "train.warmup_steps": -1,
+    "memory.log_every_steps": -1,
 }
 FLOATS = ["train.learning_rate", "train.num_train_epochs", "lora.dropout", "train.gamma", "train.weight_decay",
           "memory.sample_interval_s", "train.max_grad_norm", "train.momentum"]

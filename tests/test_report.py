@@ -125,6 +125,23 @@ def test_report_refuses_bad_input_in_one_line(case, lora_run, tmp_path, capsys):
     assert files_of(tmp_path) == kept  # no report.md, no plot written before the refusal
 
 
+DAMAGED_ROWS = [b'{"event": "epoch", "rank": 0, "host_peak_rss_gib": 1.0, "gpu_malloc_retries": 0}',
+                b'{"event": "epoch", "rank": 0, "epoch": null, "step": null, "host_peak_rss_gib": 1.0, '
+                b'"gpu_malloc_retries": 0}']
+
+
+@pytest.mark.parametrize("row", DAMAGED_ROWS, ids=["no-epoch-or-step", "null-epoch-and-step"])
+def test_a_memory_row_without_its_epoch_or_step_is_left_out_of_the_plots(row, lora_run, tmp_path):
+    """Such a row passes the number checks (null is allowed), and the plots read epoch and step: a KeyError or
+    matplotlib's TypeError before."""
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    (run / "memory.jsonl").write_bytes((run / "memory.jsonl").read_bytes() + row + b"\n")
+    assert cli.main(["report", str(run)]) == 0
+    # the run's own rows (a CPU run: no retries) are plotted; the damaged row, the only one with retries, is not
+    assert (run / "memory.png").is_file() and not (run / "malloc_retries.png").exists()
+
+
 def test_report_without_history_or_memory_says_so(lora_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(lora_run, run)

@@ -83,6 +83,31 @@ def test_resume_equals_an_uninterrupted_run(kind, tiny_model_dir, small_data, tm
     assert m2["last_loss"] == metrics["last_loss"]
 
 
+def test_the_best_checkpoint_is_named_where_it_is_published_kept_and_loaded_at_the_end(
+        tiny_model_dir, tiny_data, tmp_path):
+    """Checkpoints are written into staging and published as checkpoint-N: the Trainer's best_model_checkpoint
+    named the staging folder (gone once published), so rotation could remove the best checkpoint, and
+    load_best_model_at_end warned or raised. "Best" here is the highest eval loss: an early step of a run whose loss
+    falls, so the best is not the last."""
+    out = tmp_path / "run"
+    r = st.load_recipe(None, [*_overrides(tiny_model_dir, tiny_data, out, "--use_peft", "train.learning_rate=1e-2"),
+                              "data.eval_split=validation", "train.eval_strategy=steps", "train.eval_steps=1",
+                              "train.save_steps=1", "train.save_total_limit=1", "train.max_steps=4",
+                              "train.load_best_model_at_end=true", "train.metric_for_best_model=eval_loss",
+                              "train.greater_is_better=true"])
+    trainer = st.build_trainer(r)
+    st.train(r, trainer=trainer)
+    evals = {h["step"]: h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h}
+    best_step = max(evals, key=evals.get)
+    assert best_step < 4, evals
+    best = out / f"checkpoint-{best_step}"
+    assert trainer.state.best_model_checkpoint == str(best)
+    # Rotation kept it beside the newest at every save; at the end the Trainer keeps the best alone (limit 1).
+    assert [c.name for c in ck.complete_checkpoints(out)] == [best.name]
+    assert json.loads((best / ck.STATE_FILE).read_text())["best_model_checkpoint"] == str(best)
+    _assert_same_weights(_weights(best), _weights(out))  # the final save is the best checkpoint's adapter
+
+
 # ---------------------------------------------------------------- token-budget batches on resume
 # How batches form, for the resume tests: by token budget (packed or padded), or rows with the longest first.
 BATCHING = {"packed": ["data.packing=true", "data.max_tokens_per_batch=256"],
