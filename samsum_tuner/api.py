@@ -96,11 +96,11 @@ def prepare(recipe: Recipe, *, dry_run: bool = False, force: bool = False) -> Pr
     if not dry_run:
         _check_output_dir(recipe)
     tokenizer, splits = _tokenized(recipe, recipe.data, loading=not dry_run)
-    if dry_run:  # TrainingArguments' own checks, which a real run meets in build_trainer
-        from .model import layers_to_wrap
+    if dry_run:  # TrainingArguments' own checks, which a real run meets in build_trainer. The decoder-layer class
+        # FSDP wraps is named from the model's code, which a dry run never runs; none of the checks reads it.
         from .resolve import training_arguments
 
-        training_arguments(recipe, launch, layers_to_wrap(recipe.model), has_eval="eval" in splits)
+        training_arguments(recipe, launch, ["LlamaDecoderLayer"], has_eval="eval" in splits)
     prepared = Prepared(recipe, launch, tokenizer, splits, notes=notes)
     prepared.plan = _preflight(prepared, enforce=not (dry_run or force))
     return prepared

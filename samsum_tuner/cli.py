@@ -131,6 +131,7 @@ def _train(opts: argparse.Namespace, recipe, prepared) -> int:
     if opts.dry_run:
         if prepared.launch.is_main:
             print("--- resolved recipe ---\n" + recipe.to_yaml(), end="", flush=True)
+        _close_process_group()  # completing TrainingArguments (their checks) may have opened it
         return EXIT_OK
     metrics = api.train(recipe, trainer=api.build_trainer(recipe, prepared=prepared))
     if prepared.launch.is_main:
