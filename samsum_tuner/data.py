@@ -95,7 +95,12 @@ def resolve_source(cfg: DataConfig) -> str:
     """SAMSUM_DATA_DIR stands in for SAMSum from the hub (offline machines, CI). Any other source, a folder
     above all (even a misspelt one, which then fails naming itself), is the user's explicit choice."""
     env = os.environ.get("SAMSUM_DATA_DIR")
-    return env if env and cfg.source.lower() in SAMSUM_HUB_IDS else cfg.source
+    if not (env and cfg.source.lower() in SAMSUM_HUB_IDS):
+        return cfg.source
+    if not Path(env).is_dir():  # a folder by definition: never read as a hub id (the hub's retries, then a wrong name)
+        raise DataError(f"SAMSUM_DATA_DIR: {env} is not a folder (it stands in for {cfg.source}: point it at a folder "
+                        "of train/validation/test .jsonl[.gz], or unset it to load from the hub)")
+    return env
 
 
 def find_split_file(folder: Path, split: str) -> Path | None:

@@ -70,7 +70,7 @@ def _check_run(run: Path) -> Recipe:
 def merge(run_dir: str, out: str, *, overwrite: bool = False) -> Path:
     """Merge the adapter of `run_dir` into its base and write the plain model folder `out`. Everything is checked
     before the model loads; `out` appears only once complete, and replaces an earlier merge only with `overwrite`."""
-    run, target = Path(run_dir), Path(out)
+    run, target = Path(run_dir), Path(os.path.abspath(out))  # absolute: `.` has no name to stage beside
     recipe = _check_run(run)
     _check_target(target, run, overwrite)
 

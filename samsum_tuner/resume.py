@@ -2,6 +2,7 @@
 was saved with this recipe's model and optimizer, and `resume=auto`'s choice."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -158,7 +159,7 @@ def check_recipe(path: str | os.PathLike, settings: dict) -> None:
     """Refuse a checkpoint saved with another model or optimizer than the recipe's `settings` (Recipe.to_dict()) say,
     naming the setting."""
     p = Path(path)
-    current, saved = settings, saved_recipe(p)
+    current, saved = copy.deepcopy(settings), saved_recipe(p)  # the caller checks the next checkpoint with it
     if saved is None:  # another tool's optimizer names are not ours: compare the kind only
         saved = _inferred_recipe(p)
         current["train"]["optim"] = _optimizer_kind(current["train"]["optim"]) or _ABSENT

@@ -173,6 +173,10 @@ def test_samsum_data_dir_overrides_source(monkeypatch, tiny_data):
     assert len(load_clean_split(_cfg(str(other)), "train")[0]) == 5
     with pytest.raises(DataError, match="data/samsun"):  # a misspelt relative folder is not silently replaced
         load_clean_split(_cfg("data/samsun"), "train")
+    # The variable names a folder: one that does not exist is said so, never read as a hub id (the hub's retries)
+    monkeypatch.setenv("SAMSUM_DATA_DIR", "data/samsum")
+    with pytest.raises(DataError, match=r"^SAMSUM_DATA_DIR: data/samsum is not a folder \(it stands in for "):
+        load_clean_split(_cfg("knkarthick/samsum"), "train")
 
 
 def test_label_mask_is_exact(tokenizer):

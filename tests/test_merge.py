@@ -29,6 +29,16 @@ def _eval(capsys, folder, out, data) -> tuple[str, list[dict]]:
     return printed, [json.loads(x) for x in (out / "predictions_test.jsonl").read_text().splitlines()]
 
 
+def test_merge_into_the_working_directory_itself(lora_run, tmp_path, monkeypatch):
+    """`merge RUN .` into an empty working directory: `.` has no name to stage the merge beside (a ValueError
+    traceback after the whole merge, before)."""
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert cli.main(["merge", str(lora_run), "."]) == 0
+    assert (here / "config.json").is_file() and (here / "model.safetensors").is_file()
+
+
 def test_merged_folder_evaluates_like_its_adapter(lora_run, merged, tmp_path, capsys):
     data = lora_run.parent / "samsum"
     printed_run, from_adapter = _eval(capsys, lora_run, tmp_path / "adapter", data)

@@ -275,6 +275,17 @@ def test_rotation_never_deletes_the_only_good_checkpoint(tmp_path):
     assert not (run / "checkpoint-6").exists() and ck.latest_checkpoint(run) is None
 
 
+def test_checking_another_tools_checkpoint_leaves_the_recipe_settings_as_they_were(tmp_path):
+    """Another tool's checkpoint (no recipe.yaml) is compared by optimizer kind: that comparison wrote the kind into
+    the caller's settings, and resume=auto's next checkpoint then met a placeholder (a TypeError traceback)."""
+    settings = st.load_recipe(None, ["train.optim=adafactor"]).to_dict()
+    before = json.dumps(settings)
+    for step in (2, 4):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        rs.check_recipe(tmp_path / f"checkpoint-{step}", settings)
+    assert json.dumps(settings) == before
+
+
 def test_run_directory_rules(tmp_path):
     run = tmp_path / "run"
     _complete(run, 3)
