@@ -114,8 +114,10 @@ def _local_config(m: ModelConfig, path: Path):
 
         raise ConfigError(f"model.name: {f}: unknown model_type '{model_type}' (transformers "
                           f"{transformers.__version__} has no such architecture)")
-    sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-    _check_sizes(f, {k: raw[k] for k in sizes if k in raw})  # before transformers divides by them
+    sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "head_dim")
+    # before transformers divides by them (null: the KV heads and head size take their defaults)
+    _check_sizes(f, {k: raw[k] for k in sizes if k in raw and not (k in OPTIONAL_SIZES and raw[k] is None)})
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except Exception as e:  # wrong types, values transformers' own config validation refuses
@@ -124,6 +126,9 @@ def _local_config(m: ModelConfig, path: Path):
     if m.trust_remote_code and isinstance(auto_map, dict) and "AutoModelForCausalLM" in auto_map:
         return None  # the model class is the folder's own: its module names are unknown until its code runs
     return config
+
+
+OPTIONAL_SIZES = ("num_key_value_heads", "head_dim")
 
 
 def _check_sizes(f: Path, sizes: dict) -> None:
@@ -204,10 +209,13 @@ def _check_architecture(m: ModelConfig, config, lora_targets: list[str] | None) 
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise ConfigError(f"model.name: {name} is a {config.model_type} model, which transformers has no causal-LM "
                           "class for")
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as e:  # values the config class accepts and its model cannot build with (0 KV heads, an act)
+        raise ConfigError(f"model.name: {name}/config.json: the model cannot be built from it: {_reason(e)}") from None
     if not lora_targets:
         return
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
     names = [n for n, _ in model.named_modules() if n]
     missing = [t for t in lora_targets
                if t != "all-linear" and not any(n == t or n.endswith("." + t) for n in names)]

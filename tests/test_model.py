@@ -77,6 +77,10 @@ def test_a_broken_model_folder_is_named_before_any_weight_loads(tmp_path, tiny_m
         ({**good, "model_type": "mine", "auto_map": {"AutoConfig": "mine.Config"}},
          "defines its architecture in its own Python code (config.json auto_map); set model.trust_remote_code=true"),
         ({"model_type": "vit"}, "is a vit model, which transformers has no causal-LM class for"),
+        # values the config class accepts and the model cannot be built with (ZeroDivisionError, KeyError before)
+        ({**good, "num_key_value_heads": 0}, "config.json: num_key_value_heads must be a positive integer, got 0"),
+        ({**good, "head_dim": 0}, "config.json: head_dim must be a positive integer, got 0"),
+        ({**good, "hidden_act": "bogus"}, "config.json: the model cannot be built from it: 'bogus'"),
     ]
     for i, (config, message) in enumerate(cases):
         d = _folder(tmp_path, tiny_model_dir, f"m{i}", config)
