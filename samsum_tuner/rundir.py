@@ -181,6 +181,10 @@ def check_output_dir(run_dir: str | os.PathLike, *, overwrite: bool, resume: str
         raise ConfigError(f"train.output_dir: {out} is in use by another run ({holder}); wait for it to end, or "
                           "choose another folder")
     found = resolve_resume(resume, out, settings, notes)
+    if found is not None and not _inside(found, out) and run_content(out) and not overwrite:
+        raise ConfigError(f"train.output_dir: {out} already holds a run, and resuming {found} (another folder's "
+                          "checkpoint) would write over it: choose another folder, or set "
+                          f"train.overwrite_output_dir=true (the old run moves to {out / ASIDE}/)")
     if found is not None or not run_content(out) or overwrite or resume not in (None, "auto"):
         return found
     if resume == "auto":
@@ -193,6 +197,10 @@ def check_output_dir(run_dir: str | os.PathLike, *, overwrite: bool, resume: str
     hint = " or resume=auto to continue it" if resumable else ""
     raise ConfigError(f"train.output_dir: {out} already holds a run; choose another folder, set "
                       f"train.overwrite_output_dir=true{hint}")
+
+
+def _inside(checkpoint: Path, run: Path) -> bool:
+    return Path(checkpoint).resolve().parent == Path(run).resolve()
 
 
 # ---------------------------------------------------------------- moving earlier runs aside
@@ -227,6 +235,8 @@ def retire_after(run_dir: str | os.PathLike, resume: str | os.PathLike) -> Path 
     outputs), so that resume=auto never picks it up again and the new logs start clean. Checkpoints up to the
     resume point stay."""
     run = Path(run_dir)
+    if not _inside(Path(resume), run):  # another folder's checkpoint: none of this run's trajectory continues
+        return retire_run(run)
     step = checkpoint_step(Path(resume))
     try:
         ended = int(json.loads((run / SUMMARY).read_text()).get("step") or 0)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import samsum_tuner as st
 from samsum_tuner import checkpoint as ck
 from samsum_tuner import resume as rs
-from samsum_tuner.rundir import check_output_dir, retire_run
+from samsum_tuner.rundir import check_output_dir, retire_after, retire_run
 
 from .conftest import QUIET_RUN, ROOT, synthetic_rows, torchrun_two, varied_rows, write_jsonl, write_small_checkpoint
 
@@ -284,6 +284,24 @@ def test_checking_another_tools_checkpoint_leaves_the_recipe_settings_as_they_we
         (tmp_path / f"checkpoint-{step}").mkdir()
         rs.check_recipe(tmp_path / f"checkpoint-{step}", settings)
     assert json.dumps(settings) == before
+
+
+def test_resuming_another_folders_checkpoint_never_writes_over_a_run(tmp_path):
+    """resume=PATH of another folder into a folder that holds a run: refused, unless overwrite, which moves the
+    whole old run aside (its own later checkpoints would otherwise have been rotated away by the new run)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for step in (2, 4):
+        _complete(a, step)
+    (a / "adapter_model.safetensors").write_bytes(b"the old run's adapter")
+    foreign = _complete(b, 6)
+    with pytest.raises(st.ConfigError, match=r"already holds a run, and resuming .*another folder's checkpoint"):
+        check_output_dir(a, overwrite=False, resume=str(foreign))
+    assert sorted(x.name for x in a.iterdir()) == ["adapter_model.safetensors", "checkpoint-2", "checkpoint-4"]
+    assert check_output_dir(tmp_path / "fresh", overwrite=False, resume=str(foreign)) == foreign  # an empty folder
+    assert check_output_dir(a, overwrite=True, resume=str(foreign)) == foreign
+    aside = retire_after(a, foreign)
+    assert sorted(x.name for x in aside.iterdir()) == ["adapter_model.safetensors", "checkpoint-2", "checkpoint-4"]
+    assert ck.latest_checkpoint(a) is None and (b / "checkpoint-6").is_dir()
 
 
 def test_run_directory_rules(tmp_path):
