@@ -58,9 +58,10 @@ def _unreadable(file: Path) -> str | None:
     state costs its zip directory and pickle, not its size in memory (docs/notes.md)."""
     from transformers.trainer_pt_utils import safe_globals  # numpy arrays and dtypes of the RNG state: data, not code
 
+    found = None
     try:
         if file.suffix == ".json":
-            json.loads(file.read_text(encoding="utf-8"))
+            found = json.loads(file.read_text(encoding="utf-8"))
         elif file.suffix == ".safetensors":
             from safetensors import safe_open
 
@@ -70,10 +71,16 @@ def _unreadable(file: Path) -> str | None:
             import torch
 
             with safe_globals():
-                torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+                found = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - whatever the reader says, resume cannot use the file
         first = (str(e).strip().splitlines() or [""])[0][:160]
         return f"an unreadable {file.name} ({type(e).__name__}: {first})"
+    # What another writer's checkpoint is read for (_inferred_recipe): a JSON object, an optimizer's param groups
+    if file.suffix == ".json" and not isinstance(found, dict):
+        return f"an unreadable {file.name} (a JSON {type(found).__name__}, not an object)"
+    if file.name == "optimizer.pt" and not (isinstance(found, dict) and isinstance(found.get("param_groups"), list)
+                                            and all(isinstance(g, dict) for g in found["param_groups"])):
+        return f"an unreadable {file.name} (no list of param_groups)"
     return None
 
 

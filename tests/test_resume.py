@@ -304,6 +304,25 @@ def test_resuming_another_folders_checkpoint_never_writes_over_a_run(tmp_path):
     assert ck.latest_checkpoint(a) is None and (b / "checkpoint-6").is_dir()
 
 
+def test_another_writers_checkpoint_with_state_of_the_wrong_shape_is_skipped_naming_why(tmp_path):
+    """Valid JSON or a loadable pickle, but not what resume reads another writer's recipe from (an
+    adapter_config.json that is no object, an optimizer state without param_groups): an AttributeError or KeyError
+    traceback before; now the checkpoint is unusable, named, and resume=auto takes the one before it."""
+    settings = st.load_recipe(None, []).to_dict()
+    for step in (2, 4, 6):
+        (_complete(tmp_path, step) / ck.MANIFEST).unlink()  # another writer's: no manifest, no recipe.yaml
+    (tmp_path / "checkpoint-6" / "adapter_config.json").write_text("null")
+    torch.save({"state": {}}, tmp_path / "checkpoint-4" / "optimizer.pt")
+    not_an_object = "has an unreadable adapter_config.json (a JSON NoneType, not an object)"
+    assert rs.unusable(tmp_path / "checkpoint-6") == not_an_object
+    assert rs.unusable(tmp_path / "checkpoint-4") == "has an unreadable optimizer.pt (no list of param_groups)"
+    notes: list[str] = []
+    assert rs.resolve_resume("auto", tmp_path, settings, notes) == tmp_path / "checkpoint-2"
+    assert len(notes) == 2 and "checkpoint-6: it has" in notes[0] and "checkpoint-4: it has" in notes[1], notes
+    with pytest.raises(st.ConfigError, match="optimizer.pt .no list of param_groups"):
+        rs.resolve_resume(str(tmp_path / "checkpoint-4"), tmp_path, settings)
+
+
 def test_run_directory_rules(tmp_path):
     run = tmp_path / "run"
     _complete(run, 3)
