@@ -81,6 +81,11 @@ def _reason(e: Exception) -> str:
     return (text[:200] + "...") if len(text) > 200 else text or type(e).__name__
 
 
+# config.json sizes a model divides by; the optional ones may be null (transformers then derives them)
+OPTIONAL_SIZES = ("num_key_value_heads", "head_dim")
+SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", *OPTIONAL_SIZES)
+
+
 def _local_config(m: ModelConfig, path: Path):
     """The folder's config.json checked as data first (so each fault is named), then read by transformers without
     its own code. None: the architecture is the folder's own code, which the recipe trusts."""
@@ -114,21 +119,16 @@ def _local_config(m: ModelConfig, path: Path):
 
         raise ConfigError(f"model.name: {f}: unknown model_type '{model_type}' (transformers "
                           f"{transformers.__version__} has no such architecture)")
-    sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-             "num_key_value_heads", "head_dim")
     # before transformers divides by them (null: the KV heads and head size take their defaults)
-    _check_sizes(f, {k: raw[k] for k in sizes if k in raw and not (k in OPTIONAL_SIZES and raw[k] is None)})
+    _check_sizes(f, {k: raw[k] for k in SIZES if k in raw and not (k in OPTIONAL_SIZES and raw[k] is None)})
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except Exception as e:  # wrong types, values transformers' own config validation refuses
         raise ConfigError(f"model.name: {f}: {_reason(e)}") from None
-    _check_sizes(f, {k: getattr(config, k) for k in sizes if getattr(config, k, None) is not None})  # aliases too
+    _check_sizes(f, {k: getattr(config, k) for k in SIZES if getattr(config, k, None) is not None})  # aliases too
     if m.trust_remote_code and isinstance(auto_map, dict) and "AutoModelForCausalLM" in auto_map:
         return None  # the model class is the folder's own: its module names are unknown until its code runs
     return config
-
-
-OPTIONAL_SIZES = ("num_key_value_heads", "head_dim")
 
 
 def _check_sizes(f: Path, sizes: dict) -> None:

@@ -181,11 +181,12 @@ def check_output_dir(run_dir: str | os.PathLike, *, overwrite: bool, resume: str
         raise ConfigError(f"train.output_dir: {out} is in use by another run ({holder}); wait for it to end, or "
                           "choose another folder")
     found = resolve_resume(resume, out, settings, notes)
-    if found is not None and not _inside(found, out) and run_content(out) and not overwrite:
+    occupied = bool(run_content(out))
+    if found is not None and not _inside(found, out) and occupied and not overwrite:
         raise ConfigError(f"train.output_dir: {out} already holds a run, and resuming {found} (another folder's "
                           "checkpoint) would write over it: choose another folder, or set "
                           f"train.overwrite_output_dir=true (the old run moves to {out / ASIDE}/)")
-    if found is not None or not run_content(out) or overwrite or resume not in (None, "auto"):
+    if found is not None or not occupied or overwrite or resume not in (None, "auto"):
         return found
     if resume == "auto":
         why = f" ({'; '.join(notes)})" if notes else ""
@@ -199,7 +200,7 @@ def check_output_dir(run_dir: str | os.PathLike, *, overwrite: bool, resume: str
                       f"train.overwrite_output_dir=true{hint}")
 
 
-def _inside(checkpoint: Path, run: Path) -> bool:
+def _inside(checkpoint: str | os.PathLike, run: str | os.PathLike) -> bool:
     return Path(checkpoint).resolve().parent == Path(run).resolve()
 
 
@@ -235,7 +236,7 @@ def retire_after(run_dir: str | os.PathLike, resume: str | os.PathLike) -> Path 
     outputs), so that resume=auto never picks it up again and the new logs start clean. Checkpoints up to the
     resume point stay."""
     run = Path(run_dir)
-    if not _inside(Path(resume), run):  # another folder's checkpoint: none of this run's trajectory continues
+    if not _inside(resume, run):  # another folder's checkpoint: none of this run's trajectory continues
         return retire_run(run)
     step = checkpoint_step(Path(resume))
     try:
