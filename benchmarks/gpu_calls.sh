@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The device calls of the GPU sessions, one case each (which session ran which: docs/throughput_history.md;
-# s14f, then s15b and s15c, are the next), each started as
+# The device calls of the GPU sessions, one case each (which session ran which: docs/throughput_history.md),
+# each started as
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
 #     && export PYTHONPATH=/tmp/site:$PWD || exit; export SAMSUM_TUNER_CACHE=$PWD/.gpudata/cache \
 #     SAMSUM_DATA_DIR=$PWD/.gpudata HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false; \
@@ -51,7 +51,7 @@ s14c)  # cold, carry as s14a: the wheels, the data and the GGUF's first half wai
   stash_sm2
   env_txt
   ;;
-s15b)  # next session, warm after s14f (= s15a), carry .sm2/part-ab and the trl, rouge_score, nltk and evaluate wheels
+s15b)  # warm after s14f (= s15a), carry .sm2/part-ab and the trl, rouge_score, nltk and evaluate wheels
        # (.whl/{trl,rouge_score,nltk,evaluate}-*): the flex loop alone first, its cold compilations warming the
        # machine's cache (they outlasted 250 s in session 2026-12-06f and 150 s in 2026-12-06c), then one round of
        # the SmolLM2 comparison
@@ -68,6 +68,24 @@ s15c)  # warm after s15b: the SmolLM2 rows of docs/throughput.md's table in one 
     --only ours_smollm2,flex_loop_16k,trl_default --out /tmp/s15c --timeout 250 \
     --deadline $(($(left) - 10)) > "$OUT/bench_smollm2.log" 2>&1
   cp /tmp/s15c/throughput.json "$OUT/throughput_smollm2.json"
+  ;;
+s15d)  # warm after s15c: twice the recipe's tokens per step (ours_smollm2_32k) against the recipe and the flex loop,
+       # twice interleaved: does the host's per-step cost, spread over 32k tokens, lift the throughput past 200k?
+  timeout 560 python benchmarks/throughput.py --suite smollm2 --warmup 5 --steps 20 --profile none --repeat 2 \
+    --only ours_smollm2,flex_loop_16k,ours_smollm2_32k --out /tmp/s15d --timeout 200 --deadline 540 \
+    > "$OUT/bench_smollm2_s15d.log" 2>&1
+  cp /tmp/s15d/throughput.json "$OUT/throughput_smollm2_s15d.json"
+  ;;
+s15e)  # warm after s15d: the recipe at 32k tokens per step trained and scored on the whole test split, at its own
+       # learning rate and higher ones (half the optimizer steps of the 16k recipe): does ROUGE-1 stay >= 47?
+  for v in "lr2e-4 train.learning_rate=2.0e-4" "lr3e-4 train.learning_rate=3.0e-4" "lr4e-4 train.learning_rate=4.0e-4"; do
+    set -- $v; mkdir -p "$OUT/$1"
+    timeout $(($(left) - 60)) python -m samsum_tuner.train recipes/smollm2_gpu.yaml data.max_tokens_per_batch=32768 \
+      data.pad_to_multiple_of=32768 "$2" train.output_dir=/tmp/r$1 > "$OUT/$1/train.log" 2>&1
+    timeout $(($(left) - 5)) python -m samsum_tuner eval /tmp/r$1 --split test --batch-size 128 --out "$OUT/$1" \
+      > "$OUT/$1/eval.log" 2>&1
+    cp /tmp/r$1/run_summary.json "$OUT/$1/"
+  done
   ;;
 s14f)  # cold, carry as s14c: the data and the GGUF's first half wait in /tmp for s14g; the 7B and QLoRA targets
        # in one invocation (no GGUF needed: random Llama-2-7B shape), after an unmeasured naive_lora (a fresh
