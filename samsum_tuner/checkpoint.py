@@ -88,6 +88,11 @@ def _discard(path: Path, run_dir: Path) -> None:
     shutil.rmtree(target, ignore_errors=True)
 
 
+def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    """Where the checkpoint of `step` is published (the Trainer's own name for it)."""
+    return Path(run_dir) / f"{PREFIX}-{step}"
+
+
 def staging_dir(run_dir: str | os.PathLike, step: int) -> Path:
     return Path(run_dir) / STAGING / f"{PREFIX}-{step}"
 

@@ -19,7 +19,7 @@ from transformers.trainer_utils import speed_metrics
 from .batching import (PACKED_MASKS, BatchingSpec, LongestFirstSampler, TokenBudgetBatchSampler,
                        WithSupervisedPositions, non_padding_tokens, packed_attention_mask, supervised_positions)
 from .callbacks import BatchSamplerEpoch
-from .checkpoint import PREFIX, RECIPE_FILE, STATE_FILE, atomic_checkpoint, rotate, worst_over_processes
+from .checkpoint import RECIPE_FILE, STATE_FILE, atomic_checkpoint, checkpoint_dir, rotate, worst_over_processes
 from .resume import saved_recipe
 from .guards import NonFiniteGuard
 from .memory import MemoryCallback
@@ -133,7 +133,7 @@ class SamsumTrainer(TokenCounting, Trainer):
         """The Trainer names the best checkpoint inside the folder it writes into (staging, gone once published), and
         only when it is the one being written: name it where it is published, also in the state saved with it."""
         step = self.state.best_global_step
-        best = Path(run_dir) / f"{PREFIX}-{step}"
+        best = checkpoint_dir(run_dir, step)
         if step and (step == self.state.global_step or best.is_dir()):
             self.state.best_model_checkpoint = str(best)
             if self.args.should_save:

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from samsum_tuner.checkpoint import PREFIX, STATE_FILE, atomic_checkpoint, rotate, worst_over_processes
+from samsum_tuner.checkpoint import STATE_FILE, atomic_checkpoint, checkpoint_dir, rotate, worst_over_processes
 from samsum_tuner.resume import unusable
 from samsum_tuner.errors import ConfigError
 
@@ -36,7 +36,7 @@ def save_sharded(run_dir: str | os.PathLike, step: int, model, optimizer, *, ext
         torch.save(_rng_state(), stage / f"rng_state_{rank}.pth")
         if rank == 0:
             (stage / STATE_FILE).write_text(json.dumps({"global_step": step, **(extra or {})}))
-    final = Path(run_dir) / f"{PREFIX}-{step}"
+    final = checkpoint_dir(run_dir, step)
     if rank == 0:
         rotate(run_dir, keep)
     barrier()
