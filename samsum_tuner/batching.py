@@ -27,17 +27,20 @@ class BatchingSpec:
     attn_implementation: str  # the recipe's attention kernel, whose packed-row mask is built here (PACKED_MASKS)
 
 
-def token_budget_batches(lengths: list[int], budget: int, packed: bool, seed: int) -> list[list[int]]:
+def token_budget_batches(lengths: list[int], budget: int, packed: bool, seed: int,
+                         multiple: int | None = None) -> list[list[int]]:
     """Sample indices grouped, in a seeded order, into batches whose cost stays within `budget` tokens: the sum
-    of lengths when packed, rows x the longest when padded. The training sampler and the memory planner both
-    use it, so the planner sees the batches training will run."""
+    of lengths when packed, rows x the longest when padded, each row rounded up to `multiple` (pad_to_multiple_of)
+    as the collator pads it. The training sampler and the memory planner both use it, so the planner sees the
+    batches training will run."""
+    m = multiple or 1
     order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
     batches: list[list[int]] = []
     current: list[int] = []
     total = longest = 0
     for i in order:
         n = lengths[i]
-        cost = total + n if packed else (len(current) + 1) * max(longest, n)
+        cost = -(-(total + n) // m) * m if packed else (len(current) + 1) * (-(-max(longest, n) // m) * m)
         if current and cost > budget:
             batches.append(current)
             current, total, longest = [], 0, 0
@@ -70,13 +73,15 @@ class LongestFirstSampler(torch.utils.data.Sampler):
 
 class TokenBudgetBatchSampler(torch.utils.data.Sampler):
     """Batches of sample indices whose cost stays within a token budget: the sum of lengths when packed, rows x
-    the longest row when padded. The batches are formed once (from a seeded order), so every epoch has the same
-    number of optimizer steps, which the Trainer's schedule, accumulation and resume assume; each epoch visits
-    them in a new seeded order, with longest_first the batch holding the longest sample first."""
+    the longest row when padded, rows rounded up to `multiple`. The batches are formed once (from a seeded
+    order), so every epoch has the same number of optimizer steps, which the Trainer's schedule, accumulation and
+    resume assume; each epoch visits them in a new seeded order, with longest_first the batch holding the longest
+    sample first."""
 
-    def __init__(self, lengths: list[int], budget: int, packed: bool, seed: int, longest_first: bool = False):
+    def __init__(self, lengths: list[int], budget: int, packed: bool, seed: int, longest_first: bool = False,
+                 multiple: int | None = None):
         self.lengths, self.seed, self.longest_first, self.epoch = lengths, seed, longest_first, 0
-        self.batches = token_budget_batches(lengths, budget, packed, seed)
+        self.batches = token_budget_batches(lengths, budget, packed, seed, multiple)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -128,9 +128,14 @@ def validate(recipe: Recipe) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
-    if d.max_tokens_per_batch is not None and d.max_tokens_per_batch < d.max_length:
-        raise ConfigError(f"data.max_tokens_per_batch ({d.max_tokens_per_batch}) must be at least data.max_length "
-                          f"({d.max_length}): the longest sample must fit a batch")
+    if d.max_tokens_per_batch is not None:
+        multiple = d.pad_to_multiple_of or 1
+        row = -(-d.max_length // multiple) * multiple  # the longest sample as the collator pads it
+        if d.max_tokens_per_batch < row:
+            padded = ("" if row == d.max_length
+                      else f", padded to a multiple of data.pad_to_multiple_of ({multiple}): {row}")
+            raise ConfigError(f"data.max_tokens_per_batch ({d.max_tokens_per_batch}) must be at least data.max_length "
+                              f"({d.max_length}{padded}): the longest sample must fit a batch")
     if t.eval_rouge_rows < 0:
         raise ConfigError(f"train.eval_rouge_rows must be 0 (off) or positive, got {t.eval_rouge_rows}")
     if t.eval_rouge_rows and not d.eval_split:

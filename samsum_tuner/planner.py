@@ -115,9 +115,14 @@ def _on_the_cpu(e: _Estimate) -> _Estimate:
 
 
 def _worst_batch_tokens(recipe: Recipe, token_lengths: list[int] | None) -> tuple[int, str]:
-    """(tokens in the worst batch, how they were found): the token budget, the real lengths or SAMSum's defaults."""
-    b, cap = recipe.train.per_device_train_batch_size, recipe.data.max_length
+    """(tokens in the worst batch, how they were found): the token budget, the real lengths or SAMSum's defaults,
+    each row rounded up to data.pad_to_multiple_of as the collator pads it."""
+    b, cap, m = recipe.train.per_device_train_batch_size, recipe.data.max_length, recipe.data.pad_to_multiple_of or 1
     budget = recipe.data.max_tokens_per_batch
+
+    def row(n: int) -> int:
+        return -(-n // m) * m
+
     if budget:
         how = "packed" if recipe.data.packing else "padded, rows x the longest"
         return budget, f"data.max_tokens_per_batch: at most {budget:,} tokens ({how}) whatever the samples"
@@ -125,13 +130,13 @@ def _worst_batch_tokens(recipe: Recipe, token_lengths: list[int] | None) -> tupl
         top = sorted((min(n, cap) for n in token_lengths), reverse=True)[:b]
         src = f"{len(token_lengths):,} real samples, longest {top[0]}"
         if recipe.data.packing:
-            return sum(top), f"packed: the {len(top)} longest samples together ({src})"
-        return b * top[0], f"padded: {b} x the longest sample ({src})"
+            return row(sum(top)), f"packed: the {len(top)} longest samples together ({src})"
+        return b * row(top[0]), f"padded: {b} x the longest sample ({src})"
     longest, p99 = min(DEFAULT_TOKEN_STATS["max"], cap), min(DEFAULT_TOKEN_STATS["p99"], cap)
     src = "default SAMSum lengths: original prompt, Llama-2 tokenizer, mean 201, p99 599, max 1150"
     if recipe.data.packing:
-        return longest + (b - 1) * p99, f"packed: the longest sample + {b - 1} at the 99th percentile ({src})"
-    return b * longest, f"padded: {b} x the longest sample ({src})"
+        return row(longest + (b - 1) * p99), f"packed: the longest sample + {b - 1} at the 99th percentile ({src})"
+    return b * row(longest), f"padded: {b} x the longest sample ({src})"
 
 
 def _logit_positions(recipe: Recipe, lengths: list[int] | None, supervised: list[int] | None, tokens: int) -> int:
@@ -144,7 +149,7 @@ def _logit_positions(recipe: Recipe, lengths: list[int] | None, supervised: list
     d = recipe.data
     n = [min(x, d.max_length) for x in lengths]
     if d.max_tokens_per_batch:
-        batches = token_budget_batches(n, d.max_tokens_per_batch, d.packing, recipe.train.seed)
+        batches = token_budget_batches(n, d.max_tokens_per_batch, d.packing, recipe.train.seed, d.pad_to_multiple_of)
     else:  # the batch _worst_batch_tokens plans for: the longest samples together
         batches = [sorted(range(len(n)), key=lambda i: -n[i])[:recipe.train.per_device_train_batch_size]]
 

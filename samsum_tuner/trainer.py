@@ -207,7 +207,7 @@ class SamsumTrainer(TokenCounting, Trainer):
     def _token_budget_loader(self, dataset, longest_first: bool = False):
         batches = TokenBudgetBatchSampler(self._lengths(dataset), self.batching.max_tokens_per_batch,
                                           packed=self.batching.packing, seed=self.args.seed,
-                                          longest_first=longest_first)
+                                          longest_first=longest_first, multiple=self.batching.pad_to_multiple_of)
         return self._loader(dataset, batches)
 
     def _loader(self, dataset, batch_sampler):

@@ -158,6 +158,38 @@ def test_token_budget_trains_and_bounds_the_plan(tiny_model_dir, tmp_path):
         st.load_recipe(None, ["data.max_tokens_per_batch=64", "data.max_length=128"])
 
 
+@pytest.mark.parametrize("packing,multiple", [(False, 256), (False, 64), (True, 200)],
+                         ids=["padded-256", "padded-64", "packed-200"])
+def test_token_budget_holds_for_rows_padded_to_a_multiple(tiny_model_dir, tmp_path, packing, multiple):
+    """The budget bounds the batches as the collator pads them (rows rounded up to pad_to_multiple_of): padded
+    rows at multiple 256 used to make batches of 4 x 256 tokens, and a packed row of 201-256 tokens at multiple
+    200 one of 400, against a budget of 256 that the planner plans for."""
+    import samsum_tuner as st
+    from samsum_tuner.planner import _worst_batch_tokens
+
+    rows = varied_rows(40)
+    write_jsonl(tmp_path / "d", "train", rows)
+    write_jsonl(tmp_path / "d", "validation", rows[:12])
+    r = st.load_recipe(None, [f"model.name={tiny_model_dir}", f"data.source={tmp_path / 'd'}", "--use_peft",
+                              f"train.output_dir={tmp_path / 'run'}", f"data.packing={packing}", "data.max_length=128",
+                              "data.max_tokens_per_batch=256", f"data.pad_to_multiple_of={multiple}", *QUIET_RUN])
+    trainer = st.build_trainer(r)
+    for loader in (trainer.get_train_dataloader(), trainer.get_eval_dataloader()):
+        shapes = [tuple(b["input_ids"].shape) for b in loader]
+        assert max(a * b for a, b in shapes) <= 256 == _worst_batch_tokens(r, None)[0]
+        assert all(b % multiple == 0 for _, b in shapes)
+    assert sum(len(b) for b in trainer.get_train_dataloader().batch_sampler) == len(rows)
+
+
+def test_a_budget_below_the_longest_padded_row_is_refused():
+    import samsum_tuner as st
+
+    with pytest.raises(st.ConfigError, match=r"data.max_tokens_per_batch \(256\) must be at least data.max_length "
+                                             r"\(128, padded to a multiple of data.pad_to_multiple_of \(300\): 300\)"):
+        st.load_recipe(None, ["data.max_tokens_per_batch=256", "data.max_length=128", "data.pad_to_multiple_of=300",
+                              "data.packing=true"])
+
+
 def test_eval_batches_take_the_training_shape(tiny_model_dir, tmp_path):
     """With a token budget and pad_to_multiple_of, evaluation runs in the training shape (one compile of
     flex_attention for both), covers every eval sample once, and reports the loss of those samples."""
