@@ -117,8 +117,8 @@ def build_collator(spec: BatchingSpec, tokenizer):
 
 class PackedCollator:
     """A packed row padded to a multiple of `multiple` tokens. The tail is one more sample to the model (its
-    position ids restart at 0, so the block-diagonal mask keeps it apart), unsupervised, made of the pad id so
-    the Trainer's non-padding token count leaves it out."""
+    position ids restart at 0, so the block-diagonal mask keeps it apart), unsupervised and made of the pad id;
+    non_padding_tokens leaves it out of the token count."""
 
     def __init__(self, flatten, pad_token_id: int, multiple: int):
         self.flatten, self.pad_token_id, self.multiple = flatten, pad_token_id, multiple
@@ -236,9 +236,14 @@ def packed_attention_mask(position_ids: torch.Tensor, attn_implementation: str):
 
 
 def non_padding_tokens(inputs: dict, pad_token_id: int | None) -> torch.Tensor:
-    """The Trainer's "non_padding" count of one batch, left on the device: the attention mask's ones, else the
-    input ids that are not the pad id (a packed row's tail is made of it)."""
+    """The Trainer's "non_padding" count of one batch, left on the device: the attention mask's ones; in a packed
+    row (no mask) every token but PackedCollator's tail, its last sample when that sample's last label is
+    unsupervised (a real sample ends with its supervised EOS, which can be the pad id too); else the input ids
+    that are not the pad id."""
     if "attention_mask" in inputs:
         return inputs["attention_mask"].sum()
-    ids = inputs["input_ids"]
+    ids, positions, labels = inputs["input_ids"], inputs.get("position_ids"), inputs.get("labels")
+    if positions is not None and labels is not None and ids.shape[0] == 1:
+        tail = torch.where(labels[0, -1] == IGNORE_INDEX, positions[0, -1] + 1, 0)
+        return ids.numel() - tail
     return (ids != pad_token_id).sum() if pad_token_id is not None else torch.tensor(ids.numel(), device=ids.device)

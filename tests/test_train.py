@@ -139,12 +139,15 @@ def test_tokens_seen_are_the_non_padding_tokens_of_every_batch(layout, tiny_mode
                 "train.num_train_epochs=1", "train.save_model=false", "train.eval_strategy=no")
     trainer = st.build_trainer(r)
     assert trainer.args.include_num_input_tokens_seen == "no" and not trainer.args.logging_nan_inf_filter
-    pad = trainer.processing_class.pad_token_id
-    counts = [int(b["attention_mask"].sum()) if "attention_mask" in b else int((b["input_ids"] != pad).sum())
-              for b in trainer.get_train_dataloader()]
-    if layout == "packed":  # a packed row's padded tail is left out, and it is there to be left out
-        rows = [b["input_ids"] for b in trainer.get_train_dataloader()]
-        assert all(ids.shape[1] % 32 == 0 for ids in rows) and any(ids[0, -1] == pad for ids in rows)
+    loader = trainer.get_train_dataloader()
+    if layout == "packed":  # each batch's samples, whole (their EOS is SmolLM2's pad id too), without the row's tail
+        lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
+        counts = [sum(lengths[i] for i in batch) for batch in loader.batch_sampler]
+        rows = [b["input_ids"].shape[1] for b in loader]
+        assert trainer.processing_class.pad_token_id == trainer.processing_class.eos_token_id
+        assert rows == [-(-n // 32) * 32 for n in counts] and rows != counts  # and there are tails to leave out
+    else:
+        counts = [int(b["attention_mask"].sum()) for b in loader]
     metrics = st.train(r, trainer=trainer)
     assert trainer.state.global_step == len(counts)
     assert trainer.state.num_input_tokens_seen == metrics["num_input_tokens_seen"] == sum(counts)
