@@ -176,6 +176,7 @@ def check_output_dir(run_dir: str | os.PathLike, *, overwrite: bool, resume: str
     notes = notes if notes is not None else []
     if out.exists() and not out.is_dir():
         raise ConfigError(f"train.output_dir: {out} exists and is not a folder")
+    _refuse_over_inputs(out, settings)
     holder = lock_holder(out)
     if holder:
         raise ConfigError(f"train.output_dir: {out} is in use by another run ({holder}); wait for it to end, or "
@@ -198,6 +199,21 @@ def check_output_dir(run_dir: str | os.PathLike, *, overwrite: bool, resume: str
     hint = " or resume=auto to continue it" if resumable else ""
     raise ConfigError(f"train.output_dir: {out} already holds a run; choose another folder, set "
                       f"train.overwrite_output_dir=true{hint}")
+
+
+def _refuse_over_inputs(out: Path, settings: dict | None) -> None:
+    """The run's own inputs (a local model or data folder) are never in what overwrite_output_dir moves aside, nor
+    mixed with a run's files: train.output_dir is not such a folder, nor one above it."""
+    inputs = {"model.name": (settings or {}).get("model", {}).get("name"),
+              "data.source": (settings or {}).get("data", {}).get("source"),
+              "SAMSUM_DATA_DIR": os.environ.get("SAMSUM_DATA_DIR")}
+    run = out.expanduser().resolve()
+    for key, value in inputs.items():
+        folder = Path(str(value)).expanduser() if value else None
+        if folder is not None and folder.is_dir() and (run == folder.resolve() or run in folder.resolve().parents):
+            raise ConfigError(f"train.output_dir: {out} {'is' if run == folder.resolve() else 'holds'} the folder "
+                              f"of {key} ({value}): a run writes there, and overwrite_output_dir would move it "
+                              "aside; choose another folder")
 
 
 def _inside(checkpoint: str | os.PathLike, run: str | os.PathLike) -> bool:

@@ -104,6 +104,21 @@ def test_every_overwrite_keeps_the_runs_before_it(tiny_model_dir, tiny_data, tmp
         assert rs.unusable(aside / "checkpoint-1") is None and (aside / "run_summary.json").is_file()
 
 
+@pytest.mark.parametrize("where", ["model", "data", "above the model"])
+def test_overwrite_never_moves_the_runs_own_inputs_aside(where, tiny_model_dir, tiny_data, tmp_path, capsys,
+                                                         no_model):
+    """An output_dir that is the model's or the data's folder, or one above them: refused before anything moves
+    (overwrite_output_dir once moved the model's config and weights aside and trained on)."""
+    model, data = tmp_path / "inputs" / "model", tmp_path / "data"
+    shutil.copytree(tiny_model_dir, model)
+    shutil.copytree(tiny_data, data)
+    out = {"model": model, "data": data, "above the model": model.parent}[where]
+    before = _snapshot(tmp_path)
+    assert _train(model, data, out, "train.overwrite_output_dir=true") == 2
+    key = "data.source" if where == "data" else "model.name"
+    assert f"the folder of {key}" in _error(capsys) and _snapshot(tmp_path) == before
+
+
 # ---------------------------------------------------------------- 2: one run per run directory
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_", "SAMSUM_DATA_DIR"))}
