@@ -271,8 +271,12 @@ DECIDED_ELSEWHERE = {
     "torch_compile": "model.compile (each decoder layer compiled in place)",
     "torch_compile_backend": "model.compile (inductor)",
     "torch_compile_mode": "model.compile_mode",
+    "deepspeed": "the fsdp section or an accelerate config (samsum_tuner shards with FSDP, not DeepSpeed)",
+    "parallelism_config": "the fsdp section or an accelerate config",
 }
 COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+# What an evaluation with train.eval_rouge_rows adds (evaluation.score), each also as eval_<name>.
+ROUGE_METRICS = ["rouge1", "rouge2", "rougeL", "rougeLsum", "ended_at_eos", "mean_new_tokens"]
 
 
 def _check_training_arguments(t: TrainConfig) -> None:
@@ -281,6 +285,21 @@ def _check_training_arguments(t: TrainConfig) -> None:
     for name, where in DECIDED_ELSEWHERE.items():
         if hasattr(t, name) and getattr(t, name) != getattr(TRAIN_DEFAULTS, name):
             raise ConfigError(f"train.{name} is decided by {where}; set it there")
+    for name in ("neftune_noise_alpha", "eval_accumulation_steps", "dataloader_prefetch_factor"):
+        if getattr(t, name, None) is not None and getattr(t, name) <= 0:
+            raise ConfigError(f"train.{name} must be positive or null, got {getattr(t, name)}")
+    if t.label_names not in (None, ["labels"]):  # the collators and the loss read `labels` and nothing else
+        raise ConfigError(f"train.label_names: the batches carry their targets as ['labels'], got {t.label_names}")
+    if t.metric_for_best_model is not None:
+        metric = t.metric_for_best_model.removeprefix("eval_")
+        known = ["loss", "ppl"] + (ROUGE_METRICS if t.eval_rouge_rows else [])
+        if metric == "ppl" and t.greater_is_better is not False:  # by its name it would count higher as better
+            raise ConfigError(f"train.metric_for_best_model={t.metric_for_best_model} ranks as eval_loss does, lower "
+                              "being better: use eval_loss, or set train.greater_is_better=false")
+        if metric not in known:
+            raise ConfigError(f"train.metric_for_best_model: no evaluation reports {t.metric_for_best_model!r}; "
+                              f"one of {', '.join(known)}" + ("" if t.eval_rouge_rows else
+                                                              " (the ROUGE scores with train.eval_rouge_rows)"))
     if t.optim == "sgd" and "momentum" in (t.optim_args or ""):
         raise ConfigError("train.optim_args: SGD's momentum is train.momentum; set it there")
     # Only TrainingArguments' own Enum-typed fields: ours (optim, lr_scheduler_type, the strategies) are plain str,

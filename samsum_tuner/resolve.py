@@ -45,9 +45,35 @@ def training_arguments(recipe: Recipe, launch: Launch, layer_cls: list[str], has
         derived["accelerator_config"]["gradient_accumulation_kwargs"] = {"sync_each_batch": True}
     derived.update(fsdp_arguments(recipe.fsdp, launch, layer_cls))
     try:
-        return t.completed(**derived)
+        args = t.completed(**derived)
     except (ValueError, TypeError) as e:  # a TrainingArguments field that its own checks refuse
         raise ConfigError("train: " + " ".join(line.strip() for line in str(e).strip().splitlines())) from None
+    check_optimizer_and_schedule(args)
+    return args
+
+
+# Optimizers that transformers builds from the model itself (its layers' names), not from parameters alone.
+NEEDS_THE_MODEL = ("galore", "apollo", "lomo")
+
+
+def check_optimizer_and_schedule(args: TrainingArguments) -> None:
+    """The Trainer builds its optimizer and schedule after the model has loaded: built here first, over one stand-in
+    parameter, so that a value they refuse (betas, eps, optim_args, a scheduler's kwargs, a missing package) is one
+    line before any loading, and before overwrite_output_dir moves anything."""
+    from transformers import Trainer, get_scheduler
+
+    if any(name in args.optim for name in NEEDS_THE_MODEL):
+        return
+    keys = "train.optim with its settings (optim_args, adam_*, weight_decay)"
+    try:
+        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+        optimizer = cls([torch.nn.Parameter(torch.zeros(1))], **kwargs)
+        if args.lr_scheduler_type != "steplr":  # ours, built by SamsumTrainer.create_scheduler
+            keys = "train.lr_scheduler_type with its settings (lr_scheduler_kwargs, warmup_*)"
+            get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.get_warmup_steps(100),
+                          num_training_steps=100, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+    except (ValueError, TypeError, KeyError, ImportError, RuntimeError, AttributeError) as e:
+        raise ConfigError(f"{keys}: {' '.join(str(e).split())}") from None
 
 
 def fsdp_arguments(f: FsdpConfig, launch: Launch, layer_cls: list[str]) -> dict:

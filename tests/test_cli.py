@@ -267,3 +267,55 @@ def test_a_silent_rank_waits_for_rank_0_then_prints_its_refusal_itself(capsys, m
     assert time.monotonic() - started >= 0.5
     assert (code, out) == (2, "")
     assert err.strip() == "samsum-tuner: error: train.learning_rate must be positive, got -1.0"
+
+
+@pytest.mark.parametrize("override,says", [
+    ("train.optim_args=a=b=c", "train.optim with its settings"),
+    ("train.adam_beta1=2", "Invalid beta parameter"),
+    ("train.adam_epsilon=-1", "Invalid epsilon value"),
+    ("train.optim=adamw_torch_xla", "torch_xla"),
+    ("train.lr_scheduler_type=cosine_with_min_lr", "min_lr or min_lr_rate"),
+    ('train.lr_scheduler_kwargs={"foo": 1}', "train.lr_scheduler_type with its settings"),
+], ids=["optim_args", "beta", "eps", "optim_package", "scheduler_needs_kwargs", "scheduler_kwargs"])
+def test_what_the_optimizer_or_schedule_refuses_is_one_line_before_the_model(override, says, tiny_model_dir,
+                                                                             tiny_data, tmp_path, capsys):
+    """The Trainer builds its optimizer and schedule after the model loads, and overwrite_output_dir has moved the
+    previous run aside by then: each such value used to end in a traceback there, the old run set aside."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "adapter_model.safetensors").write_bytes(b"an earlier run")
+    extra = ["train.lr_scheduler_type=cosine"] if "kwargs" in override else []
+    code, _, err = _run(["train", f"model.name={tiny_model_dir}", f"data.source={tiny_data}", "--use_peft",
+                         f"train.output_dir={out}", "train.overwrite_output_dir=true", "data.max_length=128",
+                         *extra, override], capsys)
+    lines = [x for x in err.splitlines() if x.startswith("samsum-tuner: error: ")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err and says in lines[0], err[-2000:]
+    assert [p.name for p in out.iterdir()] == ["adapter_model.safetensors"]  # nothing moved aside
+
+
+@pytest.mark.parametrize("override,says", [
+    ("train.neftune_noise_alpha=-1", "train.neftune_noise_alpha must be positive"),
+    ("train.eval_accumulation_steps=0", "train.eval_accumulation_steps must be positive"),
+    ("train.dataloader_prefetch_factor=0", "train.dataloader_prefetch_factor must be positive"),
+    ("train.label_names=[x]", "train.label_names: the batches carry their targets as ['labels']"),
+    ("train.metric_for_best_model=nosuch", "no evaluation reports 'nosuch'"),
+    ("train.metric_for_best_model=eval_rouge1", "(the ROUGE scores with train.eval_rouge_rows)"),
+    ("train.metric_for_best_model=eval_ppl", "use eval_loss, or set train.greater_is_better=false"),
+    ("train.deepspeed=ds.json", "train.deepspeed is decided by the fsdp section"),
+    ("train.parallelism_config={a: 1}", "train.parallelism_config is decided by"),
+])
+def test_trainer_settings_that_fail_only_mid_run_are_refused_when_read(override, says):
+    import samsum_tuner as st
+
+    with pytest.raises(st.ConfigError) as e:
+        st.load_recipe(None, [override])
+    assert says in str(e.value)
+
+
+def test_the_metrics_an_evaluation_reports_can_pick_the_best_checkpoint():
+    import samsum_tuner as st
+
+    for metric in ("loss", "eval_loss"):
+        assert st.load_recipe(None, [f"train.metric_for_best_model={metric}"]).train.metric_for_best_model == metric
+    st.load_recipe(None, ["train.metric_for_best_model=eval_ppl", "train.greater_is_better=false"])
+    st.load_recipe(None, ["train.metric_for_best_model=eval_rouge1", "train.eval_rouge_rows=8"])
