@@ -87,26 +87,25 @@ def _check_path_text(key: str, value: str | None) -> None:
         raise ConfigError(f"{key}: path too long (at most 255 bytes a name, 4095 in all)")
 
 
-def check_output_location(run_dir: str) -> None:
-    """train.output_dir can be created, or written if it exists: refused before the model loads, not at the
-    first save."""
+def check_output_location(run_dir: str, what: str = "train.output_dir") -> None:
+    """`what` (train.output_dir, a merge's target) can be created, or written if it exists: refused before the model
+    loads, not at the first save."""
     path = Path(run_dir).expanduser().absolute()
     try:
         existing = path
         while not existing.exists():  # the nearest folder that is there
             existing = existing.parent
     except OSError as e:
-        raise ConfigError(f"train.output_dir: cannot look at {run_dir} ({e.strerror})") from None
+        raise ConfigError(f"{what}: cannot look at {run_dir} ({e.strerror})") from None
     if not existing.is_dir():
-        raise ConfigError(f"train.output_dir: {existing} is a file, not a folder")
-    if existing == path:
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise ConfigError(f"train.output_dir: {path} is not writable")
-        return
+        raise ConfigError(f"{what}: {existing} is a file, not a folder")
+    if existing == path and not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what}: {path} is not writable")
     try:  # a folder made and removed where the run's will go: permissions, read-only mounts, /proc, for root too
         os.rmdir(tempfile.mkdtemp(prefix=".samsum-tuner-check-", dir=existing))
     except OSError as e:
-        raise ConfigError(f"train.output_dir: cannot create {path} ({existing}: {e.strerror})") from None
+        where = "write in" if existing == path else "create"
+        raise ConfigError(f"{what}: cannot {where} {path} ({existing}: {e.strerror})") from None
 
 
 def validate(recipe: Recipe) -> None:

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .checks import check_output_location
 from .config import Recipe
 from .errors import ConfigError
 from .evaluation import check_adapter_fits, check_saved_model, loading, run_recipe
@@ -35,6 +36,8 @@ def _check_target(target: Path, run: Path, overwrite: bool) -> None:
     parent = next(p for p in (target.absolute(), *target.absolute().parents) if p.exists())
     if not parent.is_dir():
         raise ConfigError(f"{target}: {parent} is a file, not a folder")
+    # The merge writes beside the target first (its staging folder), so that folder's parent must take it.
+    check_output_location(str(target.parent), what=f"{target}")
     if target.exists() and target.resolve() == run.resolve():
         raise ConfigError(f"{target}: is the run directory itself; choose another folder")
     if target.is_dir() and any(target.iterdir()):
@@ -89,8 +92,11 @@ def merge(run_dir: str, out: str, *, overwrite: bool = False) -> Path:
     # A plain generate() stops at the EOS the run was trained to end with.
     merged.generation_config.eos_token_id = tokenizer.eos_token_id
     merged.generation_config.pad_token_id = tokenizer.pad_token_id
-    target.absolute().parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.absolute().parent))
+    try:
+        target.absolute().parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.absolute().parent))
+    except OSError as e:
+        raise ConfigError(f"{target}: cannot write the merged model ({e.strerror or e})") from None
     try:
         merged.save_pretrained(partial)  # safetensors
         tokenizer.save_pretrained(partial)

@@ -131,6 +131,7 @@ CASES = {
     "out-is-the-run-overwrite": (nothing, "is the run directory itself", lambda run, tmp: [run, run, "--overwrite"]),
     "out-holds-the-run-overwrite": (nothing, "no merged_from.json",
                                     lambda run, tmp: [run, run.parent, "--overwrite"]),
+    "out-unwritable": (nothing, "/proc/merged: cannot write in /proc", lambda run, tmp: [run, "/proc/merged"]),
     "out-missing": (nothing, "the following arguments are required: out", lambda run, tmp: [run]),
     "unknown-flag": (nothing, "unrecognized arguments: --force", lambda run, tmp: [run, tmp / "out", "--force"]),
 }
