@@ -187,20 +187,27 @@ def build_trainer(recipe: Recipe, *, prepared: Prepared | None = None, callbacks
     g = recipe.guard  # both limits 0: no guard at all, not one that checks and never stops
     guard = NonFiniteGuard(g, recipe.train.output_dir) if g.max_nonfinite_steps or g.max_skipped_steps else None
     batching = batching_spec(recipe)
-    trainer = SamsumTrainer(
-        model=model,
-        args=args,
-        train_dataset=prepared.splits["train"].dataset,
-        eval_dataset=prepared.splits["eval"].dataset if "eval" in prepared.splits else None,
-        data_collator=build_collator(batching, prepared.tokenizer),
-        processing_class=prepared.tokenizer,
-        callbacks=[memory_cb, *([guard] if guard is not None else []), first_step, *(callbacks or [])],
-        batching=batching,
-        recipe_yaml=recipe.to_yaml(),
-        rouge=RougeProbe(recipe.data, recipe.train.eval_rouge_rows) if recipe.train.eval_rouge_rows else None,
-        guard=guard,
-        memory=memory_cb,
-    )
+    try:
+        trainer = SamsumTrainer(
+            model=model,
+            args=args,
+            train_dataset=prepared.splits["train"].dataset,
+            eval_dataset=prepared.splits["eval"].dataset if "eval" in prepared.splits else None,
+            data_collator=build_collator(batching, prepared.tokenizer),
+            processing_class=prepared.tokenizer,
+            callbacks=[memory_cb, *([guard] if guard is not None else []), first_step, *(callbacks or [])],
+            batching=batching,
+            recipe_yaml=recipe.to_yaml(),
+            rouge=RougeProbe(recipe.data, recipe.train.eval_rouge_rows) if recipe.train.eval_rouge_rows else None,
+            guard=guard,
+            memory=memory_cb,
+        )
+    except Exception as e:
+        # push_to_hub: the Trainer creates the hub repository as it is built; an unreachable hub is the setting's
+        # failure, said in one line, not a traceback from the HTTP client.
+        if recipe.train.push_to_hub and type(e).__module__.startswith(("httpx", "huggingface_hub", "requests")):
+            raise ConfigError(f"train.push_to_hub: cannot reach the hub ({' '.join(str(e).split())[:200]})") from None
+        raise
     throughput = ThroughputCallback(trainer.tokens_seen)
     trainer.add_callback(throughput)
     trainer.timers = [first_step, throughput]  # their summaries join the run's metrics (_train)

@@ -335,6 +335,12 @@ def check_environment(recipe: Recipe, launch: Launch) -> None:
         if not (recipe.train.bf16 or recipe.train.fp16 or recipe.model.dtype in ("bfloat16", "float16")):
             raise ConfigError(f"refused: model.attn_implementation={VARLEN} (FlashAttention) computes in bf16 or "
                               "fp16: set train.bf16=true or model.dtype=bfloat16")
+    if recipe.train.push_to_hub:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            raise ConfigError("refused: train.push_to_hub pushes the run to the hub, and HF_HUB_OFFLINE is set: unset "
+                              "it, or push the run folder later (hf upload REPO RUN_DIR)")
     if recipe.train.use_liger_kernel and not _liger_available():
         raise ConfigError("refused: train.use_liger_kernel needs liger-kernel (pip install liger-kernel), which "
                           "runs its Triton kernels on a CUDA GPU")

@@ -15,7 +15,7 @@ from samsum_tuner import cli
 from samsum_tuner.config import SECTIONS, Recipe
 from samsum_tuner.recipe import ALIASES
 
-from .conftest import ROOT
+from .conftest import ROOT, cli_in_fresh_processes
 
 
 def _run(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -319,3 +319,18 @@ def test_the_metrics_an_evaluation_reports_can_pick_the_best_checkpoint():
         assert st.load_recipe(None, [f"train.metric_for_best_model={metric}"]).train.metric_for_best_model == metric
     st.load_recipe(None, ["train.metric_for_best_model=eval_ppl", "train.greater_is_better=false"])
     st.load_recipe(None, ["train.metric_for_best_model=eval_rouge1", "train.eval_rouge_rows=8"])
+
+
+def test_push_to_hub_without_a_hub_is_one_line(tiny_model_dir, tiny_data, tmp_path):
+    """HF_HUB_OFFLINE: refused before anything loads; a hub that does not answer (a closed local port standing in
+    for it): the Trainer's repository creation fails, said in one line naming the setting."""
+    args = ["train", f"model.name={tiny_model_dir}", f"data.source={tiny_data}", "--use_peft", "data.max_length=128",
+            "train.max_steps=1", "train.push_to_hub=true"]
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("HF_HUB_OFFLINE", "HF_ENDPOINT"))}
+    for env, says in (({"HF_HUB_OFFLINE": "1"}, "train.push_to_hub pushes the run to the hub, and HF_HUB_OFFLINE"),
+                      ({"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"},
+                       "train.push_to_hub: cannot reach the hub")):
+        out = tmp_path / env["HF_HUB_OFFLINE"]
+        _, [(code, _, err)] = cli_in_fresh_processes([args + [f"train.output_dir={out}"]], env={**base, **env})
+        lines = [x for x in err.splitlines() if x.startswith("samsum-tuner: error: ")]
+        assert code == 2 and len(lines) == 1 and says in lines[0] and "Traceback" not in err, err[-2000:]
