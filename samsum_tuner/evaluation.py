@@ -141,6 +141,8 @@ def read_json(path: Path, expect: type | None = None):
         value = json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except ValueError as e:  # an integer of more digits than Python converts (4300)
+        raise ConfigError(f"{path}: not valid JSON ({str(e).partition(':')[0]})") from None
     except RecursionError:
         raise ConfigError(f"{path}: not valid JSON (nested too deeply)") from None
     if expect is not None and not isinstance(value, expect):
@@ -313,6 +315,29 @@ def resolve_eval_source(run_or_model: str, overrides: list[str] | None = None) -
     return EvalSource(recipe, folder, False, _prompt_from(None, overrides))
 
 
+def _model_path(src: EvalSource) -> str | Path:
+    """Where the model (for an adapter, its base) loads from: the run's or model folder, else the base by name."""
+    from .smollm2 import EMBEDDED, embedded_model_dir
+
+    if src.folder is not None and not src.adapter:
+        return src.folder
+    return embedded_model_dir() if src.recipe.model.name == EMBEDDED else src.recipe.model.name
+
+
+def check_max_new_tokens(gen: GenerationConfig, src: EvalSource) -> None:
+    """Refuse --max-new-tokens beyond the model's context (max_position_embeddings) before the model loads: the
+    model was never trained on those positions, and such a budget can keep generation going for hours."""
+    from transformers import AutoConfig
+
+    where = _model_path(src)
+    with loading(where):
+        config = AutoConfig.from_pretrained(where)
+    context = getattr(config.get_text_config(), "max_position_embeddings", None)
+    if isinstance(context, int) and not isinstance(context, bool) and gen.max_new_tokens > context:
+        raise ConfigError(f"--max-new-tokens must be at most {context}, the context of {where} "
+                          f"(max_position_embeddings), got {gen.max_new_tokens}")
+
+
 def load_for_eval(source: EvalSource | str, overrides: list[str] | None = None):
     """(model, tokenizer, recipe) of a resolved source (or of a path or name, resolved here)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -373,6 +398,7 @@ def evaluate(run_or_model: str, *, split: str = "test", limit: int | None = None
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
         raise ConfigError(f"--limit must be a positive integer, got {limit!r}")
     src = resolve_eval_source(run_or_model, overrides)
+    check_max_new_tokens(gen, src)
     target = _output_folder(out_dir, src, split)
     # The run's data settings (source, cleaning, prompt), but never its training slice.
     rows, _, origin = load_clean_split(src.recipe.data, split)

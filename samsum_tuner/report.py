@@ -6,6 +6,8 @@ lines), memory.jsonl (the memory callback) and eval_metrics_*.json (samsum-tuner
 from __future__ import annotations
 
 import json
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,10 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            except ValueError as e:  # an integer of more digits than Python converts (4300)
+                raise ConfigError(f"{path}:{n}: not valid JSON ({str(e).partition(':')[0]})") from None
+            except RecursionError:
+                raise ConfigError(f"{path}:{n}: not valid JSON (nested too deeply)") from None
             if not isinstance(row, dict):
                 raise ConfigError(f"{path}:{n}: expected an object, got {type(row).__name__}")
             _check_numbers(row, f"{path}:{n}", MEMORY_NUMBERS)
@@ -87,13 +93,17 @@ def _series(history: list[dict[str, Any]], key: str) -> tuple[list[int], list[fl
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def _figure(title: str, ylabel: str):
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers and CI
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    return plt
+
+
+def _figure(title: str, ylabel: str):
+    fig, ax = _pyplot().subplots(figsize=(7, 4), dpi=110)
     ax.set_title(title)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(ylabel)
@@ -102,72 +112,119 @@ def _figure(title: str, ylabel: str):
 
 
 def _save(fig, ax, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
+    _pyplot().close(fig)
+
+
+@contextmanager
+def _or_skip(path: Path):
+    """Draws one plot. Valid numbers matplotlib cannot place (a loss of 1e308, a step of 10**400) leave that plot
+    out with a note, not the whole report; a plot that could not be written (OSError) still stops it."""
+    plt = _pyplot()
+    before = set(plt.get_fignums())
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # numpy's overflows on the way there
+            yield
+    except (ValueError, ArithmeticError) as e:
+        for num in set(plt.get_fignums()) - before:  # its figure only: a notebook's own stay open
+            plt.close(num)
+        path.unlink(missing_ok=True)  # half written, or an older report's
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        print(f"samsum_tuner: report: {path.name} left out: its values cannot be drawn ({why})", flush=True)
 
 
 def _plots(out: Path, history: list[dict[str, Any]], memory: list[dict[str, Any]]) -> list[str]:
-    made = []
+    made: list[str] = []
+    for name, draw in (("loss.png", _loss_plot), ("perplexity.png", _perplexity_plot),
+                       ("learning_rate.png", _learning_rate_plot), ("memory.png", _memory_plot),
+                       ("malloc_retries.png", _retries_plot)):
+        with _or_skip(out / name):
+            if draw(out / name, history, memory):
+                made.append(name)
+    return made
+
+
+def _loss_plot(path: Path, history: list[dict[str, Any]], memory: list[dict[str, Any]]) -> bool:
     curves = [(k, label) for k, label in (("loss", "train loss"), ("eval_loss", "eval loss")) if _series(history, k)[0]]
-    if curves:
-        fig, ax = _figure("Loss (mean over supervised tokens)", "cross-entropy (nats/token)")
-        for key, label in curves:
-            x, y = _series(history, key)
-            ax.plot(x, y, marker="o" if key == "eval_loss" else None, markersize=4, label=label)
-        _save(fig, ax, out / "loss.png")
-        made.append("loss.png")
+    if not curves:
+        return False
+    fig, ax = _figure("Loss (mean over supervised tokens)", "cross-entropy (nats/token)")
+    for key, label in curves:
+        x, y = _series(history, key)
+        ax.plot(x, y, marker="o" if key == "eval_loss" else None, markersize=4, label=label)
+    _save(fig, ax, path)
+    return True
+
+
+def _perplexity_plot(path: Path, history: list[dict[str, Any]], memory: list[dict[str, Any]]) -> bool:
     ppl = [(k, label) for k, label in (("ppl", "train perplexity"), ("eval_ppl", "eval perplexity"))
            if _series(history, k)[0]]
-    if ppl:
-        fig, ax = _figure("Perplexity = exp(loss)", "perplexity (log scale)")
-        for key, label in ppl:
-            x, y = _series(history, key)
-            ax.plot(x, y, marker="o" if key == "eval_ppl" else None, markersize=4, label=label)
-        ax.set_yscale("log")
-        _save(fig, ax, out / "perplexity.png")
-        made.append("perplexity.png")
+    if not ppl:
+        return False
+    fig, ax = _figure("Perplexity = exp(loss)", "perplexity (log scale)")
+    for key, label in ppl:
+        x, y = _series(history, key)
+        ax.plot(x, y, marker="o" if key == "eval_ppl" else None, markersize=4, label=label)
+    ax.set_yscale("log")
+    _save(fig, ax, path)
+    return True
+
+
+def _learning_rate_plot(path: Path, history: list[dict[str, Any]], memory: list[dict[str, Any]]) -> bool:
     x, y = _series(history, "learning_rate")
-    if x:
-        fig, ax = _figure("Learning rate", "learning rate")
-        ax.plot(x, y, label="learning rate")
-        _save(fig, ax, out / "learning_rate.png")
-        made.append("learning_rate.png")
-    ranks = sorted({m["rank"] for m in memory if m.get("rank") is not None})
-    if ranks:
-        # The every-N-steps windows make the timeline; epoch peaks span a whole epoch and would overlap them.
-        window = "step" if any(m.get("event") == "step" for m in memory) else "epoch"
-        fig, ax = _figure(f"Memory: peaks per {'logging window' if window == 'step' else 'epoch'}", "GiB")
-        for rank in ranks:
-            mine = [m for m in memory if m.get("rank") == rank and m.get("event") == window]
-            # rows of older runs may lack the host peak; a damaged row its step
-            mine = [m for m in mine if m.get("host_peak_rss_gib") is not None and m.get("step") is not None]
-            steps = [m.get("step") for m in mine]
-            suffix = f" (rank {rank})" if len(ranks) > 1 else ""
-            if any(m.get("gpu_peak_allocated_gib") is not None for m in mine):
-                ax.plot(steps, [m.get("gpu_peak_allocated_gib") for m in mine], marker="o",
-                        label="GPU allocated" + suffix)
-                ax.plot(steps, [m.get("gpu_peak_reserved_gib") for m in mine], marker="s",
-                        label="GPU reserved" + suffix)
-            ax.plot(steps, [m["host_peak_rss_gib"] for m in mine], marker="^", label="host RSS" + suffix)
-        if not any(m.get("gpu_peak_allocated_gib") is not None for m in memory):
-            ax.set_title(ax.get_title() + " (no CUDA: host only)")
-        ax.set_ylim(bottom=0)
-        _save(fig, ax, out / "memory.png")
-        made.append("memory.png")
-        epochs = [m for m in memory if m.get("event") == "epoch" and m.get("rank") == ranks[0]
-                  and m.get("gpu_malloc_retries") is not None and m.get("epoch") is not None]
-        if epochs:
-            fig, ax = _figure("CUDA malloc retries per epoch (rank %d)" % ranks[0], "retries")
-            ax.bar([m["epoch"] for m in epochs], [m["gpu_malloc_retries"] for m in epochs], label="within the epoch")
-            ax.set_xlabel("epoch")
-            _save(fig, ax, out / "malloc_retries.png")
-            made.append("malloc_retries.png")
-    return made
+    if not x:
+        return False
+    fig, ax = _figure("Learning rate", "learning rate")
+    ax.plot(x, y, label="learning rate")
+    _save(fig, ax, path)
+    return True
+
+
+def _ranks(memory: list[dict[str, Any]]) -> list:
+    return sorted({m["rank"] for m in memory if m.get("rank") is not None})
+
+
+def _memory_plot(path: Path, history: list[dict[str, Any]], memory: list[dict[str, Any]]) -> bool:
+    ranks = _ranks(memory)
+    if not ranks:
+        return False
+    # The every-N-steps windows make the timeline; epoch peaks span a whole epoch and would overlap them.
+    window = "step" if any(m.get("event") == "step" for m in memory) else "epoch"
+    fig, ax = _figure(f"Memory: peaks per {'logging window' if window == 'step' else 'epoch'}", "GiB")
+    for rank in ranks:
+        mine = [m for m in memory if m.get("rank") == rank and m.get("event") == window]
+        # rows of older runs may lack the host peak; a damaged row its step
+        mine = [m for m in mine if m.get("host_peak_rss_gib") is not None and m.get("step") is not None]
+        steps = [m.get("step") for m in mine]
+        suffix = f" (rank {rank})" if len(ranks) > 1 else ""
+        if any(m.get("gpu_peak_allocated_gib") is not None for m in mine):
+            ax.plot(steps, [m.get("gpu_peak_allocated_gib") for m in mine], marker="o",
+                    label="GPU allocated" + suffix)
+            ax.plot(steps, [m.get("gpu_peak_reserved_gib") for m in mine], marker="s",
+                    label="GPU reserved" + suffix)
+        ax.plot(steps, [m["host_peak_rss_gib"] for m in mine], marker="^", label="host RSS" + suffix)
+    if not any(m.get("gpu_peak_allocated_gib") is not None for m in memory):
+        ax.set_title(ax.get_title() + " (no CUDA: host only)")
+    ax.set_ylim(bottom=0)
+    _save(fig, ax, path)
+    return True
+
+
+def _retries_plot(path: Path, history: list[dict[str, Any]], memory: list[dict[str, Any]]) -> bool:
+    ranks = _ranks(memory)
+    epochs = [m for m in memory if ranks and m.get("event") == "epoch" and m.get("rank") == ranks[0]
+              and m.get("gpu_malloc_retries") is not None and m.get("epoch") is not None]
+    if not epochs:
+        return False
+    fig, ax = _figure("CUDA malloc retries per epoch (rank %d)" % ranks[0], "retries")
+    ax.bar([m["epoch"] for m in epochs], [m["gpu_malloc_retries"] for m in epochs], label="within the epoch")
+    ax.set_xlabel("epoch")
+    _save(fig, ax, path)
+    return True
 
 
 def _fmt(v) -> str:

@@ -7,11 +7,10 @@ import json
 import os
 from pathlib import Path
 
-import yaml
-
 from .checkpoint import (MANIFEST, PREFIX, RECIPE_FILE, STATE_FILE, SUMMARY, complete_checkpoints, is_complete,
                          step_of)
-from .errors import ConfigError
+from .errors import ConfigError, brief
+from .recipe import _read_yaml
 
 # The Trainer's checkpoint: weights (LoRA adapter, full safetensors, or FSDP's sharded folder), optimizer (a file,
 # FSDP's full optimizer.bin or its sharded folder), scheduler, RNG (one file, or one per process), trainer state.
@@ -78,9 +77,38 @@ def _unreadable(file: Path) -> str | None:
     # What another writer's checkpoint is read for (_inferred_recipe): a JSON object, an optimizer's param groups
     if file.suffix == ".json" and not isinstance(found, dict):
         return f"an unreadable {file.name} (a JSON {type(found).__name__}, not an object)"
+    if file.name == STATE_FILE and not (file.parent / "sharded").is_dir():  # a plain FSDP2 loop reads its own
+        why = _state_problem(found)
+        return f"an unreadable {file.name} ({why})" if why else None
     if file.name == "optimizer.pt" and not (isinstance(found, dict) and isinstance(found.get("param_groups"), list)
                                             and all(isinstance(g, dict) for g in found["param_groups"])):
         return f"an unreadable {file.name} (no list of param_groups)"
+    return None
+
+
+def _state_problem(state: dict) -> str | None:
+    """What the Trainer's resume cannot take of trainer_state.json, or None: TrainerState(**state) takes its own
+    keys only; resuming computes with global_step (the data skip) and train_batch_size (compared with this run's
+    batch), and the next save updates stateful_callbacks' TrainerControl entry (a TypeError or KeyError if absent)."""
+    import dataclasses
+
+    from transformers.trainer_callback import TrainerState
+
+    unknown = sorted(set(state) - {f.name for f in dataclasses.fields(TrainerState)})
+    if unknown:
+        return f"an unknown key {unknown[0]!r}"
+    for key, least in (("global_step", 0), ("train_batch_size", 1)):
+        value = state.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            kind = "a positive" if least else "a non-negative"
+            return f"'{key}' must be {kind} integer, got {brief(value) if key in state else 'none'}"
+    for key, kind in (("log_history", list), ("stateful_callbacks", dict), ("best_model_checkpoint", str)):
+        if state.get(key) is not None and not isinstance(state[key], kind):
+            return f"'{key}' must be {'an array' if kind is list else 'an object' if kind is dict else 'a path'}"
+    if not all(isinstance(h, dict) for h in state.get("log_history") or []):
+        return "'log_history' must hold objects"
+    if "TrainerControl" not in (state.get("stateful_callbacks") or {}):
+        return "'stateful_callbacks' has no TrainerControl"
     return None
 
 
@@ -110,7 +138,8 @@ def unusable(path: str | os.PathLike, lora: bool | None = None) -> str | None:
             why = _unreadable(f)
             if why:
                 return f"has {why}"
-    return None
+    why = _read_recipe(p)[1]
+    return f"has {why}" if why else None
 
 
 # Settings that make a checkpoint another model or another optimizer: a resume with different ones is refused.
@@ -126,17 +155,29 @@ def _setting(settings: dict, key: str):
     if name not in (settings.get(section) or {}):
         return _ABSENT
     value = settings[section][name]
-    return sorted(value) if isinstance(value, list) else value
+    return sorted(value, key=repr) if isinstance(value, list) else value  # any items: a damaged list compares too
+
+
+def _read_recipe(path: Path) -> tuple[dict | None, str | None]:
+    """(the recipe a checkpoint was saved with, or None; why its recipe.yaml cannot be read, or None). The
+    sections compared at resume must be mappings: a damaged file is named rather than compared."""
+    f = path / RECIPE_FILE
+    if not f.is_file():
+        return None, None
+    try:
+        found = _read_yaml(f)
+    except ConfigError as e:  # invalid YAML, not UTF-8, an integer too long for Python, not a mapping
+        return None, f"an unreadable {RECIPE_FILE}{str(e).removeprefix(str(f))}"
+    for section in dict.fromkeys(key.split(".")[0] for key in IDENTITY):
+        if not isinstance(found.get(section) or {}, dict):
+            return None, f"an unreadable {RECIPE_FILE} ('{section}' must be a mapping, got {brief(found[section])})"
+    return found or None, None
 
 
 def saved_recipe(path: str | os.PathLike) -> dict | None:
-    """The recipe a checkpoint was saved with (ours write it there), or None."""
-    f = Path(path) / RECIPE_FILE
-    try:
-        found = yaml.safe_load(f.read_text(encoding="utf-8")) if f.is_file() else None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return None
-    return found if isinstance(found, dict) else None
+    """The recipe a checkpoint was saved with (ours write it there), or None (none, or unreadable: unusable names
+    it)."""
+    return _read_recipe(Path(path))[0]
 
 
 def _optimizer_kind(optim: str | None) -> str | None:
@@ -198,6 +239,9 @@ def diverged_at(run_dir: str | os.PathLike) -> tuple[bool, str | None]:
     if not isinstance(summary, dict) or summary.get("status") != "diverged":
         return False, None
     good = summary.get("last_good_checkpoint")
+    if good is not None and not isinstance(good, str):  # a damaged summary: which checkpoint is good is unknown
+        raise ConfigError(f"{Path(run_dir) / SUMMARY}: 'last_good_checkpoint' must be a checkpoint path or null, got "
+                          f"{brief(good)}: resume a checkpoint by its path (train.resume_from_checkpoint=PATH)")
     return True, Path(good).name if good else None
 
 

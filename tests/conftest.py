@@ -170,10 +170,10 @@ def tiny_data(tmp_path) -> Path:
 
 def write_small_checkpoint(folder: Path, step: int) -> Path:
     """What resume reads from a full fine-tune's Trainer checkpoint, each file real and readable: the weights of a
-    small linear layer (model.safetensors), its AdamW and schedule states, the RNG state, trainer_state.json."""
-    import json
-
+    small linear layer (model.safetensors), its AdamW and schedule states, the RNG state, trainer_state.json (as the
+    Trainer writes it: its resume reads train_batch_size and stateful_callbacks)."""
     from safetensors.torch import save_file
+    from transformers.trainer_callback import TrainerControl, TrainerState
 
     folder.mkdir(parents=True, exist_ok=True)
     layer = torch.nn.Linear(4, 4)
@@ -183,5 +183,6 @@ def write_small_checkpoint(folder: Path, step: int) -> Path:
     torch.save(optimizer.state_dict(), folder / "optimizer.pt")
     torch.save(scheduler.state_dict(), folder / "scheduler.pt")
     torch.save({"cpu": torch.get_rng_state()}, folder / "rng_state.pth")
-    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
+    state = TrainerState(global_step=step, train_batch_size=4, stateful_callbacks=[TrainerControl()])
+    state.save_to_json(str(folder / "trainer_state.json"))
     return folder

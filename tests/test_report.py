@@ -79,6 +79,9 @@ def _dir(name: str):
     return lambda run, tmp: (run / name).mkdir()
 
 
+TOO_LONG = b"1" * 5000
+
+
 # name: (setup(run, tmp), what the one line says, the arguments after `report` (default: RUN))
 CASES = {
     "run-missing": (nothing, "nope: no such run directory", lambda run, tmp: [tmp / "nope"]),
@@ -108,6 +111,15 @@ CASES = {
     "memory-not-utf8": (_memory_line(b'{"host": "\xff"}\n'), "memory.jsonl: not UTF-8 text"),
     "eval-metrics-truncated": (write("eval_metrics_test.json", b'{"rouge1": 3'), "eval_metrics_test.json:1: not valid"),
     "eval-metrics-not-object": (_json_in("eval_metrics_test.json", [47.0]), "eval_metrics_test.json: expected an"),
+    # Integers of more digits than Python converts (4300): a ValueError traceback before.
+    "summary-int-too-long": (write("run_summary.json", b'{"status": "ok", "step": ' + TOO_LONG + b"}"),
+                             "run_summary.json: not valid JSON (Exceeds the limit (4300 digits)"),
+    "history-int-too-long": (write("log_history.json", b'[{"step": ' + TOO_LONG + b', "loss": 1}]'),
+                             "log_history.json: not valid JSON (Exceeds the limit (4300 digits)"),
+    "memory-int-too-long": (_memory_line(b'{"event": "epoch", "rank": ' + TOO_LONG + b"}\n"),
+                            "memory.jsonl:2: not valid JSON (Exceeds the limit (4300 digits)"),
+    "eval-metrics-int-too-long": (write("eval_metrics_test.json", b'{"rows": ' + TOO_LONG + b"}"),
+                                  "eval_metrics_test.json: not valid JSON (Exceeds the limit (4300 digits)"),
     "report-md-is-a-folder": (_dir("report.md"), "report.md: exists and is not a file"),
     "plot-is-a-folder": (_dir("loss.png"), "loss.png: exists and is not a file"),
     "extra-argument": (nothing, "unrecognized arguments: more", lambda run, tmp: [run, "more"]),
@@ -151,3 +163,32 @@ def test_report_without_history_or_memory_says_so(lora_run, tmp_path, capsys):
     md = (run / "report.md").read_text()
     assert "(no log_history.json: no loss curves)" in md and "## Memory per epoch" not in md
     assert not list(run.glob("*.png"))
+
+
+# log_history.json entries added to the run's, and the plot they are in
+EXTREME = {"eval-loss-1e308": ([{"step": 3, "eval_loss": 1e308}, {"step": 4, "eval_loss": -1e308}], "loss.png"),
+           "step-10e400": ([{"step": 10 ** 400, "loss": 1.0}], "loss.png"),
+           "learning-rate-1e308": ([{"step": 3, "learning_rate": 1e308}, {"step": 4, "learning_rate": -1e308}],
+                                   "learning_rate.png")}
+
+
+@pytest.mark.parametrize("case", EXTREME)
+def test_a_plot_of_values_matplotlib_cannot_draw_is_left_out_with_a_note(case, lora_run, tmp_path, capsys,
+                                                                         recwarn):
+    """Valid numbers at the edge of what a float holds: matplotlib raised (ValueError, OverflowError) and the report
+    stopped with a traceback; now that one plot is left out, named, and the rest of the report is written."""
+    entries, plot = EXTREME[case]
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    rows = json.loads((run / "log_history.json").read_text())
+    (run / "log_history.json").write_text(json.dumps([*rows, *entries]))
+    (run / plot).write_bytes(b"an older report's plot")
+    capsys.readouterr()
+    assert cli.main(["report", str(run)]) == 0
+    out, err = capsys.readouterr()
+    assert f"{plot} left out: its values cannot be drawn" in out and "Traceback" not in out + err
+    assert not [w for w in recwarn if "overflow" in str(w.message)]  # numpy's on the way there: not for people
+    md = (run / "report.md").read_text()
+    assert f"]({plot})" not in md and not (run / plot).exists()
+    drawn = [p for p in ("loss.png", "learning_rate.png", "memory.png") if p != plot]
+    assert all(f"]({p})" in md and (run / p).is_file() for p in drawn)

@@ -323,6 +323,66 @@ def test_another_writers_checkpoint_with_state_of_the_wrong_shape_is_skipped_nam
         rs.resolve_resume(str(tmp_path / "checkpoint-4"), tmp_path, settings)
 
 
+# recipe.yaml of a checkpoint another writer left without a manifest: what the note says of it
+DAMAGED_RECIPES = {"section-an-int": ("lora: 5\n", " ('lora' must be a mapping, got 5)"),
+                   "section-a-list": ("lora: [x]\n", " ('lora' must be a mapping, got ['x'])"),
+                   "int-too-long": (f"lora:\n  r: {'1' * 5000}\n", ": invalid YAML: Exceeds the limit (4300 digits)")}
+
+
+@pytest.mark.parametrize("case", DAMAGED_RECIPES)
+def test_a_checkpoint_with_a_damaged_recipe_is_skipped_naming_it(case, tmp_path):
+    """A TypeError (`lora: 5`, `lora: [x]`) or ValueError (an integer too long for Python) traceback before; now
+    resume=auto skips the checkpoint with a note naming recipe.yaml, and a path to it is refused so."""
+    text, why = DAMAGED_RECIPES[case]
+    settings = st.load_recipe(None, []).to_dict()
+    for step in (2, 4):
+        (_complete(tmp_path, step) / ck.MANIFEST).unlink()
+    (tmp_path / "checkpoint-4" / ck.RECIPE_FILE).write_text(text)
+    notes: list[str] = []
+    assert rs.resolve_resume("auto", tmp_path, settings, notes) == tmp_path / "checkpoint-2"
+    assert len(notes) == 1 and notes[0].startswith(f"skipping {tmp_path / 'checkpoint-4'}: it has an unreadable "
+                                                   f"recipe.yaml{why}"), notes
+    with pytest.raises(st.ConfigError, match=r"checkpoint-4 has an unreadable recipe.yaml"):
+        rs.resolve_resume(str(tmp_path / "checkpoint-4"), tmp_path, settings)
+    assert rs.saved_recipe(tmp_path / "checkpoint-4") is None  # what the trainer reads the schedule from
+
+
+def test_a_divergence_record_naming_no_checkpoint_path_is_refused_naming_it(tmp_path):
+    """run_summary.json of a diverged run whose last_good_checkpoint is no path: a TypeError traceback before."""
+    _complete(tmp_path, 2)
+    (tmp_path / ck.SUMMARY).write_text(json.dumps({"status": "diverged", "last_good_checkpoint": 5}))
+    with pytest.raises(st.ConfigError, match=r"run_summary.json: 'last_good_checkpoint' must be a checkpoint path "
+                                             r"or null, got 5"):
+        rs.resolve_resume("auto", tmp_path)
+
+
+# trainer_state.json: what transformers' resume would have met (a TypeError or KeyError inside it)
+PARTIAL_STATES = {
+    "no-batch-size": ({"global_step": 2, "log_history": []}, "'train_batch_size' must be a positive integer, got none"),
+    "no-trainer-control": ({"global_step": 2, "train_batch_size": 4}, "'stateful_callbacks' has no TrainerControl"),
+    "step-a-string": ({"global_step": "2", "train_batch_size": 4},
+                      "'global_step' must be a non-negative integer, got '2'"),
+    "unknown-key": ({"global_step": 2, "train_batch_size": 4, "steps": 2}, "an unknown key 'steps'"),
+    "history-not-objects": ({"global_step": 2, "train_batch_size": 4, "log_history": [1],
+                             "stateful_callbacks": {"TrainerControl": {}}}, "'log_history' must hold objects"),
+}
+
+
+@pytest.mark.parametrize("case", PARTIAL_STATES)
+def test_a_checkpoint_whose_trainer_state_the_trainer_cannot_resume_is_skipped_naming_it(case, tmp_path):
+    """A minimal trainer_state.json passed resume's checks, then transformers failed on it mid-resume
+    (compare_trainer_and_checkpoint_args: None // int; the next save: KeyError 'TrainerControl')."""
+    state, why = PARTIAL_STATES[case]
+    for step in (2, 4):
+        (_complete(tmp_path, step) / ck.MANIFEST).unlink()
+    (tmp_path / "checkpoint-4" / ck.STATE_FILE).write_text(json.dumps(state))
+    assert rs.unusable(tmp_path / "checkpoint-4") == f"has an unreadable trainer_state.json ({why})"
+    assert rs.unusable(tmp_path / "checkpoint-2") is None  # the state as the Trainer writes it
+    notes: list[str] = []
+    assert rs.resolve_resume("auto", tmp_path, None, notes) == tmp_path / "checkpoint-2"
+    assert len(notes) == 1 and "checkpoint-4: it has an unreadable trainer_state.json" in notes[0], notes
+
+
 def test_run_directory_rules(tmp_path):
     run = tmp_path / "run"
     _complete(run, 3)
@@ -455,7 +515,8 @@ def test_a_sharded_fsdp_lora_checkpoint_gets_its_adapter_config(tmp_path):
         (ckpt / folder).mkdir(parents=True)
     for name in ("scheduler.pt", "rng_state.pth"):
         torch.save({}, ckpt / name)
-    (ckpt / ck.STATE_FILE).write_text(json.dumps({"global_step": 2, "log_history": []}))
+    (ckpt / ck.STATE_FILE).write_text(json.dumps({"global_step": 2, "train_batch_size": 4, "log_history": [],
+                                                  "stateful_callbacks": {"TrainerControl": {}}}))
     assert rs.unusable(ckpt, lora=True) == "misses adapter_config.json"
     model = get_peft_model(tiny_llama(vocab_size=256), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
     write_adapter_config(model, ckpt)
