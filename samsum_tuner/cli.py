@@ -31,8 +31,10 @@ def _split_recipe(rest: list[str]) -> tuple[str | None, list[str]]:
 
 def _speaks_for_the_launch() -> bool:
     """Local rank 0 (or a process not launched at all): the one process of a launch on this machine that reports
-    an error every process reaches alike."""
-    return os.environ.get("LOCAL_RANK", "0").strip() in ("0", "")
+    an error every process reaches alike. A LOCAL_RANK that is no rank speaks too: launch.py refuses it, on every
+    process, and no process would speak otherwise."""
+    local_rank = os.environ.get("LOCAL_RANK", "0").strip()
+    return not local_rank.isdigit() or int(local_rank) == 0
 
 
 # A launcher stops every worker once one exits: a silent rank that exits first can kill local rank 0 before it
@@ -400,7 +402,15 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] in (["-h"], ["--help"]) or argv == ["help"] or not argv:
         print(_overview(), file=sys.stdout if argv else sys.stderr)
         return EXIT_OK if argv else EXIT_BAD_INPUT
-    if argv[0] == "help":  # help COMMAND: that command's --help
+    if argv[0] == "help":  # help COMMAND: that command's --help; `help help`: help's own usage
+        if len(argv) > 2:
+            print(f"samsum-tuner: error: help: unexpected argument {argv[2]!r}; samsum-tuner help COMMAND takes one "
+                  "command", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        if argv[1] in ("help", "-h", "--help"):
+            print("usage: samsum-tuner help [COMMAND]\n\nThe commands, each in a line; with COMMAND, that command's "
+                  "arguments (as COMMAND --help).")
+            return EXIT_OK
         argv = [argv[1], "--help"]
     name = argv[0]
     if name not in COMMANDS:

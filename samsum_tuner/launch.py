@@ -32,15 +32,29 @@ def _env_bool(name: str) -> bool | None:
     return None if v is None else v.strip().lower() in ("1", "true", "yes")
 
 
+def _env_int(name: str, default: int, least: int) -> int:
+    """A launcher's integer variable; a broken one is refused naming it (int() would raise a traceback)."""
+    v = os.environ.get(name)
+    if v is None:
+        return default
+    try:
+        n = int(v)
+    except ValueError:
+        n = least - 1
+    if n < least:
+        raise ConfigError(f"environment variable {name}={v!r}: expected an integer >= {least}")
+    return n
+
+
 def detect_launch(fsdp_config: FsdpConfig) -> Launch:
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world = _env_int("WORLD_SIZE", 1, least=1)
+    rank = _env_int("RANK", 0, least=0)
+    local_rank = _env_int("LOCAL_RANK", 0, least=0)
     # `accelerate launch` exports its config as ACCELERATE_* variables (also for one process).
     if any(k in os.environ for k in ("ACCELERATE_MIXED_PRECISION", "ACCELERATE_USE_FSDP", "ACCELERATE_USE_CPU")):
         fsdp = bool(_env_bool("ACCELERATE_USE_FSDP"))
         offload = bool(_env_bool("FSDP_OFFLOAD_PARAMS"))
-        version = int(os.environ.get("FSDP_VERSION", 1)) if fsdp else fsdp_config.version
+        version = _env_int("FSDP_VERSION", 1, least=1) if fsdp else fsdp_config.version
         conflicts = []
         if fsdp_config.enabled != fsdp:
             conflicts.append(f"recipe fsdp.enabled={str(fsdp_config.enabled).lower()} but the accelerate config "

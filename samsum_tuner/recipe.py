@@ -237,9 +237,10 @@ def _set(recipe: Recipe, path: str, raw: Any, where: str = "") -> None:
     setattr(obj, leaf, _coerce(raw, hints[leaf], f"{where}{path}"))
 
 
-def _parse_scalar(text: str) -> Any:
+def _parse_scalar(text: str, key: str = "") -> Any:
+    """An override's value as YAML; `key=` and `key= ` mean the text itself. Refusals name the override's key."""
     try:
-        return _load_yaml(text, "override") if text.strip() else text  # `key=` and `key= ` mean the text itself
+        return _load_yaml(text, f"{OVERRIDE}{key}".strip()) if text.strip() else text
     except (yaml.YAMLError, ValueError, RecursionError):
         return text
 
@@ -252,7 +253,8 @@ MAX_YAML_VALUES = 100_000
 
 def _expanded_size(root: yaml.Node, where: str) -> int:
     """How many values the document stands for once every alias is expanded, counted over the node graph (each
-    node once), stopping past MAX_YAML_VALUES; an alias inside the node it names is refused."""
+    node once), stopping past MAX_YAML_VALUES; an alias inside the node it names, and a mapping's duplicate keys,
+    are refused."""
     sizes: dict[int, int] = {}
     open_nodes: set[int] = set()
     stack: list[tuple[yaml.Node, bool]] = [(root, False)]
@@ -272,13 +274,28 @@ def _expanded_size(root: yaml.Node, where: str) -> int:
             raise ConfigError(f"{where}:{node.start_mark.line + 1}: invalid YAML: an alias refers to the node that "
                               "holds it")
         open_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            _refuse_duplicate_keys(node, where)
         stack.append((node, True))
         stack += [(c, False) for c in children if id(c) not in sizes]
     return sizes[id(root)]
 
 
+def _refuse_duplicate_keys(node: yaml.MappingNode, where: str) -> None:
+    """PyYAML keeps the last of two equal keys and drops the first silently (a whole section, or a value)."""
+    seen: dict[tuple[str, str], int] = {}
+    for key, _ in node.value:
+        if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":  # `<<:` merges, repeatable
+            continue
+        if (key.tag, key.value) in seen:
+            raise ConfigError(f"{where}:{key.start_mark.line + 1}: duplicate key {key.value!r} (first at line "
+                              f"{seen[key.tag, key.value]})")
+        seen[key.tag, key.value] = key.start_mark.line + 1
+
+
 def _load_yaml(text: str, where: str) -> Any:
-    """yaml.safe_load, refusing documents whose aliases expand past MAX_YAML_VALUES before building them."""
+    """yaml.safe_load, refusing documents whose aliases expand past MAX_YAML_VALUES, and duplicate keys, before
+    building them."""
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
@@ -364,7 +381,7 @@ def build_recipe(path: str | os.PathLike | None = None, overrides: list[str] | N
     if path is not None:
         p = Path(path)
         entries += [(k, v, f"{p}: ") for k, v in _flatten(_read_yaml(p))]
-    entries += [(k, _parse_scalar(v), OVERRIDE) for k, v in split_overrides(list(overrides or []))]
+    entries += [(k, _parse_scalar(v, k), OVERRIDE) for k, v in split_overrides(list(overrides or []))]
     overridden = set()  # the recipe keys the command line sets
     for key, value, where in entries:
         target = apply_key(recipe, key, value, where, pending)

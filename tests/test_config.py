@@ -396,3 +396,90 @@ def test_the_saved_train_section_holds_ours_and_what_was_set():
     train = build_recipe(None, ["train.adam_beta2=0.98"]).to_dict()["train"]
     assert train["adam_beta2"] == 0.98 and "include_for_metrics" not in train and "adam_beta1" not in train
     assert {"gamma", "momentum", "learning_rate", "report_to"} <= set(train)
+
+
+def _one_line_refusal(capsys, argv: list[str], message: str) -> None:
+    """cli.main refuses argv with exit 2 and the one line `samsum-tuner: error: MESSAGE` (a prefix of it)."""
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"samsum-tuner: error: {message}"), err
+
+
+def test_duplicate_keys_in_a_recipe_are_refused_naming_file_and_line(tmp_path, capsys):
+    """PyYAML keeps the last of two equal keys: a repeated section silently dropped the first one."""
+    p = tmp_path / "dup.yaml"
+    p.write_text('model:\n  name: smollm2-135m\ndata:\n  split_slice: "8"\nmodel:\n  dtype: bfloat16\n')
+    _one_line_refusal(capsys, ["train", str(p), "--dry-run"], f"{p}:5: duplicate key 'model' (first at line 1)")
+    for body, line, key in [("train:\n  seed: 1\n  logging_steps: 2\n  seed: 3\n", 4, "seed"),
+                            ("train: {seed: 1, seed: 2}\n", 1, "seed")]:
+        p.write_text(body)
+        with pytest.raises(ConfigError, match=rf"^{p}:{line}: duplicate key '{key}'"):
+            build_recipe(p)
+    with pytest.raises(ConfigError, match=r"^override lora.target_modules:1: duplicate key 'a'"):
+        build_recipe(None, ["lora.target_modules={a: 1, a: 2}"])
+    p.write_text("train:\n  <<: {seed: 5, logging_steps: 3}\n  seed: 7\n")  # a merge key, overridden: no duplicate
+    r = build_recipe(p)
+    assert (r.train.seed, r.train.logging_steps) == (7, 3)
+
+
+@pytest.mark.parametrize("name", ["a/b/c", "☃", "bad-"])
+def test_a_model_name_neither_a_folder_nor_a_hub_id_is_one_line(name, capsys):
+    """huggingface_hub's HFValidationError escaped as a traceback from every command that looks a hub id up."""
+    message = f"model.name: {name!r} is neither a local folder nor a valid hub id"
+    _one_line_refusal(capsys, ["train", f"model.name={name}", "--dry-run"], message)
+    _one_line_refusal(capsys, ["plan", f"model.name={name}"], message)
+    _one_line_refusal(capsys, ["eval", name], message)
+
+
+def test_a_hub_id_that_cannot_be_one_is_one_line_for_merge_and_data(lora_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    recipe = run / "recipe.yaml"
+    recipe.write_text(recipe.read_text().replace(f"name: {lora_run.parent / 'base'}", "name: a/b/c"))
+    _one_line_refusal(capsys, ["merge", str(run), str(tmp_path / "out")],
+                      f"{recipe}: model.name: 'a/b/c' is neither a local folder nor a valid hub id")
+    _one_line_refusal(capsys, ["plan", "model.name=random:llama2-7b", "data.source=☃"],
+                      "data.source: '☃' is neither a local folder nor a valid hub id")
+
+
+@pytest.mark.parametrize("env, name", [({"WORLD_SIZE": "abc"}, "WORLD_SIZE"), ({"RANK": "x"}, "RANK"),
+                                       ({"LOCAL_RANK": "abc"}, "LOCAL_RANK"), ({"WORLD_SIZE": "0"}, "WORLD_SIZE"),
+                                       ({"ACCELERATE_USE_FSDP": "1", "FSDP_VERSION": "x"}, "FSDP_VERSION")])
+def test_launch_variables_that_are_not_ranks_are_one_line_from_every_process(env, name, monkeypatch, capsys):
+    """int() raised a ValueError traceback; a broken LOCAL_RANK is said at once (no process is local rank 0)."""
+    import time
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    start = time.perf_counter()
+    _one_line_refusal(capsys, ["train", "--dry-run"], f"environment variable {name}={env[name]!r}: expected an "
+                      "integer >=")
+    assert time.perf_counter() - start < cli.SILENT_RANK_GRACE_S
+
+
+def test_a_cache_that_cannot_be_a_folder_is_one_line(tiny_model_dir, tiny_data, tmp_path, monkeypatch, capsys):
+    """SAMSUM_TUNER_CACHE at a file: FileExistsError converting SmolLM2, NotADirectoryError tokenizing."""
+    from samsum_tuner.hub import cache_dir
+
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    monkeypatch.setenv("SAMSUM_TUNER_CACHE", str(a_file))
+    message = f"SAMSUM_TUNER_CACHE: {a_file} is a file, not a folder"
+    _one_line_refusal(capsys, ["plan", "model.name=random:llama2-7b", f"data.source={tiny_data}", "--cpu"], message)
+    _one_line_refusal(capsys, ["train", f"model.name={tiny_model_dir}", f"data.source={tiny_data}", "--dry-run",
+                               "memory.preflight=false"], message)
+    monkeypatch.setenv("SAMSUM_TUNER_CACHE", str(a_file / "sub"))
+    with pytest.raises(ConfigError, match=rf"^SAMSUM_TUNER_CACHE: {a_file / 'sub'} cannot be created \(Not a dir"):
+        cache_dir()
+    monkeypatch.setenv("SAMSUM_TUNER_CACHE", str(tmp_path / "new" / "cache"))
+    assert cache_dir().is_dir()
+
+
+def test_help_help_and_help_with_extra_arguments(capsys):
+    assert cli.main(["help", "help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: samsum-tuner help [COMMAND]\n")
+    assert cli.main(["help", "train", "extra"]) == 2
+    assert capsys.readouterr().err == ("samsum-tuner: error: help: unexpected argument 'extra'; samsum-tuner help "
+                                       "COMMAND takes one command\n")
