@@ -264,19 +264,6 @@ def main_eval(argv: list[str], prog: str = "samsum-tuner eval") -> int:
     return _guard(run)
 
 
-def _one_call_command(argv: list[str], prog: str, description: str, positional: list[str], act) -> int:
-    """A command of positional arguments whose work is one call; `act(opts)` says what it did."""
-    p = _Parser(prog=prog, allow_abbrev=False, description=description)
-    for name in positional:
-        p.add_argument(name)
-
-    def run() -> int:
-        print(f"samsum_tuner: {act(p.parse_args(argv))}")
-        return EXIT_OK
-
-    return _guard(run)
-
-
 def main_merge(argv: list[str], prog: str = "samsum-tuner merge") -> int:
     p = _Parser(prog=prog, allow_abbrev=False, description="Merge a LoRA run's adapter into a plain HF model "
                 "folder that also carries the run's tokenizer and recipe (so eval uses the training prompt).")
@@ -295,13 +282,17 @@ def main_merge(argv: list[str], prog: str = "samsum-tuner merge") -> int:
 
 
 def main_report(argv: list[str], prog: str = "samsum-tuner report") -> int:
-    def act(opts) -> str:
+    p = _Parser(prog=prog, allow_abbrev=False, description="report.md and PNG plots (loss, perplexity, learning "
+                "rate, memory) of a run directory.")
+    p.add_argument("run_dir")
+
+    def run() -> int:
         from .report import report
 
-        return f"report written to {report(opts.run_dir)}"
+        print(f"samsum_tuner: report written to {report(p.parse_args(argv).run_dir)}")
+        return EXIT_OK
 
-    return _one_call_command(argv, prog, "report.md and PNG plots (loss, perplexity, learning rate, memory) of a "
-                             "run directory.", ["run_dir"], act)
+    return _guard(run)
 
 
 # The original's flags whose value is translated, or that set more than one key.
@@ -403,14 +394,12 @@ def main(argv: list[str] | None = None) -> int:
         print(_overview(), file=sys.stdout if argv else sys.stderr)
         return EXIT_OK if argv else EXIT_BAD_INPUT
     if argv[0] == "help":  # help COMMAND: that command's --help; `help help`: help's own usage
-        if len(argv) > 2:
-            print(f"samsum-tuner: error: help: unexpected argument {argv[2]!r}; samsum-tuner help COMMAND takes one "
-                  "command", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        if argv[1] in ("help", "-h", "--help"):
-            print("usage: samsum-tuner help [COMMAND]\n\nThe commands, each in a line; with COMMAND, that command's "
-                  "arguments (as COMMAND --help).")
-            return EXIT_OK
+        if len(argv) > 2 or argv[1] in ("help", "-h", "--help"):
+            bad = len(argv) > 2
+            print(f"samsum-tuner: error: help: unexpected argument {argv[2]!r}; samsum-tuner help COMMAND takes "
+                  "one command" if bad else "usage: samsum-tuner help [COMMAND]\n\nThe commands, each in a line; "
+                  "with COMMAND, that command's arguments (as COMMAND --help).", file=sys.stderr if bad else sys.stdout)
+            return EXIT_BAD_INPUT if bad else EXIT_OK
         argv = [argv[1], "--help"]
     name = argv[0]
     if name not in COMMANDS:

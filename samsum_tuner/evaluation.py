@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from .config import SECTIONS, DataConfig, Recipe
-from .recipe import _read_yaml as read_yaml, build_recipe, split_overrides
+from .recipe import build_recipe, split_overrides
+from .yaml_io import read_yaml
 from .data import load_clean_split
 from .errors import ConfigError
 

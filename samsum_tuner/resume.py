@@ -10,7 +10,7 @@ from pathlib import Path
 from .checkpoint import (MANIFEST, PREFIX, RECIPE_FILE, STATE_FILE, SUMMARY, complete_checkpoints, is_complete,
                          step_of)
 from .errors import ConfigError, brief
-from .recipe import _read_yaml
+from .yaml_io import read_yaml
 
 # The Trainer's checkpoint: weights (LoRA adapter, full safetensors, or FSDP's sharded folder), optimizer (a file,
 # FSDP's full optimizer.bin or its sharded folder), scheduler, RNG (one file, or one per process), trainer state.
@@ -165,7 +165,7 @@ def _read_recipe(path: Path) -> tuple[dict | None, str | None]:
     if not f.is_file():
         return None, None
     try:
-        found = _read_yaml(f)
+        found = read_yaml(f)
     except ConfigError as e:  # invalid YAML, not UTF-8, an integer too long for Python, not a mapping
         return None, f"an unreadable {RECIPE_FILE}{str(e).removeprefix(str(f))}"
     for section in dict.fromkeys(key.split(".")[0] for key in IDENTITY):
