@@ -148,30 +148,30 @@ def _plots(out: Path, history: list[dict[str, Any]], memory: list[dict[str, Any]
     return made
 
 
-def _loss_plot(path: Path, history: list[dict[str, Any]], memory: list[dict[str, Any]]) -> bool:
-    curves = [(k, label) for k, label in (("loss", "train loss"), ("eval_loss", "eval loss")) if _series(history, k)[0]]
+def _train_and_eval(path: Path, history: list[dict[str, Any]], keys: tuple[str, str], what: str, title: str,
+                    ylabel: str) -> bool:
+    """One plot of a training series and its evaluation series (markers: one point per evaluation)."""
+    curves = [(k, f"{split} {what}") for k, split in zip(keys, ("train", "eval")) if _series(history, k)[0]]
     if not curves:
         return False
-    fig, ax = _figure("Loss (mean over supervised tokens)", "cross-entropy (nats/token)")
+    fig, ax = _figure(title, ylabel)
     for key, label in curves:
         x, y = _series(history, key)
-        ax.plot(x, y, marker="o" if key == "eval_loss" else None, markersize=4, label=label)
+        ax.plot(x, y, marker="o" if key == keys[1] else None, markersize=4, label=label)
+    if what == "perplexity":
+        ax.set_yscale("log")
     _save(fig, ax, path)
     return True
+
+
+def _loss_plot(path: Path, history: list[dict[str, Any]], memory: list[dict[str, Any]]) -> bool:
+    return _train_and_eval(path, history, ("loss", "eval_loss"), "loss", "Loss (mean over supervised tokens)",
+                           "cross-entropy (nats/token)")
 
 
 def _perplexity_plot(path: Path, history: list[dict[str, Any]], memory: list[dict[str, Any]]) -> bool:
-    ppl = [(k, label) for k, label in (("ppl", "train perplexity"), ("eval_ppl", "eval perplexity"))
-           if _series(history, k)[0]]
-    if not ppl:
-        return False
-    fig, ax = _figure("Perplexity = exp(loss)", "perplexity (log scale)")
-    for key, label in ppl:
-        x, y = _series(history, key)
-        ax.plot(x, y, marker="o" if key == "eval_ppl" else None, markersize=4, label=label)
-    ax.set_yscale("log")
-    _save(fig, ax, path)
-    return True
+    return _train_and_eval(path, history, ("ppl", "eval_ppl"), "perplexity", "Perplexity = exp(loss)",
+                           "perplexity (log scale)")
 
 
 def _learning_rate_plot(path: Path, history: list[dict[str, Any]], memory: list[dict[str, Any]]) -> bool:
