@@ -87,6 +87,13 @@ PEAK_FLOPS = 794e12
 DEFAULT_CAP = 79.2
 # BENCH_MODEL=<a tiny model folder> runs the whole script on a CPU in seconds (a check of the script itself).
 MODEL = os.environ.get("BENCH_MODEL", "random:llama2-7b")
+# The smollm2 suite's model folder; unset: the embedded SmolLM2 (its GGUF converted). --smollm2 random sets it.
+SMOLLM2_DIR = os.environ.get("BENCH_SMOLLM2")
+# SmolLM2-135M-Instruct's config.json: its shape, RoPE and ids, for a model of random weights (--smollm2 random).
+SMOLLM2_CONFIG = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
+                      rms_norm_eps=1e-5, rope_parameters={"rope_theta": 100000.0, "rope_type": "default"},
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # flex_attention has no backward and bf16 is slow on a CPU: the check there swaps them out.
 FLEX = "flex_attention" if DEVICE == "cuda" else "sdpa"
@@ -107,7 +114,8 @@ SUITES = {
     # flex_attention compilations, and it can take a call's whole deadline.
     "smollm2": ["trl_default", "ours_smollm2", "ours_smollm2_eager", "ours_smollm2_32k", "flex_loop_16k",
                 "ours_smollm2_64k", "ours_smollm2_cudagraphs", "ours_smollm2_liger",
-                "ours_smollm2_varlen", "ours_smollm2_foreach", "ours_smollm2_cpp_wrapper", "ours_smollm2_workers"],
+                "ours_smollm2_varlen", "ours_smollm2_foreach", "ours_smollm2_cpp_wrapper", "ours_smollm2_workers",
+                "ours_smollm2_whole", "ours_smollm2_whole_cudagraphs"],
     # Pairs first: a run cut short by its deadline still has something to compare.
     "fsdp": ["naive_fsdp_adamw", "ours_fsdp_adamw", "naive_fsdp_sgd", "ours_fsdp_sgd", "ours_fsdp_adamw_big",
              "ours_fsdp_sgd_compiled", "ours_fsdp_adamw_compiled", "ours_fsdp_sgd_compiled_sdpa"],
@@ -351,6 +359,26 @@ def naive_qlora_ckpt(a) -> dict:
     return _naive_qlora(a, checkpointing=True)
 
 
+def _smollm2_dir() -> str:
+    from samsum_tuner.smollm2 import embedded_model_dir
+
+    return SMOLLM2_DIR or str(embedded_model_dir())
+
+
+def random_smollm2(folder: Path) -> str:
+    """SmolLM2-135M's shape with random weights and its tokenizer, as a model folder (built once): the speed of a
+    step does not depend on the weights, and a GPU machine needs no GGUF for it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from samsum_tuner.smollm2 import embedded_tokenizer
+
+    if not (folder / "config.json").is_file():
+        torch.manual_seed(0)
+        LlamaForCausalLM(LlamaConfig(**SMOLLM2_CONFIG)).save_pretrained(folder)
+        embedded_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
 def _ours(a, path: str, overrides: list[str]) -> dict:
     """samsum_tuner's own path: recipe -> build_trainer -> trainer.train(); also how long it waited for its first
     optimizer step (samsum_tuner's FirstStepTimer: load, compilation)."""
@@ -358,6 +386,8 @@ def _ours(a, path: str, overrides: list[str]) -> dict:
     from samsum_tuner.model import compiles
     from samsum_tuner.callbacks import FirstStepTimer
 
+    if SMOLLM2_DIR and "smollm2" in path:
+        overrides = [f"model.name={SMOLLM2_DIR}", *overrides]
     recipe = _recipe(path, [f"data.split_slice=[:{a.rows}]", f"train.max_steps={a.warmup + a.steps}",
                             "train.output_dir=/tmp/bench_ours", "data.longest_first=false", *overrides,
                             *CPU_OVERRIDES])
@@ -469,6 +499,16 @@ def ours_smollm2_32k(a) -> dict:
 
 def ours_smollm2_64k(a) -> dict:
     return _ours(a, "recipes/smollm2_gpu.yaml", ["data.max_tokens_per_batch=65536", "data.pad_to_multiple_of=65536"])
+
+
+def ours_smollm2_whole(a) -> dict:
+    """The decoder stack compiled as one graph (its layers one nested region): one entry a step, not one a layer."""
+    return _ours(a, "recipes/smollm2_gpu.yaml", ["model.compile_scope=model"])
+
+
+def ours_smollm2_whole_cudagraphs(a) -> dict:
+    """The stack as one graph, captured in CUDA graphs: one forward and one backward graph a step."""
+    return _ours(a, "recipes/smollm2_gpu.yaml", ["model.compile_scope=model", "model.compile_mode=reduce-overhead"])
 
 
 def ours_smollm2_cudagraphs(a) -> dict:
@@ -617,7 +657,6 @@ def trl_default(a) -> dict:
         raise SystemExit("trl_default needs TRL, an optional dependency: pip install -e '.[bench]'") from None
 
     from samsum_tuner.data import load_clean_split
-    from samsum_tuner.smollm2 import embedded_model_dir
 
     recipe = _recipe("recipes/smollm2_gpu.yaml", [])
     rows = load_clean_split(recipe.data, "train")[0][: a.rows]
@@ -628,7 +667,7 @@ def trl_default(a) -> dict:
     config = SFTConfig(output_dir="/tmp/bench_trl", max_steps=a.warmup + a.steps, report_to="none",
                        save_strategy="no", disable_tqdm=True,
                        **({} if DEVICE == "cuda" else {"use_cpu": True, "bf16": False}))
-    trainer = SFTTrainer(model=str(embedded_model_dir()), args=config, train_dataset=dataset,
+    trainer = SFTTrainer(model=_smollm2_dir(), args=config, train_dataset=dataset,
                          callbacks=[timer.callback])
     timer.count(trainer)
     trainer.train()
@@ -643,11 +682,9 @@ def flex_loop_16k(a) -> dict:
     flex_attention, batches of up to 16,384 tokens, pure bf16 weights, AdamW."""
     from transformers import AutoModelForCausalLM, DataCollatorWithFlattening
 
-    from samsum_tuner.smollm2 import embedded_model_dir
-
     recipe = _recipe("recipes/smollm2_gpu.yaml", [])
     dataset, _ = _stream(recipe, a.rows)
-    model = AutoModelForCausalLM.from_pretrained(embedded_model_dir(),
+    model = AutoModelForCausalLM.from_pretrained(_smollm2_dir(),
                                                  dtype=torch.bfloat16 if DEVICE == "cuda" else None,
                                                  attn_implementation=FLEX).to(DEVICE)
     model.config.use_cache = False
@@ -762,6 +799,9 @@ def main() -> None:
                    help="comma-separated configurations instead of whole suites, run in this order")
     p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     p.add_argument("--model", default=MODEL, help="the random shape or model folder of the 7b, qlora and fsdp suites")
+    p.add_argument("--smollm2", choices=["embedded", "random"], default="embedded",
+                   help="the smollm2 suite's model: the embedded SmolLM2, or its shape with random weights (no GGUF)")
+    p.add_argument("--keep-stderr", action="store_true", help="write each run's stderr beside the results")
     p.add_argument("--nproc", type=int, default=torch.cuda.device_count() or 1,
                    help="processes (GPUs) of the fsdp suite's accelerate launch")
     p.add_argument("--rows", type=int, default=4096, help="train rows in the token stream")
@@ -800,6 +840,8 @@ def main() -> None:
     if a.warm:
         plan.insert(0, (suite_of[a.warm], a.warm, "warm-up"))
     env = {**os.environ, "BENCH_MODEL": a.model}
+    if a.smollm2 == "random" and "smollm2" in a.suite.split(","):
+        env["BENCH_SMOLLM2"] = random_smollm2(out / "smollm2_random")
     results: list[dict] = []
     start = time.time()
     for suite, name, repeat in plan:
@@ -815,6 +857,8 @@ def main() -> None:
         # before the kill, so the stderr tail says what it was doing (compiling? waiting on a collective?).
         code, _, stderr = run(_command(a, suite, name, target, cap), min(a.timeout, left), signal.SIGABRT, cwd=ROOT,
                               env={**env, "PYTHONFAULTHANDLER": "1"})
+        if a.keep_stderr:  # torch's logs (TORCH_LOGS=perf_hints: why CUDA graphs were skipped) of runs that worked
+            (out / f"stderr_{name}_{repeat}.txt").write_text(stderr[-200_000:])
         if target.is_file():
             r = json.loads(target.read_text())
         else:

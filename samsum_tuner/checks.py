@@ -204,6 +204,16 @@ def validate(recipe: Recipe) -> None:
         _one_of(m.compile_mode, COMPILE_MODES, "model.compile_mode", "mode")
         if m.compile is False:
             raise ConfigError("model.compile_mode applies to compiled layers: set model.compile=true or auto")
+    _one_of(m.compile_scope, COMPILE_SCOPES, "model.compile_scope", "scope")
+    if m.compile_scope == "model":
+        if m.compile is False:
+            raise ConfigError("model.compile_scope=model applies to a compiled model: set model.compile=true or auto")
+        if recipe.checkpoints_activations:
+            raise ConfigError("refused: model.compile_scope=model with gradient checkpointing (recomputing a layer "
+                              "inside a nested region): set model.compile_scope=layers")
+        if t.eval_rouge_rows:
+            raise ConfigError("refused: model.compile_scope=model with train.eval_rouge_rows (generation would compile "
+                              "the whole model again at every new width): set model.compile_scope=layers")
     if q.bits not in (None, 4, 8):
         raise ConfigError(f"quantization.bits must be 4, 8 or null, got {q.bits!r}")
     if q.quant_type not in ("nf4", "fp4"):
@@ -274,6 +284,7 @@ DECIDED_ELSEWHERE = {
     "parallelism_config": "the fsdp section or an accelerate config",
 }
 COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+COMPILE_SCOPES = ["layers", "model"]
 # What an evaluation with train.eval_rouge_rows adds (evaluation.score), each also as eval_<name>.
 ROUGE_METRICS = ["rouge1", "rouge2", "rougeL", "rougeLsum", "ended_at_eos", "mean_new_tokens"]
 
@@ -352,6 +363,9 @@ def check_environment(recipe: Recipe, launch: Launch) -> None:
                           "(DataParallel), cutting packed rows and supervised positions apart: launch one process "
                           f"per GPU (torchrun --nproc_per_node {gpus} -m samsum_tuner.train ...) or pick one GPU "
                           "(CUDA_VISIBLE_DEVICES=0)")
+    if launch.fsdp and recipe.model.compile_scope == "model" and recipe.model.compile is not False:
+        raise ConfigError("refused: model.compile_scope=model under FSDP, which shards and gathers each decoder layer "
+                          "by hooks a whole-model graph would trace through: set model.compile_scope=layers")
     if launch.fsdp and not cuda:
         raise ConfigError("refused: FSDP needs CUDA GPUs (accelerate does not engage FSDP on CPU); drop "
                           "fsdp.enabled / --enable_fsdp to train on CPU")

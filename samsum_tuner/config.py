@@ -42,6 +42,11 @@ class ModelConfig:
         "eager elsewhere)")
     compile_mode: str | None = _knob(None, "torch.compile's mode for those layers: null (its default), "
                                      "reduce-overhead (CUDA graphs), max-autotune or max-autotune-no-cudagraphs")
+    # One entry into compiled code a step instead of one a layer: for a small model the host's per-layer work
+    # (guards, wrappers) sets the pace, and CUDA graphs (reduce-overhead) then capture the whole stack.
+    compile_scope: str = _knob("layers", "what model.compile compiles: layers (each decoder layer in place) or "
+                               "model (the decoder stack as one graph, its layers compiled once as a nested "
+                               "region; one process, no gradient checkpointing)")
     trust_remote_code: bool = _knob(False, "run the model repository's own Python code")
     revision: str | None = _knob(None, "hub branch, tag or commit of the model (null: main)")
 

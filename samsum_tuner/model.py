@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 import time
+import types
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .config import ModelConfig
+from .errors import ConfigError
 from .hub import cache_dir
 from .model_source import load_model_config
 from .shapes import random_shape_name, shape_from_config
@@ -92,9 +94,15 @@ def load_model(load: ModelLoad):
     if torch.cuda.is_available():
         use_compile_cache()
     if compiles(load.model):
-        n = compile_layers(model, layers_to_wrap(load.model), load.model.compile_mode)
-        print(f"samsum_tuner: {n} decoder layers compiled in place (model.compile={load.model.compile}; they "
-              "compile at the first step, once per input shape)", flush=True)
+        m = load.model
+        if m.compile_scope == "model":
+            n = compile_stack(model, layers_to_wrap(m), m.compile_mode)
+            what = f"the decoder stack compiled as one graph over {n} layers"
+        else:
+            n = compile_layers(model, layers_to_wrap(m), m.compile_mode)
+            what = f"{n} decoder layers compiled in place"
+        print(f"samsum_tuner: {what} (model.compile={m.compile}; compiled at the first step, once per input shape)",
+              flush=True)
     return model
 
 
@@ -118,6 +126,27 @@ def compile_layers(model, layer_classes: list[str], mode: str | None = None) -> 
     layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
     for layer in layers:
         layer.compile(mode=mode)
+    return len(layers)
+
+
+def compile_stack(model, layer_classes: list[str], mode: str | None = None) -> int:
+    """The module holding the decoder layers (LlamaModel), compiled in place as one graph, its layers' forward
+    marked as a nested compile region: traced and compiled once, called for every layer, so compilation takes
+    about as long as one layer's while each step enters compiled code once (and CUDA graphs, with
+    mode=reduce-overhead, capture the whole stack). The lm_head and the loss stay eager, as with compile_layers."""
+    stack = next((m for m in model.modules() for c in m.children()
+                  if isinstance(c, torch.nn.ModuleList) and len(c) and type(c[0]).__name__ in layer_classes), None)
+    if stack is None:
+        raise ConfigError(f"model.compile_scope=model: no module of this model holds its {'/'.join(layer_classes)} "
+                          "layers in a list: set model.compile_scope=layers")
+    layers = next(c for c in stack.children() if isinstance(c, torch.nn.ModuleList))
+    # One marked function per layer class, bound to each layer (the class itself is left as it is): every call
+    # reuses the region compiled at the first, and outside torch.compile it runs the class's forward unchanged.
+    regions: dict[type, Any] = {}
+    for layer in layers:
+        region = regions.setdefault(type(layer), torch.compiler.nested_compile_region(type(layer).forward))
+        layer.forward = types.MethodType(region, layer)
+    stack.compile(mode=mode)
     return len(layers)
 
 

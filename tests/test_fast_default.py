@@ -45,6 +45,35 @@ def test_compilation_is_decided_by_the_model_section_only(overrides, message):
     assert str(e.value) == message
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["model.compile=true", "model.compile_scope=models"],
+     "model.compile_scope: unknown scope 'models'; did you mean model?"),
+    (["model.compile_scope=model"], "model.compile_scope=model applies to a compiled model: set model.compile=true "
+                                    "or auto"),
+    (["model.compile=auto", "model.compile_scope=model", "model.gradient_checkpointing=true"],
+     "refused: model.compile_scope=model with gradient checkpointing (recomputing a layer inside a nested region): "
+     "set model.compile_scope=layers"),
+    (["model.compile=auto", "model.compile_scope=model", "train.eval_rouge_rows=8"],
+     "refused: model.compile_scope=model with train.eval_rouge_rows (generation would compile the whole model again "
+     "at every new width): set model.compile_scope=layers")])
+def test_a_model_compiled_whole_is_refused_where_it_cannot_serve(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        build_recipe(None, overrides)
+    assert str(e.value) == message
+
+
+def test_a_model_compiled_whole_is_refused_under_fsdp_before_loading():
+    from samsum_tuner.checks import check_environment
+    from samsum_tuner.launch import Launch
+
+    recipe = build_recipe(None, ["model.compile=auto", "model.compile_scope=model",
+                                 "model.gradient_checkpointing=false"])
+    with pytest.raises(ConfigError, match=r"^refused: model.compile_scope=model under FSDP, .* set "
+                                          r"model.compile_scope=layers$"):
+        check_environment(recipe, Launch("torchrun", 2, 0, 0, True, False))
+    check_environment(recipe, Launch("python", 1, 0, 0, False, False))  # one process: allowed
+
+
 def test_compile_mode_reaches_every_decoder_layer(monkeypatch):
     from samsum_tuner.model import compile_layers
 

@@ -425,6 +425,41 @@ def test_compiled_layers_train_like_eager_ones(tiny_model_dir, tmp_path):
     assert curves[True][-2] < curves[True][0]
 
 
+@pytest.mark.slow
+def test_a_model_compiled_as_one_graph_trains_like_eager_with_one_compilation(tiny_model_dir, tmp_path):
+    """model.compile_scope=model: the decoder stack (under PEFT's wrappers) is one compiled graph whose layers are
+    one nested region, entered once a step; the layers are not compiled one by one, the packed rows of one shape
+    compile once (no recompilation over the steps), and the run logs the eager run's losses."""
+    import samsum_tuner as st
+
+    rows = varied_rows(16)
+    write_jsonl(tmp_path / "d", "train", rows)
+    write_jsonl(tmp_path / "d", "validation", rows[:4])
+    curves, compiled, stats = {}, {}, {}
+    for scope in ("eager", "model"):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        r = st.load_recipe(None, [f"model.name={tiny_model_dir}", f"data.source={tmp_path / 'd'}", "--use_peft",
+                                  f"train.output_dir={tmp_path / scope}", f"model.compile={scope == 'model'}",
+                                  "model.compile_scope=model" if scope == "model" else "model.compile_scope=layers",
+                                  "data.packing=true", "data.max_tokens_per_batch=256", "data.pad_to_multiple_of=256",
+                                  "data.max_length=256", "train.max_steps=4", "lora.dropout=0",
+                                  "train.eval_strategy=no",
+                                  "train.gradient_accumulation_steps=1", "train.learning_rate=1e-3", *QUIET_RUN])
+        trainer = st.build_trainer(r)
+        st.train(r, trainer=trainer)
+        curves[scope] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        compiled[scope] = [type(m).__name__ for m in trainer.model.modules()
+                           if getattr(m, "_compiled_call_impl", None) is not None]
+        stats[scope] = dict(torch._dynamo.utils.counters["stats"])
+    assert compiled == {"eager": [], "model": ["LlamaModel"]}
+    # Two graphs of the stack: training's, compiled at the first step and entered as it is at every later one,
+    # and the final evaluation's (no gradients).
+    assert stats["model"]["unique_graphs"] == 2
+    assert len(curves["model"]) == 4
+    assert curves["model"] == pytest.approx(curves["eager"], rel=1e-4)
+
+
 @pytest.mark.parametrize("length, rows", [(384, 1), (300, 2), (1000, 1), (2048, 2)])
 def test_flex_block_mask_of_packed_rows_is_create_block_masks_without_compiling(length, rows):
     """The packed rows' BlockMask, built from each block's first and last sample, is the one torch's
