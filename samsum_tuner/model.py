@@ -129,7 +129,7 @@ def compile_layers(model, layer_classes: list[str], mode: str | None = None) -> 
     return len(layers)
 
 
-def compile_stack(model, layer_classes: list[str], mode: str | None = None) -> int:
+def compile_stack(model, layer_classes: list[str], mode: str | None = None, **options) -> int:
     """The module holding the decoder layers (LlamaModel), compiled in place as one graph, its layers' forward
     marked as a nested compile region: traced and compiled once, called for every layer, so compilation takes
     about as long as one layer's while each step enters compiled code once (and CUDA graphs, with
@@ -146,7 +146,7 @@ def compile_stack(model, layer_classes: list[str], mode: str | None = None) -> i
     for layer in layers:
         region = regions.setdefault(type(layer), torch.compiler.nested_compile_region(type(layer).forward))
         layer.forward = types.MethodType(region, layer)
-    stack.compile(mode=mode)
+    stack.compile(mode=mode, **options)  # options: torch.compile's others (the tests' CPU backend)
     return len(layers)
 
 

@@ -239,6 +239,11 @@ def _shape_or_config(name: str) -> ModelShape:
     shape = shape_for_model_name(name)
     if shape is not None:
         return shape
+    from .hub import check_hub_id
+    from .model_source import looks_local
+
+    if not looks_local(name):  # neither a folder nor a hub id: named as every other command names it
+        check_hub_id(name, "model.name")
     try:  # a hub id: config.json only (cached after the first time), never the weights
         from transformers import AutoConfig
 

@@ -428,6 +428,7 @@ def test_a_model_name_neither_a_folder_nor_a_hub_id_is_one_line(name, capsys):
     message = f"model.name: {name!r} is neither a local folder nor a valid hub id"
     _one_line_refusal(capsys, ["train", f"model.name={name}", "--dry-run"], message)
     _one_line_refusal(capsys, ["plan", f"model.name={name}"], message)
+    _one_line_refusal(capsys, ["plan", f"model.name={name}", "--lengths", "default"], message)  # no data read
     _one_line_refusal(capsys, ["eval", name], message)
 
 
