@@ -1,7 +1,7 @@
 """Host time per optimizer step by package: how much of a step's Python runs in samsum_tuner, transformers,
 accelerate and torch, and how much in torch's C++ operators (on a GPU: launches, on a CPU: the compute too).
 
-    python benchmarks/host_overhead.py MODEL_DIR [--steps 150] [override ...]
+    python benchmarks/host_overhead.py [--steps 150] [--warmup 3] MODEL_DIR [override ...]
 
 It trains `recipes/smollm2_gpu.yaml` on MODEL_DIR (a small local model folder: the question is the host's share,
 not the model's FLOPs) with 64-token rows and sdpa on the CPU, under cProfile, and prints milliseconds per step.
@@ -30,9 +30,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model_dir")
     p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--warmup", type=int, default=3, help="steps before the profiled ones (compilation among them)")
     p.add_argument("--top", metavar="PACKAGE", help="also list this package's 10 functions of most own time")
     p.add_argument("overrides", nargs="*", help="recipe overrides, key=value")
     a = p.parse_args()
+
+    from transformers import TrainerCallback
 
     import samsum_tuner as st
 
@@ -42,19 +45,29 @@ def main() -> None:
         f"train.max_steps={a.steps}", "train.bf16=false", "train.eval_strategy=no", "train.save_model=false",
         "train.report_to=[]", "train.disable_tqdm=true", "memory.preflight=false",
         "train.output_dir=/tmp/host_overhead", "train.overwrite_output_dir=true", *a.overrides])
-    trainer = st.build_trainer(recipe)
-    profiler = cProfile.Profile()
-    start = time.perf_counter()
-    profiler.runcall(trainer.train)
-    wall = time.perf_counter() - start
+    profiler, clock = cProfile.Profile(), {}
+
+    class ProfileAfterWarmup(TrainerCallback):  # compilation and first-step set-up are not the step's host time
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == a.warmup:
+                clock["start"] = time.perf_counter()
+                profiler.enable()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            profiler.disable()
+            clock["wall"] = time.perf_counter() - clock["start"]
+
+    trainer = st.build_trainer(recipe, callbacks=[ProfileAfterWarmup()])
+    trainer.train()
+    wall, steps = clock["wall"], a.steps - a.warmup
     stats = pstats.Stats(profiler)
     by_package: collections.Counter = collections.Counter()
     for (filename, _, _), (_, _, own_s, _, _) in stats.stats.items():
         by_package[_package(filename)] += own_s
     if a.top:
         stats.sort_stats("tottime").print_stats(f"/{a.top}/", 10)
-    print(json.dumps({"steps": a.steps, "ms_per_step": round(1000 * wall / a.steps, 2),
-                      "own_ms_per_step": {k: round(1000 * v / a.steps, 2) for k, v in by_package.most_common()}}))
+    print(json.dumps({"steps": steps, "ms_per_step": round(1000 * wall / steps, 2),
+                      "own_ms_per_step": {k: round(1000 * v / steps, 2) for k, v in by_package.most_common()}}))
 
 
 if __name__ == "__main__":

@@ -248,12 +248,13 @@ def test_the_gpu_table_plans_each_run_with_the_checkpointing_it_ran_with():
 
 
 def test_host_overhead_splits_a_steps_host_time_by_package(tiny_model_dir, real_samsum):
-    """benchmarks/host_overhead.py: the own time of every profiled function, by package, adds up to the step."""
+    """benchmarks/host_overhead.py: the own time of every profiled function, by package, adds up to the step; the
+    warm-up steps (3 by default: compilation) are not profiled."""
     env = {**os.environ, "SAMSUM_DATA_DIR": str(real_samsum)}
     p = subprocess.run([sys.executable, str(BENCH / "host_overhead.py"), str(tiny_model_dir), "--steps", "6"],
                        capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0, p.stderr[-2000:]
     result = json.loads(p.stdout.strip().splitlines()[-1])
     own = result["own_ms_per_step"]
-    assert result["steps"] == 6 and {"samsum_tuner", "transformers", "torch", "C++ operators and builtins"} <= set(own)
+    assert result["steps"] == 3 and {"samsum_tuner", "transformers", "torch", "C++ operators and builtins"} <= set(own)
     assert 0.5 * result["ms_per_step"] <= sum(own.values()) <= 1.05 * result["ms_per_step"]
