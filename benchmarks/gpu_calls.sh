@@ -58,7 +58,7 @@ s16a)  # cold, carry the six wheels of s14f, .gpudata (copied to /tmp/gpudata be
   mkdir -p /tmp/gg && cp .sm2/part-aa /tmp/gg/
   env_txt
   TORCH_LOGS=perf_hints timeout $(($(left) - 15)) python benchmarks/throughput.py --suite smollm2 --smollm2 random \
-    --warmup 5 --steps 20 --profile none --repeat 2 --keep-stderr \
+    --warmup 5 --steps 20 --profile none --repeat "${REPEAT:-2}" --keep-stderr \
     --only ours_smollm2,ours_smollm2_whole,ours_smollm2_whole_cudagraphs --out /tmp/s16a --timeout 200 \
     --deadline $(($(left) - 30)) > "$OUT/bench_smollm2_random.log" 2>&1
   cp /tmp/s16a/throughput.json "$OUT/throughput_smollm2_random.json"
