@@ -51,54 +51,43 @@ s14c)  # cold, carry as s14a: the wheels, the data and the GGUF's first half wai
   stash_sm2
   env_txt
   ;;
-s16a)  # cold, carry the six wheels of s14f, .gpudata (copied to /tmp/gpudata before this) and .sm2/part-aa, which
-       # waits in /tmp/gg for s16b. Issue 33, SmolLM2's host-bound step: the recipe as committed (each decoder layer
-       # compiled) against the decoder stack compiled as one graph, and that graph in CUDA graphs, twice interleaved,
-       # on SmolLM2's shape with random weights (no GGUF needed; TORCH_LOGS=perf_hints says why CUDA graphs are skipped)
+s16a)  # cold, carry the wheels of s14f but bitsandbytes (the tree with all of them passed 64 MiB), .gpudata
+       # (copied to /tmp/gpudata before this) and .sm2/part-aa, which waits in /tmp/gg for s16b. Session 2026-12-07c
+       # ran it with REPEAT=1 LIMIT=290 at 559b2c1, where the recipe still compiled layer by layer and the configs
+       # were ours_smollm2, ours_smollm2_whole (= the recipe now) and ours_smollm2_whole_cudagraphs (= now
+       # ours_smollm2_cudagraphs); as written now: the recipe (its stack as one graph) against its layer-by-layer
+       # variant and CUDA graphs, on SmolLM2's shape with random weights (no GGUF needed), then the flex loop's cold
+       # compilations (150-250 s on a fresh machine) warmed for s16c
   mkdir -p /tmp/gg && cp .sm2/part-aa /tmp/gg/
   env_txt
   TORCH_LOGS=perf_hints timeout $(($(left) - 15)) python benchmarks/throughput.py --suite smollm2 --smollm2 random \
     --warmup 5 --steps 20 --profile none --repeat "${REPEAT:-2}" --keep-stderr \
-    --only ours_smollm2,ours_smollm2_whole,ours_smollm2_whole_cudagraphs --out /tmp/s16a --timeout 200 \
+    --only ours_smollm2_layers,ours_smollm2,ours_smollm2_cudagraphs --out /tmp/s16a --timeout 200 \
     --deadline $(($(left) - 30)) > "$OUT/bench_smollm2_random.log" 2>&1
   cp /tmp/s16a/throughput.json "$OUT/throughput_smollm2_random.json"
-  for f in /tmp/s16a/stderr_ours_smollm2_whole*_1.txt; do tail -c 30000 "$f" > "$OUT/$(basename "$f")"; done
-  # What is left warms the flex loop's cold compilations (150-250 s on a fresh machine) for s16b's comparison.
   python benchmarks/throughput.py --suite smollm2 --smollm2 random --warmup 2 --steps 3 --profile none \
     --only flex_loop_16k --out /tmp/s16a_flex --timeout $(($(left) - 5)) > "$OUT/bench_flex_warm.log" 2>&1
   ;;
-s16b)  # warm after s16a, carry .sm2/part-ab and the trl, rouge_score, nltk and evaluate wheels. No time to read s16a
-       # between the calls (a machine goes back 30 s after one), so this call picks s16a's winner itself: the fastest
-       # of the three by median tokens/s, if 5% faster than the recipe as committed. The recipe with the winner's
-       # setting trained and scored on the whole test split (ROUGE-1 >= 47), then, on the real weights, the recipe
-       # as committed, the winner and the flex loop, twice interleaved
+s16b)  # warm after s16a, carry .sm2/part-ab and the rouge_score, nltk and evaluate wheels: smollm2_gpu.yaml as
+       # committed (its stack one graph) trained on the whole split and scored on the whole test split (ROUGE-1 >= 47).
+       # In 2026-12-07c this call had 240 s: the GGUF's conversion, 54 s of compilation and 203 steps fitted, the
+       # evaluation after epoch 1 did not (smollm2_whole_train_cut.log)
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
   gguf .sm2/part-ab
-  read -r winner lever < <(python - <<'PY'
-import json, statistics
-levers = {"ours_smollm2": "", "ours_smollm2_whole": "model.compile_scope=model",
-          "ours_smollm2_whole_cudagraphs": "model.compile_scope=model model.compile_mode=reduce-overhead"}
-runs = {}
-for r in json.load(open("/tmp/s16a/throughput.json"))["results"]:
-    if r.get("status") == "ok" and r["config"] in levers:
-        runs.setdefault(r["config"], []).append(r["real_tokens_per_s"])
-median = {c: statistics.median(v) for c, v in runs.items()}
-best = max(median, key=median.get, default="ours_smollm2")
-if best not in median or median[best] < 1.05 * median.get("ours_smollm2", 0):
-    best = "ours_smollm2"
-print(best, levers[best])
-PY
-)
-  echo "s16a's winner: $winner ($lever)" > "$OUT/winner.txt"
   mkdir -p "$OUT/eval"
-  timeout $(($(left) - 300)) python -m samsum_tuner.train recipes/smollm2_gpu.yaml $lever train.output_dir=/tmp/r16b \
+  timeout $(($(left) - 130)) python -m samsum_tuner.train recipes/smollm2_gpu.yaml train.output_dir=/tmp/r16b \
     > "$OUT/train.log" 2>&1
   cp /tmp/r16b/run_summary.json "$OUT/" 2>/dev/null
-  timeout 100 python -m samsum_tuner eval /tmp/r16b --split test --batch-size 128 --out "$OUT/eval" > "$OUT/eval.log" 2>&1
-  only=ours_smollm2,flex_loop_16k; [ "$winner" != ours_smollm2 ] && only=ours_smollm2,$winner,flex_loop_16k
-  python benchmarks/throughput.py --suite smollm2 --warmup 5 --steps 20 --profile none --repeat 2 --only "$only" \
-    --out /tmp/s16b --timeout 150 --deadline $(($(left) - 10)) > "$OUT/bench_smollm2.log" 2>&1
-  cp /tmp/s16b/throughput.json "$OUT/throughput_smollm2.json"
+  timeout $(($(left) - 5)) python -m samsum_tuner eval /tmp/r16b --split test --batch-size 128 --out "$OUT/eval" \
+    > "$OUT/eval.log" 2>&1
+  ;;
+s16c)  # warm after s16b, carry the trl wheel: on the real weights, the recipe as committed against its layer-by-layer
+       # variant, the flex loop and TRL's defaults, twice interleaved: the table's SmolLM2 rows, and the 2x target
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  python benchmarks/throughput.py --suite smollm2 --warmup 5 --steps 20 --profile none --repeat 2 \
+    --only ours_smollm2,ours_smollm2_layers,flex_loop_16k,trl_default --out /tmp/s16c --timeout 200 \
+    --deadline $(($(left) - 10)) > "$OUT/bench_smollm2.log" 2>&1
+  cp /tmp/s16c/throughput.json "$OUT/throughput_smollm2.json"
   ;;
 s15b)  # warm after s14f (= s15a), carry .sm2/part-ab and the trl, rouge_score, nltk and evaluate wheels
        # (.whl/{trl,rouge_score,nltk,evaluate}-*): the flex loop alone first, its cold compilations warming the

@@ -205,9 +205,7 @@ def validate(recipe: Recipe) -> None:
         if m.compile is False:
             raise ConfigError("model.compile_mode applies to compiled layers: set model.compile=true or auto")
     _one_of(m.compile_scope, COMPILE_SCOPES, "model.compile_scope", "scope")
-    if m.compile_scope == "model":
-        if m.compile is False:
-            raise ConfigError("model.compile_scope=model applies to a compiled model: set model.compile=true or auto")
+    if m.compile_scope == "model" and m.compile is not False:  # with compile off the scope has nothing to say
         if recipe.checkpoints_activations:
             raise ConfigError("refused: model.compile_scope=model with gradient checkpointing (recomputing a layer "
                               "inside a nested region): set model.compile_scope=layers")

@@ -48,8 +48,6 @@ def test_compilation_is_decided_by_the_model_section_only(overrides, message):
 @pytest.mark.parametrize("overrides, message", [
     (["model.compile=true", "model.compile_scope=models"],
      "model.compile_scope: unknown scope 'models'; did you mean model?"),
-    (["model.compile_scope=model"], "model.compile_scope=model applies to a compiled model: set model.compile=true "
-                                    "or auto"),
     (["model.compile=auto", "model.compile_scope=model", "model.gradient_checkpointing=true"],
      "refused: model.compile_scope=model with gradient checkpointing (recomputing a layer inside a nested region): "
      "set model.compile_scope=layers"),
@@ -60,6 +58,12 @@ def test_a_model_compiled_whole_is_refused_where_it_cannot_serve(overrides, mess
     with pytest.raises(ConfigError) as e:
         build_recipe(None, overrides)
     assert str(e.value) == message
+
+
+def test_turning_compilation_off_needs_no_change_of_scope():
+    off = ["model.compile=false", "model.gradient_checkpointing=true", "train.eval_rouge_rows=4"]
+    r = build_recipe(ROOT / "recipes" / "smollm2_gpu.yaml", off)
+    assert r.model.compile_scope == "model" and r.model.compile is False
 
 
 def test_a_model_compiled_whole_is_refused_under_fsdp_before_loading():

@@ -183,9 +183,10 @@ def test_compiled_activation_formula_equals_what_compiled_layers_save(kwargs, au
 
 
 # Peak allocated GiB of the compiled fast recipes as committed (benchmarks/throughput.py, 5 + 20 steps):
-# benchmarks/results/2026-12-06c-h200 (lora_fast, SmolLM2) and 2026-12-06b-h100 (qlora_fast: 36.76 on both cards).
+# benchmarks/results/2026-12-06c-h200 (lora_fast), 2026-12-06b-h100 (qlora_fast: 36.76 on both cards) and
+# 2026-12-07c-h100 (SmolLM2 with its decoder stack compiled as one graph; 12.11 compiled layer by layer).
 COMPILED_PEAKS = {("lora_fast.yaml", "random:llama2-7b"): 42.49, ("qlora_fast.yaml", "random:llama2-7b"): 36.76,
-                  ("smollm2_gpu.yaml", None): 12.11}
+                  ("smollm2_gpu.yaml", None): 12.08}
 
 
 @pytest.mark.parametrize("path,model", COMPILED_PEAKS)
@@ -729,7 +730,10 @@ def test_planner_and_training_checkpoint_the_same_runs(name, setting, tmp_path, 
 
     monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "")  # TrainingArguments writes it; restored afterwards
     overrides = [f"train.output_dir={tmp_path}"] + ([f"model.gradient_checkpointing={setting}"] if setting else [])
-    r = build_recipe(str(ROOT / "recipes" / f"{name}.yaml"), overrides)
+    path = str(ROOT / "recipes" / f"{name}.yaml")
+    if setting == "true" and build_recipe(path).model.compile_scope == "model":
+        overrides.append("model.compile_scope=layers")  # checkpointing recomputes layers compiled one by one
+    r = build_recipe(path, overrides)
     fsdp = r.fsdp.enabled
     expected = fsdp if setting is None else setting == "true"
     planned = any(n.startswith("activations, checkpointed") for n, _, _ in plan(r, gpus=2 if fsdp else 1).rows)
