@@ -66,6 +66,7 @@ Llama-2-7B's 6.74B parameters.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gzip
 import json
 import os
@@ -89,11 +90,11 @@ DEFAULT_CAP = 79.2
 MODEL = os.environ.get("BENCH_MODEL", "random:llama2-7b")
 # The smollm2 suite's model folder; unset: the embedded SmolLM2 (its GGUF converted). --smollm2 random sets it.
 SMOLLM2_DIR = os.environ.get("BENCH_SMOLLM2")
-# SmolLM2-135M-Instruct's config.json: its shape, RoPE and ids, for a model of random weights (--smollm2 random).
-SMOLLM2_CONFIG = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                      num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
-                      rms_norm_eps=1e-5, rope_parameters={"rope_theta": 100000.0, "rope_type": "default"},
-                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+# What SmolLM2-135M-Instruct's config.json adds to its shape (samsum_tuner.shapes): RoPE, context and token ids, for
+# a model of random weights (--smollm2 random).
+SMOLLM2_EXTRAS = dict(head_dim=64, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                      rope_parameters={"rope_theta": 100000.0, "rope_type": "default"},
+                      bos_token_id=1, eos_token_id=2, pad_token_id=2)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # flex_attention has no backward and bf16 is slow on a CPU: the check there swaps them out.
 FLEX = "flex_attention" if DEVICE == "cuda" else "sdpa"
@@ -373,11 +374,13 @@ def random_smollm2(folder: Path) -> str:
     step does not depend on the weights, and a GPU machine needs no GGUF for it."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from samsum_tuner.shapes import LLAMA_SHAPES
     from samsum_tuner.smollm2 import embedded_tokenizer
 
     if not (folder / "config.json").is_file():
         torch.manual_seed(0)
-        LlamaForCausalLM(LlamaConfig(**SMOLLM2_CONFIG)).save_pretrained(folder)
+        shape = {k: v for k, v in dataclasses.asdict(LLAMA_SHAPES["smollm2-135m"]).items() if v is not None}
+        LlamaForCausalLM(LlamaConfig(**shape, **SMOLLM2_EXTRAS)).save_pretrained(folder)
         embedded_tokenizer().save_pretrained(folder)
     return str(folder)
 

@@ -135,12 +135,12 @@ def compile_stack(model, layer_classes: list[str], mode: str | None = None, **op
     Each step enters compiled code once (and CUDA graphs, with mode=reduce-overhead, capture the whole stack); the
     first step compiles about three times as long as compile_layers' (Dynamo still traces every call). The lm_head
     and the loss stay eager, as with compile_layers."""
-    stack = next((m for m in model.modules() for c in m.children()
-                  if isinstance(c, torch.nn.ModuleList) and len(c) and type(c[0]).__name__ in layer_classes), None)
+    stack, layers = next(((m, c) for m in model.modules() for c in m.children()
+                          if isinstance(c, torch.nn.ModuleList) and len(c) and type(c[0]).__name__ in layer_classes),
+                         (None, None))
     if stack is None:
         raise ConfigError(f"model.compile_scope=model: no module of this model holds its {'/'.join(layer_classes)} "
                           "layers in a list: set model.compile_scope=layers")
-    layers = next(c for c in stack.children() if isinstance(c, torch.nn.ModuleList))
     # One marked function per layer class, bound to each layer (the class itself is left as it is): every call
     # reuses the region compiled at the first, and outside torch.compile it runs the class's forward unchanged.
     regions: dict[type, Any] = {}

@@ -1,6 +1,8 @@
 """Padding-free packing: samples in one row attend only to themselves (needs use_cache=False)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -395,30 +397,39 @@ def test_padded_batches_round_up_to_the_multiple(tokenizer):
     assert batch["input_ids"].shape == (4, 64)
 
 
+def _train_packed_tiny(tiny_model_dir, data: Path, out: Path, overrides: list[str]):
+    """LoRA on the tiny Llama over packed rows of one shape, 4 steps: (the losses logged and the final eval_loss,
+    the class names of the modules compiled in place, the graphs Dynamo compiled)."""
+    import samsum_tuner as st
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    r = st.load_recipe(None, [f"model.name={tiny_model_dir}", f"data.source={data}", "--use_peft",
+                              f"train.output_dir={out}", "data.packing=true", "data.max_tokens_per_batch=256",
+                              "data.pad_to_multiple_of=256", "data.max_length=256", "train.max_steps=4",
+                              "lora.dropout=0", "train.gradient_accumulation_steps=1", "train.learning_rate=1e-3",
+                              *overrides, *QUIET_RUN])
+    trainer = st.build_trainer(r)
+    metrics = st.train(r, trainer=trainer)
+    curve = [h["loss"] for h in trainer.state.log_history if "loss" in h] + [metrics["eval_loss"]]
+    compiled = [type(m).__name__ for m in trainer.model.modules()
+                if getattr(m, "_compiled_call_impl", None) is not None]
+    return curve, compiled, torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
 @pytest.mark.slow
 def test_compiled_layers_train_like_eager_ones(tiny_model_dir, tmp_path):
     """model.compile: every decoder layer is compiled in place (PEFT, checkpointing and FSDP keep seeing the same
     modules) and the run logs the losses of the eager run. Fixed-shape packed rows: one compilation."""
-    import samsum_tuner as st
-
     rows = varied_rows(16)
     write_jsonl(tmp_path / "d", "train", rows)
     write_jsonl(tmp_path / "d", "validation", rows[:4])
     curves, compiled, graphs = {}, {}, {}
     for flag in (False, True):
-        torch._dynamo.reset()
-        torch._dynamo.utils.counters.clear()
-        r = st.load_recipe(None, [f"model.name={tiny_model_dir}", f"data.source={tmp_path / 'd'}", "--use_peft",
-                                  f"train.output_dir={tmp_path / str(flag)}", f"model.compile={flag}",
-                                  "data.packing=true", "data.max_tokens_per_batch=256", "data.pad_to_multiple_of=256",
-                                  "data.max_length=256", "train.max_steps=4", "lora.dropout=0",
-                                  "model.gradient_checkpointing=true",
-                                  "train.gradient_accumulation_steps=1", "train.learning_rate=1e-3", *QUIET_RUN])
-        trainer = st.build_trainer(r)
-        metrics = st.train(r, trainer=trainer)
-        curves[flag] = [h["loss"] for h in trainer.state.log_history if "loss" in h] + [metrics["eval_loss"]]
-        compiled[flag] = sum(getattr(m, "_compiled_call_impl", None) is not None for m in trainer.model.modules())
-        graphs[flag] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        curves[flag], modules, graphs[flag] = _train_packed_tiny(
+            tiny_model_dir, tmp_path / "d", tmp_path / str(flag),
+            [f"model.compile={flag}", "model.gradient_checkpointing=true"])
+        compiled[flag] = len(modules)
     assert compiled == {False: 0, True: 2}  # the tiny model's two decoder layers
     assert graphs[False] == 0 and graphs[True] > 0  # compiled graphs really ran (no silent eager fallback)
     assert curves[True] == pytest.approx(curves[False], rel=1e-4)
@@ -430,33 +441,20 @@ def test_a_model_compiled_as_one_graph_trains_like_eager_with_one_compilation(ti
     """model.compile_scope=model: the decoder stack (under PEFT's wrappers) is one compiled graph whose layers are
     one nested region, entered once a step; the layers are not compiled one by one, the packed rows of one shape
     compile once (no recompilation over the steps), and the run logs the eager run's losses."""
-    import samsum_tuner as st
-
     rows = varied_rows(16)
     write_jsonl(tmp_path / "d", "train", rows)
     write_jsonl(tmp_path / "d", "validation", rows[:4])
-    curves, compiled, stats = {}, {}, {}
+    curves, compiled, graphs = {}, {}, {}
     for scope in ("eager", "model"):
-        torch._dynamo.reset()
-        torch._dynamo.utils.counters.clear()
-        r = st.load_recipe(None, [f"model.name={tiny_model_dir}", f"data.source={tmp_path / 'd'}", "--use_peft",
-                                  f"train.output_dir={tmp_path / scope}", f"model.compile={scope == 'model'}",
-                                  "model.compile_scope=model" if scope == "model" else "model.compile_scope=layers",
-                                  "data.packing=true", "data.max_tokens_per_batch=256", "data.pad_to_multiple_of=256",
-                                  "data.max_length=256", "train.max_steps=4", "lora.dropout=0",
-                                  "train.eval_strategy=no",
-                                  "train.gradient_accumulation_steps=1", "train.learning_rate=1e-3", *QUIET_RUN])
-        trainer = st.build_trainer(r)
-        st.train(r, trainer=trainer)
-        curves[scope] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        compiled[scope] = [type(m).__name__ for m in trainer.model.modules()
-                           if getattr(m, "_compiled_call_impl", None) is not None]
-        stats[scope] = dict(torch._dynamo.utils.counters["stats"])
+        curves[scope], compiled[scope], graphs[scope] = _train_packed_tiny(
+            tiny_model_dir, tmp_path / "d", tmp_path / scope,
+            [f"model.compile={scope == 'model'}", f"model.compile_scope={'model' if scope == 'model' else 'layers'}",
+             "train.eval_strategy=no"])
     assert compiled == {"eager": [], "model": ["LlamaModel"]}
     # Two graphs of the stack: training's, compiled at the first step and entered as it is at every later one,
     # and the final evaluation's (no gradients).
-    assert stats["model"]["unique_graphs"] == 2
-    assert len(curves["model"]) == 4
+    assert graphs["model"] == 2
+    assert len(curves["model"]) == 4 + 1  # four training losses, then the final eval_loss
     assert curves["model"] == pytest.approx(curves["eager"], rel=1e-4)
 
 
