@@ -51,6 +51,18 @@ s14c)  # cold, carry as s14a: the wheels, the data and the GGUF's first half wai
   stash_sm2
   env_txt
   ;;
+s17a)  # cold, carry the transformers, datasets, dill, multiprocess, gguf and trl wheels, .gpudata (copied to
+       # /tmp/gpudata before this) and .sm2/part-aa, which waits in /tmp/gg for s17b. The SmolLM2 rows of
+       # docs/throughput.md in one invocation, SmolLM2's shape with random weights (no GGUF needed): the recipe as
+       # committed first (its first step after launch on a fresh machine), the flex loop (its first round carries its
+       # cold compilations, 150-250 s, outside the timed steps) and TRL's defaults, twice interleaved
+  mkdir -p /tmp/gg && cp .sm2/part-aa /tmp/gg/
+  env_txt
+  python benchmarks/throughput.py --suite smollm2 --smollm2 random --warmup 5 --steps 20 --profile none \
+    --repeat "${REPEAT:-2}" --only ours_smollm2,flex_loop_16k,trl_default --out /tmp/s17a --timeout 330 \
+    --deadline $(($(left) - 10)) > "$OUT/bench_smollm2_random.log" 2>&1
+  cp /tmp/s17a/throughput.json "$OUT/throughput_smollm2_random.json"
+  ;;
 s16a)  # cold, carry the wheels of s14f but bitsandbytes (the tree with all of them passed 64 MiB), .gpudata
        # (copied to /tmp/gpudata before this) and .sm2/part-aa, which waits in /tmp/gg for s16b. Session 2026-12-07c
        # ran it with REPEAT=1 LIMIT=290 at 559b2c1, where the recipe still compiled layer by layer and the configs
@@ -68,7 +80,7 @@ s16a)  # cold, carry the wheels of s14f but bitsandbytes (the tree with all of t
   python benchmarks/throughput.py --suite smollm2 --smollm2 random --warmup 2 --steps 3 --profile none \
     --only flex_loop_16k --out /tmp/s16a_flex --timeout $(($(left) - 5)) > "$OUT/bench_flex_warm.log" 2>&1
   ;;
-s16b)  # warm after s16a, carry .sm2/part-ab and the rouge_score, nltk and evaluate wheels: smollm2_gpu.yaml as
+s16b|s17b)  # warm after s16a or s17a, carry .sm2/part-ab and the rouge_score, nltk and evaluate wheels: smollm2_gpu.yaml as
        # committed (its stack one graph) trained on the whole split and scored on the whole test split (ROUGE-1 >= 47).
        # In 2026-12-07c this call had 240 s: the GGUF's conversion, 54 s of compilation and 203 steps fitted, the
        # evaluation after epoch 1 did not (smollm2_whole_train_cut.log)
@@ -88,6 +100,13 @@ s16c)  # warm after s16b, carry the trl wheel: on the real weights, the recipe a
     --only ours_smollm2,ours_smollm2_layers,flex_loop_16k,trl_default --out /tmp/s16c --timeout 200 \
     --deadline $(($(left) - 10)) > "$OUT/bench_smollm2.log" 2>&1
   cp /tmp/s16c/throughput.json "$OUT/throughput_smollm2.json"
+  ;;
+s17c)  # warm after s17b, carry the bitsandbytes wheel: s14f's 7B and QLoRA rows in one invocation (no stash)
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  python benchmarks/throughput.py --suite 7b,qlora --warmup 5 --steps 20 --profile none --warm naive_lora \
+    --only naive_lora,ours_lora,naive_qlora,ours_qlora,ours_qlora_2k,flex_lora_b16 \
+    --out /tmp/s17c --timeout 150 --deadline $(($(left) - 10)) > "$OUT/bench_7b.log" 2>&1
+  cp /tmp/s17c/throughput.json "$OUT/throughput_7b_qlora.json"
   ;;
 s15b)  # warm after s14f (= s15a), carry .sm2/part-ab and the trl, rouge_score, nltk and evaluate wheels
        # (.whl/{trl,rouge_score,nltk,evaluate}-*): the flex loop alone first, its cold compilations warming the
