@@ -8,7 +8,7 @@ import pytest
 
 from samsum_tuner.config import DataConfig
 from samsum_tuner.data import (CleanReport, IGNORE_INDEX, clean_rows, find_split_file, load_clean_split, parse_slice,
-                               read_rows, read_splits, slice_count, tokenize_row, tokenize_splits)
+                               read_rows, read_splits, slice_count, tokenize_row, tokenize_rows, tokenize_splits)
 from samsum_tuner.errors import ConfigError, DataError
 
 from .conftest import synthetic_rows, write_jsonl
@@ -229,3 +229,33 @@ def test_tokenized_splits_report_counts_and_cache(tmp_path, tokenizer, monkeypat
     again = tokenize_splits(cfg, tokenizer, read_splits(cfg))["train"]
     assert again.dataset["input_ids"] == s.dataset["input_ids"]
     assert len(list((tmp_path / "cache" / "tokenized").glob("*.arrow"))) == 1  # read back, not rebuilt
+
+
+@pytest.mark.parametrize("chat_template", [False, True])
+def test_a_split_is_tokenized_in_batches_exactly_as_row_by_row(tmp_path, tokenizer, monkeypatch, real_samsum,
+                                                               chat_template):
+    """One tokenizer call per batch, not per row (a fresh machine's wait before the first step), with the same ids,
+    labels and truncation as tokenize_row: 300 real rows, among them a long one truncated and one too long to keep."""
+    monkeypatch.setenv("SAMSUM_TUNER_CACHE", str(tmp_path / "cache"))
+    rows, _, _ = load_clean_split(_cfg(real_samsum), "train", "[:300]")
+    rows[5] = {**rows[5], "dialogue": "Ann: " + "blah " * 3000}  # truncated
+    rows[9] = {**rows[9], "summary": "Bob " * 1100}  # its summary alone exceeds max_length: dropped
+    write_jsonl(tmp_path / "d", "train", rows)
+    cfg = _cfg(tmp_path / "d", eval_split=None, max_length=1024, chat_template=chat_template)
+    calls = []
+    real_call = type(tokenizer).__call__
+    monkeypatch.setattr(type(tokenizer), "__call__", lambda self, *a, **k: calls.append(a) or real_call(self, *a, **k))
+    split = tokenize_splits(cfg, tokenizer, read_splits(cfg))["train"]
+    monkeypatch.undo()
+    # 2 calls per batch of 1,000 rows, and the truncating path's few for row 5 (its prompt re-encoded per try)
+    assert len(calls) < 30, len(calls)
+    per_row = [tokenize_row(cfg, tokenizer, r) for r in read_splits(cfg)["train"][0]]
+    kept = [r for r in per_row if not r["dropped"]]
+    assert split.report.dropped_too_long == 1 and split.report.truncated_dialogue == sum(r["truncated"] for r in kept)
+    assert split.report.truncated_dialogue == 1
+    assert list(split.dataset["input_ids"]) == [r["input_ids"] for r in kept]
+    assert list(split.dataset["labels"]) == [r["labels"] for r in kept]
+    assert split.lengths == [len(r["labels"]) for r in kept]
+    assert split.supervised == [sum(t != IGNORE_INDEX for t in r["labels"]) for r in kept]
+    batch = {"dialogue": [r["dialogue"] for r in rows[:12]], "summary": [r["summary"] for r in rows[:12]]}
+    assert tokenize_rows(cfg, tokenizer, batch)["input_ids"] == [r["input_ids"] for r in per_row[:12]]
