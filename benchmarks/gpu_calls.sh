@@ -51,6 +51,18 @@ s14c)  # cold, carry as s14a: the wheels, the data and the GGUF's first half wai
   stash_sm2
   env_txt
   ;;
+s17d)  # cold, carry the transformers, datasets, dill, multiprocess and gguf wheels and .gpudata; do not export
+       # TOKENIZERS_PARALLELISM (a user does not): smollm2_gpu.yaml as committed on SmolLM2's shape with random weights
+       # (no GGUF), the machine's first GPU process, on cold compile and tokenized caches: the first optimizer step
+       # after launch of the whole training, its splits now tokenized in batches (2380eda)
+  cp -r .gpudata /tmp/gpudata
+  env_txt
+  python -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; from throughput import random_smollm2
+random_smollm2(Path('/tmp/sm2rand'))" > /dev/null 2>&1
+  timeout $(($(left) - 5)) python -m samsum_tuner.train recipes/smollm2_gpu.yaml model.name=/tmp/sm2rand \
+    train.output_dir=/tmp/r17d train.save_model=false > "$OUT/train_random.log" 2>&1
+  cp /tmp/r17d/run_summary.json "$OUT/run_summary_random.json" 2>/dev/null
+  ;;
 s17a)  # cold, carry the transformers, datasets, dill, multiprocess, gguf and trl wheels, .gpudata (copied to
        # /tmp/gpudata before this) and .sm2/part-aa, which waits in /tmp/gg for s17b. The SmolLM2 rows of
        # docs/throughput.md in one invocation, SmolLM2's shape with random weights (no GGUF needed): the recipe as
