@@ -59,7 +59,28 @@ s14c|s18a)  # cold, carry as s14a (s18a: the transformers, datasets, dill, multi
   stash_sm2
   env_txt
   ;;
-s18b)  # warm after s18a, carry .sm2/part-ab and the rouge_score, nltk and evaluate wheels. ROUGE-1 of smollm2_gpu.yaml
+s19a)  # cold, carry the transformers, datasets, dill, multiprocess and gguf wheels, .gpudata and .sm2/part-aa (they
+       # wait in /tmp for s18b): where the first step's 39-52 s go. smollm2_gpu.yaml on SmolLM2's shape with random
+       # weights for 5 steps, under benchmarks/cold_start.py (torch.compile's seconds per phase, dynamo's counters):
+       # 1 as committed, the machine's first GPU process, traced (TORCH_TRACE, for tlparse) with import times;
+       # 2 layer by layer and 3 as committed again, each on empty compile caches, the machine no longer fresh
+  stash_sm2
+  env_txt
+  python -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; from throughput import random_smollm2
+random_smollm2(Path('/tmp/sm2rand'))" > /dev/null 2>&1
+  mkdir -p /tmp/s19a
+  for v in "1 model" "2 layers" "3 model"; do
+    set -- $v
+    [ "$1" = 1 ] && trace="TORCH_TRACE=/tmp/s19a/trace PYTHONPROFILEIMPORTTIME=1" || trace=
+    env $trace TORCHINDUCTOR_CACHE_DIR=/tmp/ic$1 TRITON_CACHE_DIR=/tmp/tc$1 TORCH_LOGS=graph_breaks,recompiles,hierarchical_compile \
+      timeout $(($(left) - 20)) python benchmarks/cold_start.py "/tmp/s19a/compile_$1.json" recipes/smollm2_gpu.yaml \
+      model.name=/tmp/sm2rand model.compile_scope=$2 train.max_steps=5 data.eval_split=null train.save_model=false \
+      train.output_dir=/tmp/r19a$1 > "/tmp/s19a/train_$1.log" 2>&1
+    cp /tmp/r19a$1/run_summary.json "/tmp/s19a/run_summary_$1.json" 2>/dev/null
+    tar czf "$OUT/s19a.tgz" -C /tmp/s19a .
+  done
+  ;;
+s18b)  # warm after s18a or s19a, carry .sm2/part-ab and the rouge_score, nltk and evaluate wheels. ROUGE-1 of smollm2_gpu.yaml
        # scattered around 47 in four trainings (46.94-47.19): the recipe as committed, with a second seed (the
        # spread) and with 3 epochs (more optimizer steps at the same speed; 32k-token steps, half the steps, scored
        # lower), each scored on the validation split (the choice) and the test split (the report). A call returns 8
