@@ -19,6 +19,7 @@ from transformers.trainer_utils import speed_metrics
 from .batching import (PACKED_MASKS, BatchingSpec, LongestFirstSampler, TokenBudgetBatchSampler,
                        WithSupervisedPositions, non_padding_tokens, packed_attention_mask, supervised_positions)
 from .callbacks import BatchSamplerEpoch
+from .data import IGNORE_INDEX
 from .checkpoint import RECIPE_FILE, STATE_FILE, atomic_checkpoint, checkpoint_dir, rotate, worst_over_processes
 from .resume import saved_recipe
 from .guards import NonFiniteGuard
@@ -68,7 +69,39 @@ class TokenCounting:
         super().log(logs, start_time)
 
 
-class SamsumTrainer(TokenCounting, Trainer):
+class TokenWeightedEvalLoss:
+    """A transformers.Trainer mixin: eval_loss is the mean over every supervised token of the split.
+
+    The Trainer averages each batch's mean loss weighted by its row count. With token-budget batches (one packed
+    row each, the last one short) that weighting followed how the seed grouped the samples: two seeds' eval_loss
+    differed by 0.08 on SmolLM2's validation split while their ROUGE did not."""
+
+    _eval_sums: torch.Tensor | None = None  # this process's summed loss and supervised token count
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        if loss is not None and self._eval_sums is not None and inputs.get("labels") is not None:
+            n = (inputs["labels"][:, 1:] != IGNORE_INDEX).sum()  # the positions its mean loss averaged
+            self._eval_sums += torch.stack([loss.detach().float() * n, n.float()])
+        return loss, logits, labels
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        self._eval_sums = torch.zeros(2, device=self.args.device)  # on every process: the reduce below is a collective
+        try:
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                             metric_key_prefix)
+            sums = self.accelerator.reduce(self._eval_sums, "sum") if self.accelerator.num_processes > 1 \
+                else self._eval_sums
+        finally:
+            self._eval_sums = None
+        total, count = sums.tolist()
+        if count and f"{metric_key_prefix}_loss" in output.metrics:
+            output.metrics[f"{metric_key_prefix}_loss"] = total / count
+        return output
+
+
+class SamsumTrainer(TokenCounting, TokenWeightedEvalLoss, Trainer):
     """Trainer plus the original's schedule and perplexity in every log. Batches as `batching` says; `guard` and
     `memory` (None: off) are callbacks among `callbacks` that it also calls itself; `rouge(model, tokenizer)` adds
     its scores to every evaluation; `recipe_yaml` goes into every checkpoint (what a resume checks)."""
