@@ -80,6 +80,23 @@ random_smollm2(Path('/tmp/sm2rand'))" > /dev/null 2>&1
     tar czf "$OUT/s19a.tgz" -C /tmp/s19a .
   done
   ;;
+s19b)  # cold, carry the transformers, datasets, dill, multiprocess and gguf wheels and .gpudata: the whole training
+       # of smollm2_gpu.yaml on SmolLM2's shape with random weights, as committed (the stack one graph; the machine's
+       # first GPU process) and layer by layer, each on empty compile caches: the time to the first step against the
+       # time to the trained model (s19a: the stack's compilation takes 46 s, layer by layer 10 s)
+  cp -r .gpudata /tmp/gpudata
+  env_txt
+  python -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; from throughput import random_smollm2
+random_smollm2(Path('/tmp/sm2rand'))" > /dev/null 2>&1
+  mkdir -p /tmp/s19b
+  for scope in model layers; do
+    TORCHINDUCTOR_CACHE_DIR=/tmp/ic_$scope TRITON_CACHE_DIR=/tmp/tc_$scope timeout $(($(left) - 10)) \
+      python -m samsum_tuner.train recipes/smollm2_gpu.yaml model.name=/tmp/sm2rand model.compile_scope=$scope \
+      train.save_model=false train.output_dir=/tmp/r19b_$scope > "/tmp/s19b/train_$scope.log" 2>&1
+    cp /tmp/r19b_$scope/run_summary.json "/tmp/s19b/run_summary_$scope.json" 2>/dev/null
+    tar czf "$OUT/s19b.tgz" -C /tmp/s19b .
+  done
+  ;;
 s18b)  # warm after s18a or s19a, carry .sm2/part-ab and the rouge_score, nltk and evaluate wheels. ROUGE-1 of smollm2_gpu.yaml
        # scattered around 47 in four trainings (46.94-47.19): the recipe as committed, with a second seed (the
        # spread) and with 3 epochs (more optimizer steps at the same speed; 32k-token steps, half the steps, scored
