@@ -73,8 +73,7 @@ class TokenWeightedEvalLoss:
     """A transformers.Trainer mixin: eval_loss is the mean over every supervised token of the split.
 
     The Trainer averages each batch's mean loss weighted by its row count. With token-budget batches (one packed
-    row each, the last one short) that weighting followed how the seed grouped the samples: two seeds' eval_loss
-    differed by 0.08 on SmolLM2's validation split while their ROUGE did not."""
+    row each, the last one short) that weighting followed how the seed grouped the samples (docs/notes.md)."""
 
     _eval_sums: torch.Tensor | None = None  # this process's summed loss and supervised token count
 
