@@ -1,4 +1,4 @@
-"""eval_loss as the Trainer averaged it before e1d55d2 (each 16k-token evaluation row's mean loss weighted alike)
+"""eval_loss as the Trainer averaged it before 9dcf27a (each 16k-token evaluation row's mean loss weighted alike)
 against the mean over every supervised token, for SmolLM2 on the whole validation split, on the CPU:
 
     SAMSUM_DATA_DIR=../shared/data/samsum python benchmarks/results/2026-12-07e-cpu/eval_loss_weighting.py
