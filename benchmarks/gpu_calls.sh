@@ -48,6 +48,10 @@ rows_7b() {  # rows_7b NAME: the 7B and QLoRA rows of docs/throughput.md in one 
     --out "/tmp/$1" --timeout 150 --deadline $(($(left) - 10)) > "$OUT/bench_7b.log" 2>&1
   cp "/tmp/$1/throughput.json" "$OUT/throughput_7b_qlora.json"
 }
+sm2rand() {  # SmolLM2's shape with random weights and its tokenizer in /tmp/sm2rand (benchmarks/throughput.py's)
+  python -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; from throughput import random_smollm2
+random_smollm2(Path('/tmp/sm2rand'))" > /dev/null 2>&1
+}
 stash_sm2() {  # a cold call of the .sm2 split: the data and the GGUF's first half wait in /tmp for the warm call
   cp -r .gpudata /tmp/gpudata; mkdir -p /tmp/gg && cp .sm2/part-aa /tmp/gg/
 }
@@ -66,8 +70,7 @@ s19a)  # cold, carry the transformers, datasets, dill, multiprocess and gguf whe
        # 2 layer by layer and 3 as committed again, each on empty compile caches, the machine no longer fresh
   stash_sm2
   env_txt
-  python -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; from throughput import random_smollm2
-random_smollm2(Path('/tmp/sm2rand'))" > /dev/null 2>&1
+  sm2rand
   mkdir -p /tmp/s19a
   for v in "1 model" "2 layers" "3 model"; do
     set -- $v
@@ -87,8 +90,7 @@ s19b)  # cold, carry the transformers, datasets, dill, multiprocess and gguf whe
        # the device time left is short
   cp -r .gpudata /tmp/gpudata
   env_txt
-  python -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; from throughput import random_smollm2
-random_smollm2(Path('/tmp/sm2rand'))" > /dev/null 2>&1
+  sm2rand
   mkdir -p /tmp/s19b
   for scope in model layers; do
     TORCHINDUCTOR_CACHE_DIR=/tmp/ic_$scope TRITON_CACHE_DIR=/tmp/tc_$scope timeout $(($(left) - 10)) \
@@ -124,8 +126,7 @@ s17d)  # cold, carry the transformers, datasets, dill, multiprocess and gguf whe
        # after launch of the whole training, its splits now tokenized in batches (2380eda)
   cp -r .gpudata /tmp/gpudata
   env_txt
-  python -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; from throughput import random_smollm2
-random_smollm2(Path('/tmp/sm2rand'))" > /dev/null 2>&1
+  sm2rand
   timeout $(($(left) - 5)) python -m samsum_tuner.train recipes/smollm2_gpu.yaml model.name=/tmp/sm2rand \
     train.output_dir=/tmp/r17d train.save_model=false > "$OUT/train_random.log" 2>&1
   cp /tmp/r17d/run_summary.json "$OUT/run_summary_random.json" 2>/dev/null
